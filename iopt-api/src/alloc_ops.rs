@@ -1,0 +1,137 @@
+//! The caller-supplied table allocator and the per-table metadata beside each page.
+//!
+//! This is Linux v6.8's `cfg->alloc`/`cfg->free` pair (Design 1's hook) made fallible, sized and
+//! bulk-capable, plus the one thing a `no_std`, `unsafe`-free table needs that C gets from
+//! `phys_to_virt`: a way to reach a table's entries from the physical address in a descriptor.
+
+use crate::{AllocError, PhysAddr};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, AtomicU64};
+
+/// Software metadata the allocator keeps beside each table page, like a kernel's `struct
+/// ptdesc`: never in descriptor bits, always atomic. The allocator hands it out zeroed with the
+/// page; only the table that owns the page changes it.
+#[derive(Debug, Default)]
+pub struct TableMeta {
+    /// Valid descriptors in the table (maintained by backends that free empty tables).
+    pub live_entries: AtomicU32,
+    /// Live reservations covering the table (Design 2).
+    pub reservations: AtomicU32,
+}
+
+impl TableMeta {
+    /// Resets both counters to zero.
+    pub fn clear(&self) {
+        use core::sync::atomic::Ordering::Relaxed;
+        self.live_entries.store(0, Relaxed);
+        self.reservations.store(0, Relaxed);
+    }
+}
+
+/// A live table page as the allocator exposes it: its entries and its metadata.
+#[derive(Debug, Clone, Copy)]
+pub struct TableRef<'a> {
+    /// The descriptors: `size / 8` of them.
+    pub entries: &'a [AtomicU64],
+    /// The page's software metadata.
+    pub meta: &'a TableMeta,
+}
+
+/// Where table pages come from: the caller's allocator.
+///
+/// Contract, as Linux's custom-allocator hooks:
+/// - [`alloc`](TableAlloc::alloc) returns **zeroed** memory of `size` bytes, **aligned to
+///   `size`**, whose physical address the device can use; `size` is one granule, or the root's
+///   size (64 bytes up to 16 concatenated granules);
+/// - [`free`](TableAlloc::free) receives the same size; the table never frees a page that the
+///   hardware may still walk (it issues the walk flush first);
+/// - [`table`](TableAlloc::table) resolves a physical address handed out by `alloc` to the
+///   page's entries, or `None` for any other address (the table then reports corruption
+///   instead of following a wild pointer).
+///
+/// Every method takes `&self`: tables call it concurrently from several threads.
+pub trait TableAlloc: Send + Sync {
+    /// Allocates one zeroed, size-aligned table page.
+    ///
+    /// # Errors
+    ///
+    /// [`AllocError::OutOfMemory`] when no memory is left, [`AllocError::UnsupportedSize`] when
+    /// the allocator cannot serve `size`.
+    fn alloc(&self, size: u64) -> Result<PhysAddr, AllocError>;
+
+    /// Allocates `count` pages of `size` bytes, all or nothing, appending them to `out`.
+    ///
+    /// The default calls [`alloc`](TableAlloc::alloc) `count` times and frees what it got if
+    /// one fails; allocators with a real batch path override it.
+    ///
+    /// # Errors
+    ///
+    /// As [`alloc`](TableAlloc::alloc); on error `out` is as before and nothing is held.
+    fn alloc_bulk(&self, size: u64, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), AllocError> {
+        let start = out.len();
+        out.reserve(count);
+        for _ in 0..count {
+            match self.alloc(size) {
+                Ok(pa) => out.push(pa),
+                Err(e) => {
+                    let got: Vec<PhysAddr> = out.drain(start..).collect();
+                    self.free_bulk(&got, size);
+                    return Err(match e {
+                        AllocError::OutOfMemory { size, .. } => AllocError::OutOfMemory { size, count },
+                        other => other,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns a page obtained from this allocator.
+    fn free(&self, pa: PhysAddr, size: u64);
+
+    /// Returns several pages of the same size. The default frees them one by one.
+    fn free_bulk(&self, pages: &[PhysAddr], size: u64) {
+        for &pa in pages {
+            self.free(pa, size);
+        }
+    }
+
+    /// Resolves a live page's physical address to its memory.
+    fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>>;
+}
+
+impl<T: TableAlloc + ?Sized> TableAlloc for &T {
+    fn alloc(&self, size: u64) -> Result<PhysAddr, AllocError> {
+        (**self).alloc(size)
+    }
+    fn alloc_bulk(&self, size: u64, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), AllocError> {
+        (**self).alloc_bulk(size, count, out)
+    }
+    fn free(&self, pa: PhysAddr, size: u64) {
+        (**self).free(pa, size);
+    }
+    fn free_bulk(&self, pages: &[PhysAddr], size: u64) {
+        (**self).free_bulk(pages, size);
+    }
+    fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
+        (**self).table(pa)
+    }
+}
+
+impl<T: TableAlloc + ?Sized> TableAlloc for alloc::sync::Arc<T> {
+    fn alloc(&self, size: u64) -> Result<PhysAddr, AllocError> {
+        (**self).alloc(size)
+    }
+    fn alloc_bulk(&self, size: u64, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), AllocError> {
+        (**self).alloc_bulk(size, count, out)
+    }
+    fn free(&self, pa: PhysAddr, size: u64) {
+        (**self).free(pa, size);
+    }
+    fn free_bulk(&self, pages: &[PhysAddr], size: u64) {
+        (**self).free_bulk(pages, size);
+    }
+    fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
+        (**self).table(pa)
+    }
+}

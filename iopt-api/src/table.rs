@@ -1,0 +1,336 @@
+//! The traits every backend implements, and the values they return.
+
+use crate::{
+    Config, Gather, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, ReserveError, UnmapError,
+};
+use core::fmt;
+
+/// Stage-1 translation control fields (`cfg->arm_lpae_s1_cfg.tcr`): field values, not a
+/// packed register, as Linux hands them to drivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Tcr {
+    /// Intermediate physical size: 32→0, 36→1, 40→2, 42→3, 44→4, 48→5, 52→6.
+    pub ips: u8,
+    /// Granule (TG0 encoding 4K=0, 64K=1, 16K=2; TG1 with TTBR1: 16K=1, 4K=2, 64K=3).
+    pub tg: u8,
+    /// Shareability of walks (3 inner, 2 outer).
+    pub sh: u8,
+    /// Outer cacheability of walks.
+    pub orgn: u8,
+    /// Inner cacheability of walks.
+    pub irgn: u8,
+    /// `64 - ias`.
+    pub tsz: u8,
+}
+
+/// Stage-2 translation control fields (`cfg->arm_lpae_s2_cfg.vtcr`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Vtcr {
+    /// Physical size, encoded like IPS.
+    pub ps: u8,
+    /// Granule (TG0 encoding).
+    pub tg: u8,
+    /// Shareability of walks.
+    pub sh: u8,
+    /// Outer cacheability of walks.
+    pub orgn: u8,
+    /// Inner cacheability of walks.
+    pub irgn: u8,
+    /// Starting level (SL0).
+    pub sl: u8,
+    /// `64 - ias`.
+    pub tsz: u8,
+}
+
+/// The register values a driver programs to point hardware at the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Registers {
+    /// Stage 1 (`ARM_64_LPAE_S1`, `ARM_32_LPAE_S1`).
+    Stage1 {
+        /// Root table address.
+        ttbr: PhysAddr,
+        /// Translation control fields.
+        tcr: Tcr,
+        /// Memory attribute indirection (0xF404FF44).
+        mair: u64,
+    },
+    /// Stage 2 (`ARM_64_LPAE_S2`, `ARM_32_LPAE_S2`).
+    Stage2 {
+        /// Root table address (the first of the concatenated tables).
+        vttbr: PhysAddr,
+        /// Translation control fields.
+        vtcr: Vtcr,
+    },
+    /// Mali (`ARM_MALI_LPAE`).
+    Mali {
+        /// AS_TRANSTAB: root address | ADRMODE_TABLE | READ_INNER (| SHARE_OUTER if coherent).
+        transtab: u64,
+        /// AS_MEMATTR (0x888D88).
+        memattr: u64,
+    },
+}
+
+/// What a lookup finds at an IOVA: the leaf and the translated address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Translation {
+    /// The output address for the looked-up IOVA (leaf address plus the offset in the leaf).
+    pub pa: PhysAddr,
+    /// The size of the leaf that maps it.
+    pub size: PageSize,
+    /// The level the leaf sits at.
+    pub level: u32,
+    /// The permissions and attributes the leaf grants, as [`Config::effective_prot`] reports
+    /// them.
+    pub prot: Prot,
+    /// The raw leaf descriptor.
+    pub descriptor: u64,
+}
+
+/// One item of a walk over the tree, in ascending IOVA order, tables before their contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WalkItem {
+    /// A table page (the root included) at `level`, covering IOVAs from `iova`.
+    Table {
+        /// First IOVA the table covers.
+        iova: Iova,
+        /// The table's level.
+        level: u32,
+        /// Its physical address.
+        pa: PhysAddr,
+        /// Valid descriptors it holds.
+        live: usize,
+    },
+    /// A valid leaf.
+    Leaf {
+        /// First IOVA the leaf maps.
+        iova: Iova,
+        /// The leaf's level.
+        level: u32,
+        /// Bytes the leaf maps.
+        size: PageSize,
+        /// Output address of the leaf's first byte.
+        pa: PhysAddr,
+        /// Permissions as a lookup reports them.
+        prot: Prot,
+        /// The raw descriptor.
+        descriptor: u64,
+    },
+}
+
+/// Counters every backend keeps, so the designs are compared on the same numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Stats {
+    /// Calls to [`TableAlloc::alloc`](crate::TableAlloc::alloc).
+    pub alloc_calls: u64,
+    /// Calls to [`TableAlloc::alloc_bulk`](crate::TableAlloc::alloc_bulk).
+    pub alloc_bulk_calls: u64,
+    /// Pages obtained from the allocator, by either call.
+    pub pages_allocated: u64,
+    /// Calls to `free`.
+    pub free_calls: u64,
+    /// Calls to `free_bulk`.
+    pub free_bulk_calls: u64,
+    /// Pages given back to the allocator.
+    pub pages_freed: u64,
+    /// Table pages reachable now (the root included).
+    pub live_tables: u64,
+    /// The most table pages ever reachable at once.
+    pub peak_live_tables: u64,
+    /// Pages taken into reservations.
+    pub pages_reserved: u64,
+    /// Reserved pages that became tables.
+    pub pages_consumed: u64,
+    /// Reserved pages returned unused at release.
+    pub reserved_unused: u64,
+    /// Reserved pages held now and not yet tables.
+    pub reserved_outstanding: u64,
+    /// Table installs lost to a concurrent installer (the page went back to its source).
+    pub install_races_lost: u64,
+    /// Tables freed because an unmap or release left them empty.
+    pub empty_tables_freed: u64,
+}
+
+/// An ARM LPAE IO page table: the operations of Linux's `io_pgtable_ops`, typed.
+///
+/// All operations take `&self` and may run concurrently on **disjoint** IOVA ranges, as Linux's
+/// lockless io-pgtable allows; overlapping concurrent operations are a caller bug that may give
+/// wrong mappings but never undefined behaviour.
+pub trait IoPageTable: Send + Sync {
+    /// Returns the configuration the table was built with.
+    fn config(&self) -> &Config;
+
+    /// Maps `count` pages of `size` bytes from `iova` to `pa`, all or nothing.
+    ///
+    /// Unlike Linux's `map_pages`, a run may cross leaf-table boundaries: the whole request is
+    /// mapped or none of it.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::InvalidPageSize`], [`MapError::NoAccess`], [`MapError::Empty`],
+    /// [`MapError::Overflow`], [`MapError::Misaligned`], [`MapError::IovaOutOfRange`],
+    /// [`MapError::PaOutOfRange`], [`MapError::AlreadyMapped`], [`MapError::Alloc`], and
+    /// backend-specific reservation errors. On error the table and the allocator are unchanged.
+    fn map(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<(), MapError>;
+
+    /// Maps `len` bytes from `iova` to `pa`, choosing the largest usable page size for each
+    /// piece as the Linux iommu core does (`iommu_pgsize`), all or nothing.
+    ///
+    /// # Errors
+    ///
+    /// As [`map`](IoPageTable::map); [`MapError::Misaligned`] when no supported size fits the
+    /// alignment of the addresses or the length.
+    fn map_range(&self, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<(), MapError>;
+
+    /// Unmaps `count` pages of `size` bytes from `iova`, all or nothing, returning the bytes
+    /// unmapped. A `size` equal to a level's block size removes a table found there with all it
+    /// holds (Linux semantics). Cleared leaves are added to `gather`.
+    ///
+    /// # Errors
+    ///
+    /// [`UnmapError::InvalidPageSize`], [`UnmapError::Empty`], [`UnmapError::Overflow`],
+    /// [`UnmapError::Misaligned`], [`UnmapError::IovaOutOfRange`], [`UnmapError::NotMapped`]
+    /// when any page of the run is not mapped, [`UnmapError::PartialBlock`] when the run would
+    /// cut a larger leaf. On error nothing changed.
+    fn unmap(
+        &self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, UnmapError>;
+
+    /// Translates `iova` the way software sees the table (Linux's `iova_to_phys`), or `None`
+    /// when nothing maps it or it lies outside the input range.
+    fn iova_to_phys(&self, iova: Iova) -> Option<Translation>;
+
+    /// Calls `visit` for every table and leaf, in ascending IOVA order.
+    fn walk(&self, visit: &mut dyn FnMut(WalkItem));
+
+    /// Returns the root table's physical address.
+    fn root(&self) -> PhysAddr;
+
+    /// Returns the register values for this table.
+    fn registers(&self) -> Registers;
+
+    /// Returns the statistics counters.
+    fn stats(&self) -> Stats;
+}
+
+/// A reservation of table pages for future maps in a range.
+///
+/// Returned by [`Reserve::reserve`] and consumed by [`Reserve::release`]; dropping it without
+/// releasing keeps its pages held until the table is dropped, which is almost always a bug,
+/// hence `#[must_use]`.
+#[must_use = "a reservation holds table pages until it is released"]
+#[derive(PartialEq, Eq, Hash)]
+pub struct Reservation {
+    table: u64,
+    id: u64,
+    range: IovaRange,
+    leaf: PageSize,
+    pages: usize,
+}
+
+impl Reservation {
+    /// Creates a handle. Backends call this; a handle forged by anyone else is rejected by
+    /// the table as unknown.
+    pub const fn new(table: u64, id: u64, range: IovaRange, leaf: PageSize, pages: usize) -> Self {
+        Self { table, id, range, leaf, pages }
+    }
+
+    /// Returns the identity of the table that made it.
+    #[must_use]
+    pub const fn table_id(&self) -> u64 {
+        self.table
+    }
+
+    /// Returns the reservation's identity, unique within its table.
+    #[must_use]
+    pub const fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Returns the reserved range.
+    #[must_use]
+    pub const fn range(&self) -> IovaRange {
+        self.range
+    }
+
+    /// Returns the largest leaf size maps in the range may use.
+    #[must_use]
+    pub const fn max_leaf(&self) -> PageSize {
+        self.leaf
+    }
+
+    /// Returns the pages taken from the allocator when the reservation was made.
+    #[must_use]
+    pub const fn pages(&self) -> usize {
+        self.pages
+    }
+}
+
+impl fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Reservation(#{} of table {}, {}, leaf {}, {} pages)",
+            self.id, self.table, self.range, self.leaf, self.pages
+        )
+    }
+}
+
+/// Reservation of table pages ahead of maps: the contract both designs fulfil differently.
+///
+/// Inside a live reservation a map never calls the allocator and cannot fail for memory, and an
+/// unmap never frees a table page.
+pub trait Reserve: IoPageTable {
+    /// Reserves what maps of leaves up to `max_leaf` anywhere in `range` will need.
+    ///
+    /// # Errors
+    ///
+    /// [`ReserveError::OutOfRange`], [`ReserveError::BadLeafSize`], [`ReserveError::Alloc`],
+    /// [`ReserveError::CapExceeded`], [`ReserveError::BlockInTheWay`]. Nothing changed.
+    fn reserve(&self, range: IovaRange, max_leaf: PageSize) -> Result<Reservation, ReserveError>;
+
+    /// Maps inside a reservation, without calling the allocator.
+    ///
+    /// # Errors
+    ///
+    /// As [`IoPageTable::map`], plus [`MapError::OutsideReservation`],
+    /// [`MapError::ReservationExhausted`] and [`MapError::UnknownReservation`].
+    fn map_reserved(
+        &self,
+        reservation: &Reservation,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<(), MapError>;
+
+    /// Releases a reservation: returns unused pages and lets empty tables go.
+    ///
+    /// # Errors
+    ///
+    /// [`ReserveError::UnknownReservation`] for a handle of another table or one already
+    /// released; [`ReserveError::StillMapped`] where the backend refuses to drop mappings.
+    /// On error the handle is returned inside the error's data where possible; nothing changed.
+    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReserveError>;
+
+    /// Returns exactly how many table pages a map of `range` with leaves of `leaf` would
+    /// allocate against the current tree.
+    ///
+    /// # Errors
+    ///
+    /// [`ReserveError::OutOfRange`] and [`ReserveError::BadLeafSize`].
+    fn pages_needed(&self, range: IovaRange, leaf: PageSize) -> Result<usize, ReserveError>;
+}
