@@ -272,7 +272,12 @@ impl IovaRange {
 
 impl fmt::Debug for IovaRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "IovaRange({:#x}..={:#x})", self.start.get(), self.last().get())
+        write!(
+            f,
+            "IovaRange({:#x}..={:#x})",
+            self.start.get(),
+            self.last().get()
+        )
     }
 }
 

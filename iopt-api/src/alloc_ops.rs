@@ -67,7 +67,12 @@ pub trait TableAlloc: Send + Sync {
     /// # Errors
     ///
     /// As [`alloc`](TableAlloc::alloc); on error `out` is as before and nothing is held.
-    fn alloc_bulk(&self, size: u64, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), AllocError> {
+    fn alloc_bulk(
+        &self,
+        size: u64,
+        count: usize,
+        out: &mut Vec<PhysAddr>,
+    ) -> Result<(), AllocError> {
         let start = out.len();
         out.reserve(count);
         for _ in 0..count {
@@ -77,7 +82,9 @@ pub trait TableAlloc: Send + Sync {
                     let got: Vec<PhysAddr> = out.drain(start..).collect();
                     self.free_bulk(&got, size);
                     return Err(match e {
-                        AllocError::OutOfMemory { size, .. } => AllocError::OutOfMemory { size, count },
+                        AllocError::OutOfMemory { size, .. } => {
+                            AllocError::OutOfMemory { size, count }
+                        }
                         other => other,
                     });
                 }
@@ -104,7 +111,12 @@ impl<T: TableAlloc + ?Sized> TableAlloc for &T {
     fn alloc(&self, size: u64) -> Result<PhysAddr, AllocError> {
         (**self).alloc(size)
     }
-    fn alloc_bulk(&self, size: u64, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), AllocError> {
+    fn alloc_bulk(
+        &self,
+        size: u64,
+        count: usize,
+        out: &mut Vec<PhysAddr>,
+    ) -> Result<(), AllocError> {
         (**self).alloc_bulk(size, count, out)
     }
     fn free(&self, pa: PhysAddr, size: u64) {
@@ -122,7 +134,12 @@ impl<T: TableAlloc + ?Sized> TableAlloc for alloc::sync::Arc<T> {
     fn alloc(&self, size: u64) -> Result<PhysAddr, AllocError> {
         (**self).alloc(size)
     }
-    fn alloc_bulk(&self, size: u64, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), AllocError> {
+    fn alloc_bulk(
+        &self,
+        size: u64,
+        count: usize,
+        out: &mut Vec<PhysAddr>,
+    ) -> Result<(), AllocError> {
         (**self).alloc_bulk(size, count, out)
     }
     fn free(&self, pa: PhysAddr, size: u64) {

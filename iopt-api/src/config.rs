@@ -28,8 +28,13 @@ pub enum Format {
 
 impl Format {
     /// All formats, in Linux enum order.
-    pub const ALL: [Format; 5] =
-        [Format::Arm32S1, Format::Arm32S2, Format::Arm64S1, Format::Arm64S2, Format::Mali];
+    pub const ALL: [Format; 5] = [
+        Format::Arm32S1,
+        Format::Arm32S2,
+        Format::Arm64S1,
+        Format::Arm64S2,
+        Format::Mali,
+    ];
 
     /// Returns whether descriptors use stage-1 AP/AttrIndx encoding.
     #[must_use]
@@ -347,7 +352,9 @@ impl Config {
             return Err(ConfigError::UnsupportedQuirks { format, rejected });
         }
         if input.quirks.contains(Quirks::OUTER_WBWA) && input.coherent_walk {
-            return Err(ConfigError::OuterWbwaCoherent { quirks: input.quirks.bits() });
+            return Err(ConfigError::OuterWbwaCoherent {
+                quirks: input.quirks.bits(),
+            });
         }
         let mut bitmap = input.pgsize_bitmap.bits();
         let limit = match format {
@@ -358,7 +365,11 @@ impl Config {
         };
         if let Some((max_ias, max_oas)) = limit {
             if input.ias > max_ias || input.oas > max_oas {
-                return Err(ConfigError::FormatLimit { format, ias: input.ias, oas: input.oas });
+                return Err(ConfigError::FormatLimit {
+                    format,
+                    ias: input.ias,
+                    oas: input.oas,
+                });
             }
             bitmap &= PageSizes::GRANULE_4K.bits();
         }
@@ -549,7 +560,11 @@ impl Config {
     /// Returns the entry count of a table at `level`.
     #[must_use]
     pub const fn entries_at(&self, level: u32) -> usize {
-        if level == self.start_level { self.pgd_entries() } else { self.granule.entries() }
+        if level == self.start_level {
+            self.pgd_entries()
+        } else {
+            self.granule.entries()
+        }
     }
 
     /// Returns the level at which a leaf of `size` sits, if `size` is an allowed page size.
@@ -572,14 +587,22 @@ impl Config {
     #[must_use]
     pub const fn iova_in_range(&self, iova: Iova) -> bool {
         let hi = iova.get() >> self.ias;
-        if self.is_ttbr1() { hi == u64::MAX >> self.ias } else { hi == 0 }
+        if self.is_ttbr1() {
+            hi == u64::MAX >> self.ias
+        } else {
+            hi == 0
+        }
     }
 
     /// Returns the lowest and highest IOVA the table translates.
     #[must_use]
     pub const fn iova_bounds(&self) -> (Iova, Iova) {
         let span = (1u64 << self.ias) - 1;
-        if self.is_ttbr1() { (Iova::new(!span), Iova::new(u64::MAX)) } else { (Iova::new(0), Iova::new(span)) }
+        if self.is_ttbr1() {
+            (Iova::new(!span), Iova::new(u64::MAX))
+        } else {
+            (Iova::new(0), Iova::new(span))
+        }
     }
 
     /// Returns whether `pa` fits the output address size.

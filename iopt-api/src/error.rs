@@ -124,6 +124,15 @@ pub enum MapError {
         /// The reservation.
         id: u64,
     },
+    /// A table descriptor points at memory the allocator does not recognise as a live table:
+    /// the tree was corrupted from outside. The walk stopped there.
+    #[error("table descriptor at iova {iova} points at unknown memory {pa}")]
+    BrokenTable {
+        /// The IOVA being walked.
+        iova: Iova,
+        /// The address in the descriptor.
+        pa: PhysAddr,
+    },
 }
 
 impl From<AllocError> for MapError {
@@ -191,6 +200,14 @@ pub enum UnmapError {
     ReservedTable {
         /// The IOVA of the table entry.
         iova: Iova,
+    },
+    /// A table descriptor points at memory the allocator does not recognise as a live table.
+    #[error("table descriptor at iova {iova} points at unknown memory {pa}")]
+    BrokenTable {
+        /// The IOVA being walked.
+        iova: Iova,
+        /// The address in the descriptor.
+        pa: PhysAddr,
     },
 }
 

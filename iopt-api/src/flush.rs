@@ -56,7 +56,12 @@ impl Gather {
     /// An empty gather.
     #[must_use]
     pub const fn new() -> Self {
-        Self { start: u64::MAX, last: 0, pgsize: 0, pages: 0 }
+        Self {
+            start: u64::MAX,
+            last: 0,
+            pgsize: 0,
+            pages: 0,
+        }
     }
 
     /// Adds `[iova, iova + size)` to the range.

@@ -38,13 +38,21 @@ impl PageSize {
     /// Returns the size if `bytes` is a power of two, `None` otherwise (zero included).
     #[must_use]
     pub const fn new(bytes: u64) -> Option<Self> {
-        if bytes.is_power_of_two() { Some(Self(bytes)) } else { None }
+        if bytes.is_power_of_two() {
+            Some(Self(bytes))
+        } else {
+            None
+        }
     }
 
     /// Returns the size with the given log2.
     #[must_use]
     pub const fn from_shift(shift: u32) -> Option<Self> {
-        if shift < 64 { Some(Self(1 << shift)) } else { None }
+        if shift < 64 {
+            Some(Self(1 << shift))
+        } else {
+            None
+        }
     }
 
     /// Returns the size in bytes.
@@ -133,18 +141,28 @@ impl PageSizes {
     /// Returns the smallest size.
     #[must_use]
     pub const fn smallest(self) -> Option<PageSize> {
-        if self.0 == 0 { None } else { Some(PageSize(1 << self.0.trailing_zeros())) }
+        if self.0 == 0 {
+            None
+        } else {
+            Some(PageSize(1 << self.0.trailing_zeros()))
+        }
     }
 
     /// Returns the largest size.
     #[must_use]
     pub const fn largest(self) -> Option<PageSize> {
-        if self.0 == 0 { None } else { Some(PageSize(1 << self.0.ilog2())) }
+        if self.0 == 0 {
+            None
+        } else {
+            Some(PageSize(1 << self.0.ilog2()))
+        }
     }
 
     /// Iterates the sizes in ascending order.
     pub fn iter(self) -> impl DoubleEndedIterator<Item = PageSize> + Clone {
-        (0..64u32).filter(move |b| self.0 & (1 << b) != 0).map(|b| PageSize(1 << b))
+        (0..64u32)
+            .filter(move |b| self.0 & (1 << b) != 0)
+            .map(|b| PageSize(1 << b))
     }
 
     /// Picks the size the Linux iommu core (`iommu_pgsize`) would use for the next piece of a
@@ -177,7 +195,11 @@ impl PageSizes {
         }
         let shift = cand.ilog2();
         let mut size = len;
-        let larger = if shift == 63 { 0 } else { self.0 & !(u64::MAX >> (63 - shift)) };
+        let larger = if shift == 63 {
+            0
+        } else {
+            self.0 & !(u64::MAX >> (63 - shift))
+        };
         if larger != 0 {
             let next = 1u64 << larger.trailing_zeros();
             if (iova ^ pa) & (next - 1) == 0 {
@@ -205,4 +227,3 @@ impl fmt::Debug for PageSizes {
         f.write_str(")")
     }
 }
-

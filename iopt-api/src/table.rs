@@ -244,7 +244,13 @@ impl Reservation {
     /// Creates a handle. Backends call this; a handle forged by anyone else is rejected by
     /// the table as unknown.
     pub const fn new(table: u64, id: u64, range: IovaRange, leaf: PageSize, pages: usize) -> Self {
-        Self { table, id, range, leaf, pages }
+        Self {
+            table,
+            id,
+            range,
+            leaf,
+            pages,
+        }
     }
 
     /// Returns the identity of the table that made it.

@@ -1,0 +1,995 @@
+//! The walker: the one implementation of map, unmap, lookup and walk that every backend uses.
+//!
+//! Backends differ only in where table pages come from, which they express through a
+//! [`PageSource`]: the on-demand source asks the caller's allocator page by page (Linux's
+//! default), a reservation's pool hands out what it holds (Design 1), and a reserving table
+//! installs its tables ahead of time so maps find them present (Design 2).
+//!
+//! # How a map stays all-or-nothing, even under concurrency
+//!
+//! A map first validates everything it can without touching memory. A run inside one leaf
+//! table then descends once; where a table is missing it takes every page the rest of the path
+//! needs, links them into a private chain, writes the leaves into the chain's last table, and
+//! publishes the whole chain with **one** compare-exchange on the first empty entry. Nothing is
+//! visible before that instant, so an allocation failure leaves nothing behind, and a thread
+//! that loses the race zeroes its pages, gives them back to the source it took them from, and
+//! descends again into the winner's table. A run that spans several leaf tables first plans
+//! the whole run read-only (conflicts, and exactly how many pages are missing), takes that many
+//! pages in one go, and only then writes.
+//!
+//! Entries are read with acquire loads and tables published with release compare-exchange, so
+//! a concurrent walker sees a fully initialised table or none. Tables are freed only after they
+//! are unlinked and [`FlushOps::flush_walk`] has returned.
+
+use crate::desc::{self, Kind};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+use iopt_api::{
+    Config, FlushOps, Gather, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, Stats,
+    TableAlloc, TableRef, Translation, UnmapError, WalkItem,
+};
+
+/// Where a map gets the table pages it must install.
+///
+/// Every page handed out must be zeroed and granule-sized, from the same allocator the engine
+/// resolves addresses with.
+pub trait PageSource {
+    /// Provides `count` pages, all or nothing, appended to `out`.
+    ///
+    /// # Errors
+    ///
+    /// The [`MapError`] to report (usually [`MapError::Alloc`] or
+    /// [`MapError::ReservationExhausted`]); on error `out` is unchanged and nothing is held.
+    fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError>;
+
+    /// Takes back pages that were obtained but never became reachable. They are zeroed.
+    fn give_back(&mut self, pages: &[PhysAddr]);
+}
+
+/// Statistics counters the engine and its sources maintain.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Calls to the allocator's `alloc`.
+    pub alloc_calls: AtomicU64,
+    /// Calls to the allocator's `alloc_bulk`.
+    pub alloc_bulk_calls: AtomicU64,
+    /// Pages obtained from the allocator.
+    pub pages_allocated: AtomicU64,
+    /// Calls to the allocator's `free`.
+    pub free_calls: AtomicU64,
+    /// Calls to the allocator's `free_bulk`.
+    pub free_bulk_calls: AtomicU64,
+    /// Pages returned to the allocator.
+    pub pages_freed: AtomicU64,
+    /// Tables reachable now.
+    pub live_tables: AtomicU64,
+    /// Most tables reachable at once.
+    pub peak_live_tables: AtomicU64,
+    /// Pages taken into reservations.
+    pub pages_reserved: AtomicU64,
+    /// Reserved pages that became tables.
+    pub pages_consumed: AtomicU64,
+    /// Reserved pages returned unused.
+    pub reserved_unused: AtomicU64,
+    /// Reserved pages held now.
+    pub reserved_outstanding: AtomicU64,
+    /// Lost table-install races.
+    pub install_races_lost: AtomicU64,
+    /// Tables freed for being empty.
+    pub empty_tables_freed: AtomicU64,
+}
+
+impl Counters {
+    /// Returns a snapshot.
+    #[must_use]
+    pub fn snapshot(&self) -> Stats {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            alloc_calls: r(&self.alloc_calls),
+            alloc_bulk_calls: r(&self.alloc_bulk_calls),
+            pages_allocated: r(&self.pages_allocated),
+            free_calls: r(&self.free_calls),
+            free_bulk_calls: r(&self.free_bulk_calls),
+            pages_freed: r(&self.pages_freed),
+            live_tables: r(&self.live_tables),
+            peak_live_tables: r(&self.peak_live_tables),
+            pages_reserved: r(&self.pages_reserved),
+            pages_consumed: r(&self.pages_consumed),
+            reserved_unused: r(&self.reserved_unused),
+            reserved_outstanding: r(&self.reserved_outstanding),
+            install_races_lost: r(&self.install_races_lost),
+            empty_tables_freed: r(&self.empty_tables_freed),
+        }
+    }
+
+    fn add_live(&self, n: u64) {
+        let now = self.live_tables.fetch_add(n, Ordering::Relaxed) + n;
+        self.peak_live_tables.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+/// The on-demand source: one allocator call per missing table, as Linux's default
+/// `__arm_lpae_alloc_pages` does; pages that end up unused go straight back.
+#[derive(Debug)]
+pub struct OnDemand<'a, A: TableAlloc + ?Sized> {
+    alloc: &'a A,
+    counters: &'a Counters,
+    size: u64,
+}
+
+impl<'a, A: TableAlloc + ?Sized> OnDemand<'a, A> {
+    /// A source drawing `size`-byte pages from `alloc`, counting in `counters`.
+    #[must_use]
+    pub fn new(alloc: &'a A, counters: &'a Counters, size: u64) -> Self {
+        Self {
+            alloc,
+            counters,
+            size,
+        }
+    }
+}
+
+impl<A: TableAlloc + ?Sized> PageSource for OnDemand<'_, A> {
+    fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError> {
+        let start = out.len();
+        for _ in 0..count {
+            self.counters.alloc_calls.fetch_add(1, Ordering::Relaxed);
+            match self.alloc.alloc(self.size) {
+                Ok(pa) => {
+                    self.counters
+                        .pages_allocated
+                        .fetch_add(1, Ordering::Relaxed);
+                    out.push(pa);
+                }
+                Err(e) => {
+                    let got: Vec<PhysAddr> = out.drain(start..).collect();
+                    self.give_back(&got);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn give_back(&mut self, pages: &[PhysAddr]) {
+        for &pa in pages {
+            self.counters.free_calls.fetch_add(1, Ordering::Relaxed);
+            self.counters.pages_freed.fetch_add(1, Ordering::Relaxed);
+            self.alloc.free(pa, self.size);
+        }
+    }
+}
+
+/// A source that hands out pages from a vector, for the execution phase of a planned map.
+#[derive(Debug, Default)]
+pub struct Stash {
+    /// The pages held.
+    pub pages: Vec<PhysAddr>,
+}
+
+impl PageSource for Stash {
+    fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError> {
+        if self.pages.len() < count {
+            return Err(MapError::ReservationExhausted {
+                id: 0,
+                left: self.pages.len(),
+                needed: count,
+            });
+        }
+        let at = self.pages.len() - count;
+        out.extend(self.pages.drain(at..));
+        Ok(())
+    }
+
+    fn give_back(&mut self, pages: &[PhysAddr]) {
+        self.pages.extend_from_slice(pages);
+    }
+}
+
+/// A validated run of leaves: `count` leaves of `size` at `level` from local IOVA `iova`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// IOVA with the TTBR1 high bits cleared.
+    pub iova: u64,
+    /// Output address of the first leaf.
+    pub pa: u64,
+    /// Leaf size.
+    pub size: PageSize,
+    /// Leaf level.
+    pub level: u32,
+    /// Leaves in the run.
+    pub count: u64,
+}
+
+/// What planning a map found: the pages it must obtain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Plan {
+    missing: usize,
+}
+
+/// The LPAE walker over one table tree. Backends own one and add their page policy.
+#[derive(Debug)]
+pub struct Engine<A: TableAlloc, F: FlushOps> {
+    cfg: Config,
+    alloc: A,
+    flush: F,
+    root: PhysAddr,
+    counters: Counters,
+    local_mask: u64,
+}
+
+impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
+    /// Builds an empty tree: allocates the root (`cfg.pgd_bytes()`) from `alloc`.
+    ///
+    /// # Errors
+    ///
+    /// The allocator's error if the root cannot be allocated.
+    pub fn new(cfg: Config, alloc: A, flush: F) -> Result<Self, iopt_api::AllocError> {
+        let root = alloc.alloc(cfg.pgd_bytes())?;
+        let counters = Counters::default();
+        counters.alloc_calls.store(1, Ordering::Relaxed);
+        counters.pages_allocated.store(1, Ordering::Relaxed);
+        counters.add_live(1);
+        let local_mask = if cfg.ias() >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << cfg.ias()) - 1
+        };
+        Ok(Self {
+            cfg,
+            alloc,
+            flush,
+            root,
+            counters,
+            local_mask,
+        })
+    }
+
+    /// Returns the configuration.
+    #[must_use]
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Returns the allocator.
+    #[must_use]
+    pub fn allocator(&self) -> &A {
+        &self.alloc
+    }
+
+    /// Returns the flush callbacks.
+    #[must_use]
+    pub fn flush_ops(&self) -> &F {
+        &self.flush
+    }
+
+    /// Returns the counters.
+    #[must_use]
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Returns the root table's address.
+    #[must_use]
+    pub fn root(&self) -> PhysAddr {
+        self.root
+    }
+
+    /// Returns an on-demand source over this engine's allocator.
+    #[must_use]
+    pub fn on_demand(&self) -> OnDemand<'_, A> {
+        OnDemand::new(&self.alloc, &self.counters, self.cfg.granule().size())
+    }
+
+    fn granule(&self) -> u64 {
+        self.cfg.granule().size()
+    }
+
+    /// Converts a local IOVA back to the caller's form (TTBR1: high bits set).
+    fn external(&self, local: u64) -> Iova {
+        if self.cfg.is_ttbr1() {
+            Iova::new(local | !self.local_mask)
+        } else {
+            Iova::new(local)
+        }
+    }
+
+    fn root_table(&self) -> Option<TableRef<'_>> {
+        self.alloc.table(self.root)
+    }
+
+    fn resolve(&self, entry: u64) -> Option<TableRef<'_>> {
+        self.alloc.table(desc::unpack_pa(entry, self.cfg.granule()))
+    }
+
+    fn kind(&self, level: u32, entry: u64) -> Kind {
+        desc::kind(self.cfg.format(), level, entry)
+    }
+
+    /// Validates a map request and converts it to a run, checking in Linux's order (page
+    /// size, start range, permission) and then what Linux leaves to its caller.
+    ///
+    /// # Errors
+    ///
+    /// The first failing check's [`MapError`].
+    pub fn validate_map(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<Run, MapError> {
+        let cfg = &self.cfg;
+        let level = cfg
+            .leaf_level(size)
+            .ok_or(MapError::InvalidPageSize { size: size.get() })?;
+        if !cfg.iova_in_range(iova) {
+            return Err(MapError::IovaOutOfRange { iova });
+        }
+        if !cfg.pa_in_range(pa) {
+            return Err(MapError::PaOutOfRange { pa });
+        }
+        if !prot.is_accessible() {
+            return Err(MapError::NoAccess { prot });
+        }
+        if count == 0 {
+            return Err(MapError::Empty { iova });
+        }
+        let len = count.checked_mul(size.get()).ok_or(MapError::Overflow {
+            iova,
+            len: u64::MAX,
+        })?;
+        let last_iova = iova
+            .checked_add(len - 1)
+            .ok_or(MapError::Overflow { iova, len })?;
+        let last_pa = pa
+            .checked_add(len - 1)
+            .ok_or(MapError::Overflow { iova, len })?;
+        if !iova.is_aligned(size.get()) || !pa.is_aligned(size.get()) {
+            return Err(MapError::Misaligned { iova, pa, size });
+        }
+        if !cfg.iova_in_range(last_iova) {
+            return Err(MapError::IovaOutOfRange { iova: last_iova });
+        }
+        if !cfg.pa_in_range(last_pa) {
+            return Err(MapError::PaOutOfRange { pa: last_pa });
+        }
+        Ok(Run {
+            iova: iova.get() & self.local_mask,
+            pa: pa.get(),
+            size,
+            level,
+            count,
+        })
+    }
+
+    /// Validates an unmap request and converts it to a run (`pa` is 0).
+    ///
+    /// # Errors
+    ///
+    /// The first failing check's [`UnmapError`].
+    pub fn validate_unmap(
+        &self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+    ) -> Result<Run, UnmapError> {
+        let cfg = &self.cfg;
+        let level = cfg
+            .leaf_level(size)
+            .ok_or(UnmapError::InvalidPageSize { size: size.get() })?;
+        if !cfg.iova_in_range(iova) {
+            return Err(UnmapError::IovaOutOfRange { iova });
+        }
+        if count == 0 {
+            return Err(UnmapError::Empty { iova });
+        }
+        let len = count.checked_mul(size.get()).ok_or(UnmapError::Overflow {
+            iova,
+            len: u64::MAX,
+        })?;
+        let last = iova
+            .checked_add(len - 1)
+            .ok_or(UnmapError::Overflow { iova, len })?;
+        if !iova.is_aligned(size.get()) {
+            return Err(UnmapError::Misaligned { iova, size });
+        }
+        if !cfg.iova_in_range(last) {
+            return Err(UnmapError::IovaOutOfRange { iova: last });
+        }
+        Ok(Run {
+            iova: iova.get() & self.local_mask,
+            pa: 0,
+            size,
+            level,
+            count,
+        })
+    }
+
+    /// Entries the run covers in the leaf table holding `iova`, at most `remaining`.
+    fn entries_in_table(&self, level: u32, iova: u64, remaining: u64) -> u64 {
+        let per = self.cfg.granule().entries() as u64;
+        let idx = (iova >> self.cfg.level_shift(level)) & (per - 1);
+        remaining.min(per - idx)
+    }
+
+    /// Number of tables at levels `level+1 ..= target` needed to cover `[start, end)` below an
+    /// empty entry at `level`.
+    fn missing_below(&self, level: u32, target: u32, start: u64, end: u64) -> usize {
+        let mut n = 0u64;
+        for m in (level + 1)..=target {
+            let shift = self.cfg.level_shift(m - 1);
+            let lo = start >> shift;
+            let hi = (end - 1) >> shift;
+            n += hi - lo + 1;
+        }
+        usize::try_from(n).unwrap_or(usize::MAX)
+    }
+
+    /// Whether the subtree of `table` at `level` holds any leaf.
+    fn subtree_has_leaf(&self, table: TableRef<'_>, level: u32) -> bool {
+        table.entries.iter().any(|e| {
+            let e = e.load(Ordering::Acquire);
+            match self.kind(level, e) {
+                Kind::Invalid => false,
+                Kind::Leaf => true,
+                Kind::Table => self
+                    .resolve(e)
+                    .is_none_or(|t| self.subtree_has_leaf(t, level + 1)),
+            }
+        })
+    }
+
+    /// Read-only pass over `[start, end)` (local IOVAs) of `table` at `level`: conflicts, and
+    /// the tables a map of leaves at `target` would add.
+    fn plan(
+        &self,
+        table: TableRef<'_>,
+        level: u32,
+        target: u32,
+        start: u64,
+        end: u64,
+        strict: bool,
+    ) -> Result<Plan, MapError> {
+        let shift = self.cfg.level_shift(level);
+        let mut plan = Plan::default();
+        let mut at = start;
+        while at < end {
+            let next = ((at >> shift) + 1)
+                .checked_shl(shift)
+                .unwrap_or(u64::MAX)
+                .min(end);
+            let idx = self.cfg.index(at, level);
+            let e = table
+                .entries
+                .get(idx)
+                .map_or(0, |e| e.load(Ordering::Acquire));
+            match (self.kind(level, e), level == target) {
+                (Kind::Invalid, true) => {}
+                (Kind::Invalid, false) => {
+                    plan.missing += self.missing_below(level, target, at, next);
+                }
+                (Kind::Leaf, _) => {
+                    if strict {
+                        return Err(MapError::AlreadyMapped {
+                            iova: self.external(at),
+                        });
+                    }
+                }
+                (Kind::Table, true) => {
+                    let sub = self.resolve(e).ok_or(MapError::BrokenTable {
+                        iova: self.external(at),
+                        pa: desc::unpack_pa(e, self.cfg.granule()),
+                    })?;
+                    if strict && self.subtree_has_leaf(sub, level + 1) {
+                        return Err(MapError::AlreadyMapped {
+                            iova: self.external(at),
+                        });
+                    }
+                }
+                (Kind::Table, false) => {
+                    let sub = self.resolve(e).ok_or(MapError::BrokenTable {
+                        iova: self.external(at),
+                        pa: desc::unpack_pa(e, self.cfg.granule()),
+                    })?;
+                    plan.missing += self.plan(sub, level + 1, target, at, next, strict)?.missing;
+                }
+            }
+            at = next;
+        }
+        Ok(plan)
+    }
+
+    /// Returns exactly how many table pages a map of `range` with `leaf`-sized leaves would
+    /// allocate now (leaves already in the way are skipped, not counted).
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::InvalidPageSize`] or [`MapError::Misaligned`] for a bad leaf size,
+    /// [`MapError::IovaOutOfRange`] for a range outside the table.
+    pub fn pages_needed(&self, range: IovaRange, leaf: PageSize) -> Result<usize, MapError> {
+        let level = self
+            .cfg
+            .leaf_level(leaf)
+            .ok_or(MapError::InvalidPageSize { size: leaf.get() })?;
+        if !range.start().is_aligned(leaf.get()) || range.len() % leaf.get() != 0 {
+            return Err(MapError::Misaligned {
+                iova: range.start(),
+                pa: PhysAddr::ZERO,
+                size: leaf,
+            });
+        }
+        if !self.cfg.iova_in_range(range.start()) {
+            return Err(MapError::IovaOutOfRange {
+                iova: range.start(),
+            });
+        }
+        if !self.cfg.iova_in_range(range.last()) {
+            return Err(MapError::IovaOutOfRange { iova: range.last() });
+        }
+        let root = self.root_table().ok_or(MapError::BrokenTable {
+            iova: range.start(),
+            pa: self.root,
+        })?;
+        let start = range.start().get() & self.local_mask;
+        let end = (range.last().get() & self.local_mask) + 1;
+        Ok(self
+            .plan(root, self.cfg.start_level(), level, start, end, false)?
+            .missing)
+    }
+
+    /// Maps validated runs with `prot`, all or nothing, drawing missing tables from `src`.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::AlreadyMapped`] on a conflict, the source's error when it cannot supply the
+    /// pages, [`MapError::BrokenTable`] on a corrupted tree. Nothing changed.
+    pub fn map_runs<S: PageSource>(
+        &self,
+        runs: &[Run],
+        prot: Prot,
+        src: &mut S,
+    ) -> Result<(), MapError> {
+        let single = match runs {
+            [r] => self.entries_in_table(r.level, r.iova, r.count) == r.count,
+            _ => false,
+        };
+        if single {
+            let r = runs[0];
+            let bits = desc::prot_bits(&self.cfg, prot);
+            return self.map_segment(r.iova, r.pa, r.level, r.count, bits, src);
+        }
+        // Plan everything first: conflicts anywhere refuse the whole map before any write.
+        let root = self.root_table().ok_or(MapError::BrokenTable {
+            iova: Iova::ZERO,
+            pa: self.root,
+        })?;
+        let mut missing = 0;
+        for r in runs {
+            let end = r.iova + (r.count * r.size.get());
+            missing += self
+                .plan(root, self.cfg.start_level(), r.level, r.iova, end, true)?
+                .missing;
+        }
+        // Runs of one request never overlap each other, but two runs may share a missing
+        // upper table that both counted; the stash returns what is left.
+        let mut stash = Stash::default();
+        src.obtain(missing, &mut stash.pages)?;
+        let bits = desc::prot_bits(&self.cfg, prot);
+        let mut result = Ok(());
+        'runs: for r in runs {
+            let mut iova = r.iova;
+            let mut pa = r.pa;
+            let mut left = r.count;
+            while left > 0 {
+                let n = self.entries_in_table(r.level, iova, left);
+                if let Err(e) = self.map_segment(iova, pa, r.level, n, bits, &mut stash) {
+                    result = Err(e);
+                    break 'runs;
+                }
+                let bytes = n * r.size.get();
+                iova += bytes;
+                pa += bytes;
+                left -= n;
+            }
+        }
+        src.give_back(&stash.pages);
+        result
+    }
+
+    /// Maps `n` leaves inside one leaf table. Checks every target entry before writing any.
+    fn map_segment<S: PageSource>(
+        &self,
+        iova: u64,
+        pa: u64,
+        target: u32,
+        n: u64,
+        bits: u64,
+        src: &mut S,
+    ) -> Result<(), MapError> {
+        let cfg = &self.cfg;
+        let granule = cfg.granule();
+        let size = cfg.block_size(target);
+        let leaf_type = desc::leaf_type(cfg.format(), target);
+        'descend: loop {
+            let mut table = self.root_table().ok_or(MapError::BrokenTable {
+                iova: self.external(iova),
+                pa: self.root,
+            })?;
+            let mut level = cfg.start_level();
+            while level < target {
+                let slot =
+                    table
+                        .entries
+                        .get(cfg.index(iova, level))
+                        .ok_or(MapError::BrokenTable {
+                            iova: self.external(iova),
+                            pa: self.root,
+                        })?;
+                let e = slot.load(Ordering::Acquire);
+                match self.kind(level, e) {
+                    Kind::Table => {
+                        table = self.resolve(e).ok_or(MapError::BrokenTable {
+                            iova: self.external(iova),
+                            pa: desc::unpack_pa(e, granule),
+                        })?;
+                        level += 1;
+                    }
+                    Kind::Leaf => {
+                        return Err(MapError::AlreadyMapped {
+                            iova: self.external(iova),
+                        });
+                    }
+                    Kind::Invalid => {
+                        // Build the rest of the path privately, then publish it in one CAS.
+                        let need = (target - level) as usize;
+                        let mut pages = Vec::with_capacity(need);
+                        src.obtain(need, &mut pages)?;
+                        let mut chain = Vec::with_capacity(need);
+                        for &p in &pages {
+                            match self.alloc.table(p) {
+                                Some(t) => chain.push(t),
+                                None => {
+                                    src.give_back(&pages);
+                                    return Err(MapError::BrokenTable {
+                                        iova: self.external(iova),
+                                        pa: p,
+                                    });
+                                }
+                            }
+                        }
+                        for i in 0..need - 1 {
+                            let idx = cfg.index(iova, level + 1 + i as u32);
+                            chain[i].entries[idx]
+                                .store(desc::encode_table(cfg, pages[i + 1]), Ordering::Relaxed);
+                        }
+                        let leaf_table = chain[need - 1];
+                        let first = cfg.index(iova, target);
+                        for (k, e) in leaf_table.entries[first..first + n as usize]
+                            .iter()
+                            .enumerate()
+                        {
+                            let out = PhysAddr::new(pa + k as u64 * size);
+                            e.store(bits | leaf_type | desc::pack_pa(out), Ordering::Relaxed);
+                        }
+                        let new = desc::encode_table(cfg, pages[0]);
+                        match slot.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire) {
+                            Ok(_) => {
+                                self.counters.add_live(need as u64);
+                                return Ok(());
+                            }
+                            Err(_) => {
+                                for (i, t) in chain.iter().enumerate() {
+                                    if i + 1 < need {
+                                        t.entries[cfg.index(iova, level + 1 + i as u32)]
+                                            .store(0, Ordering::Relaxed);
+                                    }
+                                }
+                                for e in &leaf_table.entries[first..first + n as usize] {
+                                    e.store(0, Ordering::Relaxed);
+                                }
+                                src.give_back(&pages);
+                                self.counters
+                                    .install_races_lost
+                                    .fetch_add(1, Ordering::Relaxed);
+                                continue 'descend;
+                            }
+                        }
+                    }
+                }
+            }
+            // At the leaf table: every target entry must be free (or an empty table).
+            let first = cfg.index(iova, target);
+            let last = first + n as usize;
+            let slots = table
+                .entries
+                .get(first..last)
+                .ok_or(MapError::BrokenTable {
+                    iova: self.external(iova),
+                    pa: self.root,
+                })?;
+            let mut replace = false;
+            for (k, e) in slots.iter().enumerate() {
+                let v = e.load(Ordering::Acquire);
+                match self.kind(target, v) {
+                    Kind::Invalid => {}
+                    Kind::Leaf => {
+                        return Err(MapError::AlreadyMapped {
+                            iova: self.external(iova + k as u64 * size),
+                        });
+                    }
+                    Kind::Table => {
+                        let at = self.external(iova + k as u64 * size);
+                        let sub = self.resolve(v).ok_or(MapError::BrokenTable {
+                            iova: at,
+                            pa: desc::unpack_pa(v, granule),
+                        })?;
+                        if self.subtree_has_leaf(sub, target + 1) {
+                            return Err(MapError::AlreadyMapped { iova: at });
+                        }
+                        replace = true;
+                    }
+                }
+            }
+            if !replace {
+                for (k, e) in slots.iter().enumerate() {
+                    let out = PhysAddr::new(pa + k as u64 * size);
+                    e.store(bits | leaf_type | desc::pack_pa(out), Ordering::Release);
+                }
+                return Ok(());
+            }
+            for (k, e) in slots.iter().enumerate() {
+                let out = PhysAddr::new(pa + k as u64 * size);
+                let old = e.swap(bits | leaf_type | desc::pack_pa(out), Ordering::AcqRel);
+                if self.kind(target, old) == Kind::Table {
+                    self.retire_subtree(
+                        old,
+                        target + 1,
+                        self.external(iova + k as u64 * size),
+                        size,
+                    );
+                }
+            }
+            return Ok(());
+        }
+    }
+
+    /// Frees the subtree of an unlinked table descriptor `entry` (its table sits at `level`)
+    /// after the walk flush for the `size` bytes at `iova` it covered.
+    fn retire_subtree(&self, entry: u64, level: u32, iova: Iova, size: u64) {
+        self.flush.flush_walk(iova, size, self.granule());
+        let mut pages = Vec::new();
+        self.collect_tables(entry, level, &mut pages);
+        self.free_tables(&pages);
+    }
+
+    /// Post-order list of the tables below (and including) the table `entry` points at.
+    fn collect_tables(&self, entry: u64, level: u32, out: &mut Vec<PhysAddr>) {
+        let pa = desc::unpack_pa(entry, self.cfg.granule());
+        if let Some(t) = self.alloc.table(pa) {
+            if level < 3 {
+                for e in t.entries {
+                    let v = e.load(Ordering::Acquire);
+                    if self.kind(level, v) == Kind::Table {
+                        self.collect_tables(v, level + 1, out);
+                    }
+                }
+            }
+        }
+        out.push(pa);
+    }
+
+    /// Returns granule-sized table pages to the allocator in one bulk call.
+    pub fn free_tables(&self, pages: &[PhysAddr]) {
+        if pages.is_empty() {
+            return;
+        }
+        self.counters
+            .free_bulk_calls
+            .fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .pages_freed
+            .fetch_add(pages.len() as u64, Ordering::Relaxed);
+        self.counters
+            .live_tables
+            .fetch_sub(pages.len() as u64, Ordering::Relaxed);
+        self.alloc.free_bulk(pages, self.granule());
+    }
+
+    /// Unmaps a validated run, all or nothing, and returns the bytes unmapped.
+    ///
+    /// # Errors
+    ///
+    /// [`UnmapError::NotMapped`] if any entry of the run is empty, [`UnmapError::PartialBlock`]
+    /// if a larger leaf covers it, [`UnmapError::BrokenTable`] on a corrupted tree.
+    pub fn unmap_run(&self, r: Run, gather: &mut Gather) -> Result<u64, UnmapError> {
+        // Check pass.
+        let mut iova = r.iova;
+        let mut left = r.count;
+        while left > 0 {
+            let n = self.entries_in_table(r.level, iova, left);
+            let table = self.descend_for_unmap(iova, r)?;
+            let first = self.cfg.index(iova, r.level);
+            for (k, e) in table.entries[first..first + n as usize].iter().enumerate() {
+                if self.kind(r.level, e.load(Ordering::Acquire)) == Kind::Invalid {
+                    return Err(UnmapError::NotMapped {
+                        iova: self.external(iova + k as u64 * r.size.get()),
+                    });
+                }
+            }
+            iova += n * r.size.get();
+            left -= n;
+        }
+        // Clear pass.
+        let size = r.size.get();
+        let mut iova = r.iova;
+        let mut left = r.count;
+        while left > 0 {
+            let n = self.entries_in_table(r.level, iova, left);
+            let table = self.descend_for_unmap(iova, r)?;
+            let first = self.cfg.index(iova, r.level);
+            for (k, e) in table.entries[first..first + n as usize].iter().enumerate() {
+                let old = e.swap(0, Ordering::AcqRel);
+                let at = self.external(iova + k as u64 * size);
+                match self.kind(r.level, old) {
+                    Kind::Leaf => self.flush.add_page(gather, at, size),
+                    Kind::Table => self.retire_subtree(old, r.level + 1, at, size),
+                    Kind::Invalid => {}
+                }
+            }
+            iova += n * size;
+            left -= n;
+        }
+        Ok(r.count * size)
+    }
+
+    fn descend_for_unmap(&self, iova: u64, r: Run) -> Result<TableRef<'_>, UnmapError> {
+        let mut table = self.root_table().ok_or(UnmapError::BrokenTable {
+            iova: self.external(iova),
+            pa: self.root,
+        })?;
+        let mut level = self.cfg.start_level();
+        while level < r.level {
+            let e = table
+                .entries
+                .get(self.cfg.index(iova, level))
+                .map_or(0, |e| e.load(Ordering::Acquire));
+            match self.kind(level, e) {
+                Kind::Invalid => {
+                    return Err(UnmapError::NotMapped {
+                        iova: self.external(iova),
+                    });
+                }
+                Kind::Leaf => {
+                    return Err(UnmapError::PartialBlock {
+                        iova: self.external(iova),
+                        size: r.size,
+                        leaf: PageSize::new(self.cfg.block_size(level)).unwrap_or(r.size),
+                    });
+                }
+                Kind::Table => {
+                    table = self.resolve(e).ok_or(UnmapError::BrokenTable {
+                        iova: self.external(iova),
+                        pa: desc::unpack_pa(e, self.cfg.granule()),
+                    })?;
+                    level += 1;
+                }
+            }
+        }
+        Ok(table)
+    }
+
+    /// Translates `iova` in software (`iova_to_phys`). `None` outside the input range or when
+    /// no leaf maps it.
+    #[must_use]
+    pub fn lookup(&self, iova: Iova) -> Option<Translation> {
+        if !self.cfg.iova_in_range(iova) {
+            return None;
+        }
+        let local = iova.get() & self.local_mask;
+        let mut table = self.root_table()?;
+        let mut level = self.cfg.start_level();
+        loop {
+            let e = table
+                .entries
+                .get(self.cfg.index(local, level))?
+                .load(Ordering::Acquire);
+            match self.kind(level, e) {
+                Kind::Invalid => return None,
+                Kind::Table => {
+                    table = self.resolve(e)?;
+                    level += 1;
+                }
+                Kind::Leaf => {
+                    let size = self.cfg.block_size(level);
+                    let base = desc::unpack_pa(e, self.cfg.granule());
+                    return Some(Translation {
+                        pa: PhysAddr::new(base.get() | (local & (size - 1))),
+                        size: PageSize::new(size)?,
+                        level,
+                        prot: desc::decode_prot(&self.cfg, e),
+                        descriptor: e,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Visits every table and leaf in ascending IOVA order.
+    pub fn walk(&self, visit: &mut dyn FnMut(WalkItem)) {
+        if let Some(root) = self.root_table() {
+            self.walk_table(root, self.root, self.cfg.start_level(), 0, visit);
+        }
+    }
+
+    fn walk_table(
+        &self,
+        table: TableRef<'_>,
+        pa: PhysAddr,
+        level: u32,
+        base: u64,
+        visit: &mut dyn FnMut(WalkItem),
+    ) {
+        let entries = self.cfg.entries_at(level).min(table.entries.len());
+        let live = table.entries[..entries]
+            .iter()
+            .filter(|e| e.load(Ordering::Acquire) != 0)
+            .count();
+        visit(WalkItem::Table {
+            iova: self.external(base),
+            level,
+            pa,
+            live,
+        });
+        let shift = self.cfg.level_shift(level);
+        for (i, e) in table.entries[..entries].iter().enumerate() {
+            let v = e.load(Ordering::Acquire);
+            let iova = base + ((i as u64) << shift);
+            match self.kind(level, v) {
+                Kind::Invalid => {}
+                Kind::Leaf => {
+                    if let Some(size) = PageSize::new(self.cfg.block_size(level)) {
+                        visit(WalkItem::Leaf {
+                            iova: self.external(iova),
+                            level,
+                            size,
+                            pa: desc::unpack_pa(v, self.cfg.granule()),
+                            prot: desc::decode_prot(&self.cfg, v),
+                            descriptor: v,
+                        });
+                    }
+                }
+                Kind::Table => {
+                    let sub_pa = desc::unpack_pa(v, self.cfg.granule());
+                    if let Some(sub) = self.alloc.table(sub_pa) {
+                        self.walk_table(sub, sub_pa, level + 1, iova, visit);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<A: TableAlloc, F: FlushOps> Drop for Engine<A, F> {
+    fn drop(&mut self) {
+        self.flush.flush_all();
+        let mut pages = Vec::new();
+        if let Some(root) = self.root_table() {
+            let level = self.cfg.start_level();
+            if level < 3 {
+                for e in root.entries {
+                    let v = e.load(Ordering::Acquire);
+                    if self.kind(level, v) == Kind::Table {
+                        self.collect_tables(v, level + 1, &mut pages);
+                    }
+                }
+            }
+        }
+        self.free_tables(&pages);
+        self.counters.free_calls.fetch_add(1, Ordering::Relaxed);
+        self.counters.pages_freed.fetch_add(1, Ordering::Relaxed);
+        self.counters.live_tables.fetch_sub(1, Ordering::Relaxed);
+        self.alloc.free(self.root, self.cfg.pgd_bytes());
+    }
+}

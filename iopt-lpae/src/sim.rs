@@ -1,0 +1,460 @@
+//! `SimMemory`: simulated physical memory for table pages, the default [`TableAlloc`].
+//!
+//! Every table page lives at a physical address `region base + slot × size`, so descriptors
+//! hold realistic addresses and the [hardware-walk oracle](crate::oracle) can read memory by
+//! physical address exactly as a device would. Each page size gets its own region (1 GiB of
+//! address space by default, the first at 1 GiB, so with the default layout granule tables sit
+//! below 4 GiB and fit even a 32-bit output address size).
+//!
+//! It counts what a leak check needs (live pages, peak, calls) and injects failures: make the
+//! k-th page allocation fail, so tests can prove every error path leaves nothing behind.
+//! Lookup of a page by address is lock-free (two atomic loads); allocation and freeing take a
+//! short spin lock.
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use iopt_api::{AllocError, PhysAddr, TableAlloc, TableMeta, TableRef};
+use once_cell::race::OnceBox;
+
+const CHUNK: usize = 256;
+const MAX_REGIONS: usize = 8;
+
+/// Layout of a [`SimMemory`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimLayout {
+    /// Physical address of the first region.
+    pub base: u64,
+    /// Bytes of address space each page size gets.
+    pub region_span: u64,
+}
+
+impl Default for SimLayout {
+    fn default() -> Self {
+        Self {
+            base: 1 << 30,
+            region_span: 1 << 30,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SlotMem {
+    entries: Box<[AtomicU64]>,
+    meta: TableMeta,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    live: AtomicBool,
+    mem: OnceBox<SlotMem>,
+}
+
+#[derive(Debug)]
+struct Region {
+    base: u64,
+    size: u64,
+    slots: usize,
+    chunks: Box<[OnceBox<Vec<Slot>>]>,
+}
+
+impl Region {
+    fn slot(&self, index: usize) -> Option<&Slot> {
+        self.chunks.get(index / CHUNK)?.get()?.get(index % CHUNK)
+    }
+
+    fn slot_init(&self, index: usize) -> Option<&Slot> {
+        let chunk = self.chunks.get(index / CHUNK)?;
+        let v = chunk.get_or_init(|| {
+            let mut v = Vec::with_capacity(CHUNK);
+            v.resize_with(CHUNK, Slot::default);
+            Box::new(v)
+        });
+        v.get(index % CHUNK)
+    }
+
+    fn index_of(&self, pa: u64) -> Option<usize> {
+        let off = pa.checked_sub(self.base)?;
+        if off % self.size != 0 {
+            return None;
+        }
+        let i = usize::try_from(off / self.size).ok()?;
+        (i < self.slots).then_some(i)
+    }
+}
+
+#[derive(Debug, Default)]
+struct FreeState {
+    next_fresh: [usize; MAX_REGIONS],
+    free: [Vec<usize>; MAX_REGIONS],
+}
+
+/// Counters of a [`SimMemory`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct SimStats {
+    /// Pages handed out and not yet returned.
+    pub live_pages: u64,
+    /// Bytes of those pages.
+    pub live_bytes: u64,
+    /// The most pages live at once.
+    pub peak_pages: u64,
+    /// Calls to `alloc`.
+    pub alloc_calls: u64,
+    /// Calls to `alloc_bulk`.
+    pub alloc_bulk_calls: u64,
+    /// Pages handed out in total.
+    pub pages_allocated: u64,
+    /// Calls to `free`.
+    pub free_calls: u64,
+    /// Calls to `free_bulk`.
+    pub free_bulk_calls: u64,
+    /// Pages returned in total.
+    pub pages_freed: u64,
+    /// Allocations refused by failure injection.
+    pub injected_failures: u64,
+    /// Frees of an address that was not live (a double free or a foreign page).
+    pub bad_frees: u64,
+}
+
+/// Simulated physical memory for table pages. See the [module docs](self).
+///
+/// ```
+/// use iopt_api::TableAlloc;
+/// use iopt_lpae::SimMemory;
+/// let mem = SimMemory::new();
+/// let pa = mem.alloc(4096)?;
+/// assert_eq!(pa.get() % 4096, 0);
+/// assert_eq!(mem.table(pa).unwrap().entries.len(), 512);
+/// assert_eq!(mem.stats().live_pages, 1);
+/// mem.free(pa, 4096);
+/// assert_eq!(mem.stats().live_pages, 0);
+///
+/// mem.fail_at(0); // the next page allocation fails
+/// assert!(mem.alloc(4096).is_err());
+/// assert!(mem.alloc(4096).is_ok());
+/// # Ok::<(), iopt_api::AllocError>(())
+/// ```
+#[derive(Debug)]
+pub struct SimMemory {
+    layout: SimLayout,
+    regions: [OnceBox<Region>; MAX_REGIONS],
+    state: spin::Mutex<FreeState>,
+    /// Page allocations so far (the index failure injection counts in).
+    alloc_index: AtomicU64,
+    /// Page allocation index that fails (`u64::MAX`: none).
+    fail_index: AtomicU64,
+    /// Whether every allocation from `fail_index` on fails.
+    fail_sticky: AtomicBool,
+    live_pages: AtomicU64,
+    live_bytes: AtomicU64,
+    peak_pages: AtomicU64,
+    alloc_calls: AtomicU64,
+    alloc_bulk_calls: AtomicU64,
+    pages_allocated: AtomicU64,
+    free_calls: AtomicU64,
+    free_bulk_calls: AtomicU64,
+    pages_freed: AtomicU64,
+    injected: AtomicU64,
+    bad_frees: AtomicU64,
+}
+
+impl Default for SimMemory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SimMemory {
+    /// Creates an empty memory with the default layout.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_layout(SimLayout::default())
+    }
+
+    /// Creates an empty memory with `layout`.
+    #[must_use]
+    pub fn with_layout(layout: SimLayout) -> Self {
+        Self {
+            layout,
+            regions: Default::default(),
+            state: spin::Mutex::new(FreeState::default()),
+            alloc_index: AtomicU64::new(0),
+            fail_index: AtomicU64::new(u64::MAX),
+            fail_sticky: AtomicBool::new(false),
+            live_pages: AtomicU64::new(0),
+            live_bytes: AtomicU64::new(0),
+            peak_pages: AtomicU64::new(0),
+            alloc_calls: AtomicU64::new(0),
+            alloc_bulk_calls: AtomicU64::new(0),
+            pages_allocated: AtomicU64::new(0),
+            free_calls: AtomicU64::new(0),
+            free_bulk_calls: AtomicU64::new(0),
+            pages_freed: AtomicU64::new(0),
+            injected: AtomicU64::new(0),
+            bad_frees: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes the page allocation `k` allocations from now fail, once (0: the very next one).
+    /// A bulk allocation that would include it fails whole.
+    pub fn fail_at(&self, k: u64) {
+        let now = self.alloc_index.load(Ordering::SeqCst);
+        self.fail_sticky.store(false, Ordering::SeqCst);
+        self.fail_index
+            .store(now.saturating_add(k), Ordering::SeqCst);
+    }
+
+    /// Makes every page allocation from `k` allocations from now on fail (memory exhausted).
+    pub fn fail_from(&self, k: u64) {
+        self.fail_at(k);
+        self.fail_sticky.store(true, Ordering::SeqCst);
+    }
+
+    /// Cancels failure injection.
+    pub fn clear_failure(&self) {
+        self.fail_index.store(u64::MAX, Ordering::SeqCst);
+        self.fail_sticky.store(false, Ordering::SeqCst);
+    }
+
+    /// Returns how many page allocations were attempted so far (successful or not).
+    #[must_use]
+    pub fn allocations_attempted(&self) -> u64 {
+        self.alloc_index.load(Ordering::SeqCst)
+    }
+
+    /// Returns a snapshot of the counters.
+    #[must_use]
+    pub fn stats(&self) -> SimStats {
+        let r = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        SimStats {
+            live_pages: r(&self.live_pages),
+            live_bytes: r(&self.live_bytes),
+            peak_pages: r(&self.peak_pages),
+            alloc_calls: r(&self.alloc_calls),
+            alloc_bulk_calls: r(&self.alloc_bulk_calls),
+            pages_allocated: r(&self.pages_allocated),
+            free_calls: r(&self.free_calls),
+            free_bulk_calls: r(&self.free_bulk_calls),
+            pages_freed: r(&self.pages_freed),
+            injected_failures: r(&self.injected),
+            bad_frees: r(&self.bad_frees),
+        }
+    }
+
+    /// Returns the addresses of every live page, in ascending order: the allocator's live set,
+    /// which tests compare before and after a failed operation.
+    #[must_use]
+    pub fn live_set(&self) -> Vec<(PhysAddr, u64)> {
+        let mut out = Vec::new();
+        for region in self.regions.iter().filter_map(OnceBox::get) {
+            for i in 0..region.slots {
+                if region
+                    .slot(i)
+                    .is_some_and(|s| s.live.load(Ordering::Acquire))
+                {
+                    out.push((
+                        PhysAddr::new(region.base + i as u64 * region.size),
+                        region.size,
+                    ));
+                }
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Reads the 64-bit word at `pa`, as a device would: `None` if no live page holds it.
+    #[must_use]
+    pub fn read_u64(&self, pa: PhysAddr) -> Option<u64> {
+        let (region, index) = self.locate(pa.get() & !7)?;
+        let slot = region.slot(index)?;
+        if !slot.live.load(Ordering::Acquire) {
+            return None;
+        }
+        let off = (pa.get() - region.base - index as u64 * region.size) / 8;
+        let word = slot.mem.get()?.entries.get(usize::try_from(off).ok()?)?;
+        Some(word.load(Ordering::Acquire))
+    }
+
+    fn locate(&self, pa: u64) -> Option<(&Region, usize)> {
+        for region in self.regions.iter().filter_map(OnceBox::get) {
+            if pa >= region.base && pa - region.base < region.size * region.slots as u64 {
+                let index = usize::try_from((pa - region.base) / region.size).ok()?;
+                return Some((region, index));
+            }
+        }
+        None
+    }
+
+    fn region_for(&self, size: u64) -> Result<(usize, &Region), AllocError> {
+        if !size.is_power_of_two() || size < 8 || size > self.layout.region_span {
+            return Err(AllocError::UnsupportedSize { size });
+        }
+        for (i, r) in self.regions.iter().enumerate() {
+            match r.get() {
+                Some(region) if region.size == size => return Ok((i, region)),
+                Some(_) => {}
+                None => {
+                    let base = self.layout.base + self.layout.region_span * i as u64;
+                    let slots = usize::try_from(self.layout.region_span / size)
+                        .map_err(|_| AllocError::UnsupportedSize { size })?;
+                    let region = r.get_or_init(|| {
+                        let chunks = (0..slots.div_ceil(CHUNK)).map(|_| OnceBox::new()).collect();
+                        Box::new(Region {
+                            base,
+                            size,
+                            slots,
+                            chunks,
+                        })
+                    });
+                    if region.size == size {
+                        return Ok((i, region));
+                    }
+                }
+            }
+        }
+        Err(AllocError::UnsupportedSize { size })
+    }
+
+    fn take_indices(&self, count: u64) -> bool {
+        let first = self.alloc_index.fetch_add(count, Ordering::SeqCst);
+        let fail = self.fail_index.load(Ordering::SeqCst);
+        let hit = if self.fail_sticky.load(Ordering::SeqCst) {
+            first.saturating_add(count) > fail
+        } else {
+            fail >= first && fail < first.saturating_add(count)
+        };
+        if hit {
+            self.injected.fetch_add(1, Ordering::SeqCst);
+        }
+        !hit
+    }
+
+    fn grab(&self, size: u64, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), AllocError> {
+        if !self.take_indices(count as u64) {
+            return Err(AllocError::OutOfMemory { size, count });
+        }
+        let (ri, region) = self.region_for(size)?;
+        let entries =
+            usize::try_from(size / 8).map_err(|_| AllocError::UnsupportedSize { size })?;
+        let mut picked = Vec::with_capacity(count);
+        {
+            let mut st = self.state.lock();
+            let available = st.free[ri].len() + (region.slots - st.next_fresh[ri]);
+            if available < count {
+                return Err(AllocError::OutOfMemory { size, count });
+            }
+            for _ in 0..count {
+                let i = if let Some(i) = st.free[ri].pop() {
+                    i
+                } else {
+                    st.next_fresh[ri] += 1;
+                    st.next_fresh[ri] - 1
+                };
+                picked.push(i);
+            }
+        }
+        for i in picked {
+            let Some(slot) = region.slot_init(i) else {
+                return Err(AllocError::OutOfMemory { size, count });
+            };
+            slot.mem.get_or_init(|| {
+                let mut v = Vec::with_capacity(entries);
+                v.resize_with(entries, || AtomicU64::new(0));
+                Box::new(SlotMem {
+                    entries: v.into_boxed_slice(),
+                    meta: TableMeta::default(),
+                })
+            });
+            slot.live.store(true, Ordering::Release);
+            out.push(PhysAddr::new(region.base + i as u64 * size));
+        }
+        let n = count as u64;
+        self.pages_allocated.fetch_add(n, Ordering::Relaxed);
+        self.live_bytes.fetch_add(n * size, Ordering::Relaxed);
+        let live = self.live_pages.fetch_add(n, Ordering::SeqCst) + n;
+        self.peak_pages.fetch_max(live, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn release(&self, pa: PhysAddr, size: u64) {
+        let Some((ri, region)) = self
+            .regions
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| r.get().filter(|r| r.size == size).map(|r| (i, r)))
+        else {
+            self.bad_frees.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(index) = region.index_of(pa.get()) else {
+            self.bad_frees.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(slot) = region.slot(index) else {
+            self.bad_frees.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if !slot.live.swap(false, Ordering::AcqRel) {
+            self.bad_frees.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Some(mem) = slot.mem.get() {
+            for e in &mem.entries {
+                e.store(0, Ordering::Relaxed);
+            }
+            mem.meta.clear();
+        }
+        self.state.lock().free[ri].push(index);
+        self.pages_freed.fetch_add(1, Ordering::Relaxed);
+        self.live_bytes.fetch_sub(size, Ordering::Relaxed);
+        self.live_pages.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl TableAlloc for SimMemory {
+    fn alloc(&self, size: u64) -> Result<PhysAddr, AllocError> {
+        self.alloc_calls.fetch_add(1, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(1);
+        self.grab(size, 1, &mut out)?;
+        out.pop().ok_or(AllocError::OutOfMemory { size, count: 1 })
+    }
+
+    fn alloc_bulk(
+        &self,
+        size: u64,
+        count: usize,
+        out: &mut Vec<PhysAddr>,
+    ) -> Result<(), AllocError> {
+        self.alloc_bulk_calls.fetch_add(1, Ordering::Relaxed);
+        self.grab(size, count, out)
+    }
+
+    fn free(&self, pa: PhysAddr, size: u64) {
+        self.free_calls.fetch_add(1, Ordering::Relaxed);
+        self.release(pa, size);
+    }
+
+    fn free_bulk(&self, pages: &[PhysAddr], size: u64) {
+        self.free_bulk_calls.fetch_add(1, Ordering::Relaxed);
+        for &pa in pages {
+            self.release(pa, size);
+        }
+    }
+
+    fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
+        let (region, index) = self.locate(pa.get())?;
+        if region.base + index as u64 * region.size != pa.get() {
+            return None;
+        }
+        let slot = region.slot(index)?;
+        if !slot.live.load(Ordering::Acquire) {
+            return None;
+        }
+        let mem = slot.mem.get()?;
+        Some(TableRef {
+            entries: &mem.entries,
+            meta: &mem.meta,
+        })
+    }
+}

@@ -1,0 +1,181 @@
+//! `LpaeTable`: the reference page table, allocating on demand exactly where Linux does.
+//!
+//! It is what io-pgtable-arm is without custom allocator pools: every missing table comes from
+//! the caller's [`TableAlloc`] when a map needs it, and tables are freed only by an unmap or a
+//! block map that covers them, or when the table is dropped. Both designs' backends build on the
+//! same [`Engine`]; this type is the baseline they are compared with and the subject of the
+//! golden replay.
+
+use crate::engine::{Engine, PageSource, Run};
+use crate::regs;
+use alloc::vec::Vec;
+use iopt_api::{
+    AllocError, Config, FlushOps, Gather, IoPageTable, Iova, MapError, NoFlush, PageSize, PhysAddr,
+    Prot, Registers, Stats, TableAlloc, Translation, UnmapError, WalkItem,
+};
+
+/// An ARM LPAE IO page table that allocates table pages on demand.
+///
+/// ```
+/// use iopt_api::{Config, ConfigInput, Format, Gather, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot};
+/// use iopt_lpae::{LpaeTable, SimMemory};
+///
+/// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
+/// let mem = SimMemory::new();
+/// let table = LpaeTable::new(cfg, &mem)?;
+/// table.map(Iova::new(0x1000_0000), PhysAddr::new(0x8_0000_0000), PageSize::SZ_4K, 16, Prot::READ | Prot::WRITE)?;
+/// let t = table.iova_to_phys(Iova::new(0x1000_1234)).unwrap();
+/// assert_eq!(t.pa, PhysAddr::new(0x8_0000_1234));
+/// assert_eq!(table.unmap(Iova::new(0x1000_0000), PageSize::SZ_4K, 16, &mut Gather::new())?, 0x10000);
+/// drop(table);
+/// assert_eq!(mem.stats().live_pages, 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct LpaeTable<A: TableAlloc, F: FlushOps = NoFlush> {
+    engine: Engine<A, F>,
+}
+
+impl<A: TableAlloc> LpaeTable<A, NoFlush> {
+    /// Builds an empty table with no flush callbacks.
+    ///
+    /// # Errors
+    ///
+    /// The allocator's error if the root cannot be allocated.
+    pub fn new(cfg: Config, alloc: A) -> Result<Self, AllocError> {
+        Self::with_flush(cfg, alloc, NoFlush)
+    }
+}
+
+impl<A: TableAlloc, F: FlushOps> LpaeTable<A, F> {
+    /// Builds an empty table that reports invalidations to `flush`.
+    ///
+    /// # Errors
+    ///
+    /// The allocator's error if the root cannot be allocated.
+    pub fn with_flush(cfg: Config, alloc: A, flush: F) -> Result<Self, AllocError> {
+        Ok(Self {
+            engine: Engine::new(cfg, alloc, flush)?,
+        })
+    }
+
+    /// Returns the engine, for inspection.
+    #[must_use]
+    pub fn engine(&self) -> &Engine<A, F> {
+        &self.engine
+    }
+
+    /// Maps with pages drawn from `src` instead of the allocator (what a reservation does).
+    ///
+    /// # Errors
+    ///
+    /// As [`IoPageTable::map`], with the source's error in place of the allocator's.
+    pub fn map_with<S: PageSource>(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+        src: &mut S,
+    ) -> Result<(), MapError> {
+        let run = self.engine.validate_map(iova, pa, size, count, prot)?;
+        self.engine.map_runs(&[run], prot, src)
+    }
+}
+
+/// Splits `[iova, iova + len)` into runs of the largest usable page sizes, as the Linux iommu
+/// core does, validating each run.
+///
+/// # Errors
+///
+/// [`MapError::Empty`], [`MapError::Overflow`], [`MapError::Misaligned`] when no supported size
+/// fits, or the first run's validation error.
+pub fn split_range<A: TableAlloc, F: FlushOps>(
+    engine: &Engine<A, F>,
+    iova: Iova,
+    pa: PhysAddr,
+    len: u64,
+    prot: Prot,
+) -> Result<Vec<Run>, MapError> {
+    if len == 0 {
+        return Err(MapError::Empty { iova });
+    }
+    iova.checked_add(len - 1)
+        .ok_or(MapError::Overflow { iova, len })?;
+    pa.checked_add(len - 1)
+        .ok_or(MapError::Overflow { iova, len })?;
+    let sizes = engine.config().page_sizes();
+    let mut runs = Vec::new();
+    let mut done = 0;
+    while done < len {
+        let (i, p) = (iova.get() + done, pa.get() + done);
+        let Some((size, count)) = sizes.best_fit(i, p, len - done) else {
+            let smallest = sizes.smallest().unwrap_or(PageSize::SZ_4K);
+            return Err(MapError::Misaligned {
+                iova: Iova::new(i),
+                pa: PhysAddr::new(p),
+                size: smallest,
+            });
+        };
+        runs.push(engine.validate_map(Iova::new(i), PhysAddr::new(p), size, count, prot)?);
+        done += size.get() * count;
+    }
+    Ok(runs)
+}
+
+impl<A: TableAlloc, F: FlushOps> IoPageTable for LpaeTable<A, F> {
+    fn config(&self) -> &Config {
+        self.engine.config()
+    }
+
+    fn map(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        let run = self.engine.validate_map(iova, pa, size, count, prot)?;
+        self.engine
+            .map_runs(&[run], prot, &mut self.engine.on_demand())
+    }
+
+    fn map_range(&self, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<(), MapError> {
+        let runs = split_range(&self.engine, iova, pa, len, prot)?;
+        self.engine
+            .map_runs(&runs, prot, &mut self.engine.on_demand())
+    }
+
+    fn unmap(
+        &self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, UnmapError> {
+        let run = self.engine.validate_unmap(iova, size, count)?;
+        self.engine.unmap_run(run, gather)
+    }
+
+    fn iova_to_phys(&self, iova: Iova) -> Option<Translation> {
+        self.engine.lookup(iova)
+    }
+
+    fn walk(&self, visit: &mut dyn FnMut(WalkItem)) {
+        self.engine.walk(visit);
+    }
+
+    fn root(&self) -> PhysAddr {
+        self.engine.root()
+    }
+
+    fn registers(&self) -> Registers {
+        regs::registers(self.engine.config(), self.engine.root())
+    }
+
+    fn stats(&self) -> Stats {
+        self.engine.counters().snapshot()
+    }
+}
