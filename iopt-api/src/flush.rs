@@ -103,3 +103,27 @@ impl Gather {
         *self = Self::new();
     }
 }
+
+impl<T: FlushOps + ?Sized> FlushOps for &T {
+    fn flush_all(&self) {
+        (**self).flush_all();
+    }
+    fn flush_walk(&self, iova: Iova, size: u64, granule: u64) {
+        (**self).flush_walk(iova, size, granule);
+    }
+    fn add_page(&self, gather: &mut Gather, iova: Iova, size: u64) {
+        (**self).add_page(gather, iova, size);
+    }
+}
+
+impl<T: FlushOps + ?Sized> FlushOps for alloc::sync::Arc<T> {
+    fn flush_all(&self) {
+        (**self).flush_all();
+    }
+    fn flush_walk(&self, iova: Iova, size: u64, granule: u64) {
+        (**self).flush_walk(iova, size, granule);
+    }
+    fn add_page(&self, gather: &mut Gather, iova: Iova, size: u64) {
+        (**self).add_page(gather, iova, size);
+    }
+}
