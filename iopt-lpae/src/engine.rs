@@ -642,60 +642,10 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         });
                     }
                     Kind::Invalid => {
-                        // Build the rest of the path privately, then publish it in one CAS.
-                        let need = (target - level) as usize;
-                        let mut pages = Vec::with_capacity(need);
-                        src.obtain(need, &mut pages)?;
-                        let mut chain = Vec::with_capacity(need);
-                        for &p in &pages {
-                            match self.alloc.table(p) {
-                                Some(t) => chain.push(t),
-                                None => {
-                                    src.give_back(&pages);
-                                    return Err(MapError::BrokenTable {
-                                        iova: self.external(iova),
-                                        pa: p,
-                                    });
-                                }
-                            }
+                        if self.publish_chain(slot, iova, pa, level, target, n, bits, src)? {
+                            return Ok(());
                         }
-                        for i in 0..need - 1 {
-                            let idx = cfg.index(iova, level + 1 + i as u32);
-                            chain[i].entries[idx]
-                                .store(desc::encode_table(cfg, pages[i + 1]), Ordering::Relaxed);
-                        }
-                        let leaf_table = chain[need - 1];
-                        let first = cfg.index(iova, target);
-                        for (k, e) in leaf_table.entries[first..first + n as usize]
-                            .iter()
-                            .enumerate()
-                        {
-                            let out = PhysAddr::new(pa + k as u64 * size);
-                            e.store(bits | leaf_type | desc::pack_pa(out), Ordering::Relaxed);
-                        }
-                        let new = desc::encode_table(cfg, pages[0]);
-                        match slot.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire) {
-                            Ok(_) => {
-                                self.counters.add_live(need as u64);
-                                return Ok(());
-                            }
-                            Err(_) => {
-                                for (i, t) in chain.iter().enumerate() {
-                                    if i + 1 < need {
-                                        t.entries[cfg.index(iova, level + 1 + i as u32)]
-                                            .store(0, Ordering::Relaxed);
-                                    }
-                                }
-                                for e in &leaf_table.entries[first..first + n as usize] {
-                                    e.store(0, Ordering::Relaxed);
-                                }
-                                src.give_back(&pages);
-                                self.counters
-                                    .install_races_lost
-                                    .fetch_add(1, Ordering::Relaxed);
-                                continue 'descend;
-                            }
-                        }
+                        continue 'descend;
                     }
                 }
             }
@@ -753,6 +703,71 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             }
             return Ok(());
         }
+    }
+
+    /// Builds the path below the empty entry `slot` (at `level`) privately: tables for levels
+    /// `level + 1 ..= target`, linked, with the `n` leaves written into the last one; then
+    /// publishes it with one compare-exchange. Returns `false` when another thread installed a
+    /// table there first: the pages are then zeroed and given back, and the caller descends
+    /// again.
+    #[allow(clippy::too_many_arguments)]
+    fn publish_chain<S: PageSource>(
+        &self,
+        slot: &AtomicU64,
+        iova: u64,
+        pa: u64,
+        level: u32,
+        target: u32,
+        n: u64,
+        bits: u64,
+        src: &mut S,
+    ) -> Result<bool, MapError> {
+        let cfg = &self.cfg;
+        let size = cfg.block_size(target);
+        let leaf_type = desc::leaf_type(cfg.format(), target);
+        let need = (target - level) as usize;
+        let mut pages = Vec::with_capacity(need);
+        src.obtain(need, &mut pages)?;
+        let mut chain = Vec::with_capacity(need);
+        for &p in &pages {
+            let Some(t) = self.alloc.table(p) else {
+                src.give_back(&pages);
+                return Err(MapError::BrokenTable {
+                    iova: self.external(iova),
+                    pa: p,
+                });
+            };
+            chain.push(t);
+        }
+        for i in 0..need - 1 {
+            let idx = cfg.index(iova, level + 1 + i as u32);
+            chain[i].entries[idx].store(desc::encode_table(cfg, pages[i + 1]), Ordering::Relaxed);
+        }
+        let first = cfg.index(iova, target);
+        let leaves = &chain[need - 1].entries[first..first + n as usize];
+        for (k, e) in leaves.iter().enumerate() {
+            let out = PhysAddr::new(pa + k as u64 * size);
+            e.store(bits | leaf_type | desc::pack_pa(out), Ordering::Relaxed);
+        }
+        let new = desc::encode_table(cfg, pages[0]);
+        if slot
+            .compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.counters.add_live(need as u64);
+            return Ok(true);
+        }
+        for (i, t) in chain.iter().enumerate().take(need - 1) {
+            t.entries[cfg.index(iova, level + 1 + i as u32)].store(0, Ordering::Relaxed);
+        }
+        for e in leaves {
+            e.store(0, Ordering::Relaxed);
+        }
+        src.give_back(&pages);
+        self.counters
+            .install_races_lost
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(false)
     }
 
     /// Frees the subtree of an unlinked table descriptor `entry` (its table sits at `level`)

@@ -99,6 +99,7 @@ pub enum MemType {
 }
 
 /// A successful hardware translation.
+#[allow(clippy::struct_excessive_bools)] // one flag per permission, as the hardware reports them
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HwTranslation {
     /// Output address.

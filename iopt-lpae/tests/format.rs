@@ -2,6 +2,8 @@
 //! packing. Every number here is written out from the LPAE format reference, not computed by
 //! the code under test.
 
+#![allow(clippy::too_many_lines, clippy::type_complexity)] // table-driven tests
+
 use iopt_api::{
     Config, ConfigError, ConfigInput, Format, Granule, PageSizes, PhysAddr, Prot, Quirks,
     Registers, Tcr, Vtcr,

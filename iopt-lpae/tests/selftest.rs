@@ -2,6 +2,8 @@
 //! set × (ias ≤ oas) pair × stage 1 and 2, with a flush recorder that fails on any flush size
 //! outside the page-size bitmap, and the hardware-walk oracle checking every translation.
 
+#![allow(clippy::too_many_lines, clippy::type_complexity)] // table-driven tests
+
 mod common;
 
 use common::Recorder;
