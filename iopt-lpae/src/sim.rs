@@ -1,6 +1,7 @@
 //! `SimMemory`: simulated physical memory for table pages, the default [`TableAlloc`].
 //!
-//! Every table page lives at a physical address `region base + slot × size`, so descriptors
+//! Every table page lives at a physical address `region base + slot × size` (sub-page sizes
+//! are spaced a page apart, as a kernel's page allocator would place them), so descriptors
 //! hold realistic addresses and the [hardware-walk oracle](crate::oracle) can read memory by
 //! physical address exactly as a device would. Each page size gets its own region (1 GiB of
 //! address space by default, the first at 1 GiB, so with the default layout granule tables sit
@@ -53,7 +54,11 @@ struct Slot {
 #[derive(Debug)]
 struct Region {
     base: u64,
+    /// Bytes a page of this region holds.
     size: u64,
+    /// Distance between pages: the size, at least 4 KiB (sub-page tables are page-aligned, as
+    /// a kernel page allocator and Mali's TRANSTAB require).
+    stride: u64,
     slots: usize,
     chunks: Box<[OnceBox<Vec<Slot>>]>,
 }
@@ -75,10 +80,10 @@ impl Region {
 
     fn index_of(&self, pa: u64) -> Option<usize> {
         let off = pa.checked_sub(self.base)?;
-        if off % self.size != 0 {
+        if off % self.stride != 0 {
             return None;
         }
-        let i = usize::try_from(off / self.size).ok()?;
+        let i = usize::try_from(off / self.stride).ok()?;
         (i < self.slots).then_some(i)
     }
 }
@@ -253,7 +258,7 @@ impl SimMemory {
                     .is_some_and(|s| s.live.load(Ordering::Acquire))
                 {
                     out.push((
-                        PhysAddr::new(region.base + i as u64 * region.size),
+                        PhysAddr::new(region.base + i as u64 * region.stride),
                         region.size,
                     ));
                 }
@@ -271,15 +276,15 @@ impl SimMemory {
         if !slot.live.load(Ordering::Acquire) {
             return None;
         }
-        let off = (pa.get() - region.base - index as u64 * region.size) / 8;
+        let off = (pa.get() - region.base - index as u64 * region.stride) / 8;
         let word = slot.mem.get()?.entries.get(usize::try_from(off).ok()?)?;
         Some(word.load(Ordering::Acquire))
     }
 
     fn locate(&self, pa: u64) -> Option<(&Region, usize)> {
         for region in self.regions.iter().filter_map(OnceBox::get) {
-            if pa >= region.base && pa - region.base < region.size * region.slots as u64 {
-                let index = usize::try_from((pa - region.base) / region.size).ok()?;
+            if pa >= region.base && pa - region.base < region.stride * region.slots as u64 {
+                let index = usize::try_from((pa - region.base) / region.stride).ok()?;
                 return Some((region, index));
             }
         }
@@ -296,13 +301,15 @@ impl SimMemory {
                 Some(_) => {}
                 None => {
                     let base = self.layout.base + self.layout.region_span * i as u64;
-                    let slots = usize::try_from(self.layout.region_span / size)
+                    let stride = size.max(4096);
+                    let slots = usize::try_from(self.layout.region_span / stride)
                         .map_err(|_| AllocError::UnsupportedSize { size })?;
                     let region = r.get_or_init(|| {
                         let chunks = (0..slots.div_ceil(CHUNK)).map(|_| OnceBox::new()).collect();
                         Box::new(Region {
                             base,
                             size,
+                            stride,
                             slots,
                             chunks,
                         })
@@ -367,7 +374,7 @@ impl SimMemory {
                 })
             });
             slot.live.store(true, Ordering::Release);
-            out.push(PhysAddr::new(region.base + i as u64 * size));
+            out.push(PhysAddr::new(region.base + i as u64 * region.stride));
         }
         let n = count as u64;
         self.pages_allocated.fetch_add(n, Ordering::Relaxed);
@@ -444,7 +451,7 @@ impl TableAlloc for SimMemory {
 
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
         let (region, index) = self.locate(pa.get())?;
-        if region.base + index as u64 * region.size != pa.get() {
+        if region.base + index as u64 * region.stride != pa.get() {
             return None;
         }
         let slot = region.slot(index)?;
