@@ -121,7 +121,8 @@ pub struct SimStats {
     pub bad_frees: u64,
 }
 
-/// Simulated physical memory for table pages. See the [module docs](self).
+/// Simulated physical memory for table pages: each page size in its own region of physical
+/// addresses, lock-free lookup, leak accounting and failure injection.
 ///
 /// ```
 /// use iopt_api::TableAlloc;
