@@ -266,6 +266,14 @@ pub enum ReserveError {
         /// The reservation.
         id: u64,
     },
+    /// A table descriptor points at memory the allocator does not recognise as a live table.
+    #[error("table descriptor at iova {iova} points at unknown memory {pa}")]
+    BrokenTable {
+        /// The IOVA being walked.
+        iova: Iova,
+        /// The address in the descriptor.
+        pa: PhysAddr,
+    },
     /// The range still holds mappings that the release policy refuses to drop.
     #[error("range {range} still has mappings at {iova}")]
     StillMapped {

@@ -201,10 +201,13 @@ pub struct Run {
     pub count: u64,
 }
 
-/// What planning a map found: the pages it must obtain.
+/// What planning a map found: the pages it must obtain. Runs are planned in ascending IOVA
+/// order, so a table two runs both need is the last one counted at its level: `last` keeps,
+/// per level, the index of the region whose table was counted last, so it is counted once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct Plan {
     missing: usize,
+    last: [Option<u64>; 4],
 }
 
 /// The LPAE walker over one table tree. Backends own one and add their page policy.
@@ -414,17 +417,19 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         remaining.min(per - idx)
     }
 
-    /// Number of tables at levels `level+1 ..= target` needed to cover `[start, end)` below an
-    /// empty entry at `level`.
-    fn missing_below(&self, level: u32, target: u32, start: u64, end: u64) -> usize {
-        let mut n = 0u64;
+    /// Counts into `plan` the tables at levels `level+1 ..= target` needed to cover
+    /// `[start, end)` below an empty entry at `level`, skipping a table already counted for an
+    /// earlier run.
+    fn missing_below(&self, plan: &mut Plan, level: u32, target: u32, start: u64, end: u64) {
         for m in (level + 1)..=target {
             let shift = self.cfg.level_shift(m - 1);
             let lo = start >> shift;
             let hi = (end - 1) >> shift;
-            n += hi - lo + 1;
+            let last = &mut plan.last[m as usize];
+            let shared = u64::from(*last == Some(lo));
+            plan.missing += usize::try_from(hi - lo + 1 - shared).unwrap_or(usize::MAX);
+            *last = Some(hi);
         }
-        usize::try_from(n).unwrap_or(usize::MAX)
     }
 
     /// Whether the subtree of `table` at `level` holds any leaf.
@@ -442,18 +447,19 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     /// Read-only pass over `[start, end)` (local IOVAs) of `table` at `level`: conflicts, and
-    /// the tables a map of leaves at `target` would add.
+    /// the tables a map of leaves at `target` would add, counted into `plan`.
+    #[allow(clippy::too_many_arguments)]
     fn plan(
         &self,
+        plan: &mut Plan,
         table: TableRef<'_>,
         level: u32,
         target: u32,
         start: u64,
         end: u64,
         strict: bool,
-    ) -> Result<Plan, MapError> {
+    ) -> Result<(), MapError> {
         let shift = self.cfg.level_shift(level);
-        let mut plan = Plan::default();
         let mut at = start;
         while at < end {
             let next = ((at >> shift) + 1)
@@ -467,9 +473,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 .map_or(0, |e| e.load(Ordering::Acquire));
             match (self.kind(level, e), level == target) {
                 (Kind::Invalid, true) => {}
-                (Kind::Invalid, false) => {
-                    plan.missing += self.missing_below(level, target, at, next);
-                }
+                (Kind::Invalid, false) => self.missing_below(plan, level, target, at, next),
                 (Kind::Leaf, _) => {
                     if strict {
                         return Err(MapError::AlreadyMapped {
@@ -493,12 +497,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         iova: self.external(at),
                         pa: desc::unpack_pa(e, self.cfg.granule()),
                     })?;
-                    plan.missing += self.plan(sub, level + 1, target, at, next, strict)?.missing;
+                    self.plan(plan, sub, level + 1, target, at, next, strict)?;
                 }
             }
             at = next;
         }
-        Ok(plan)
+        Ok(())
     }
 
     /// Returns exactly how many table pages a map of `range` with `leaf`-sized leaves would
@@ -534,12 +538,23 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         })?;
         let start = range.start().get() & self.local_mask;
         let end = (range.last().get() & self.local_mask) + 1;
-        Ok(self
-            .plan(root, self.cfg.start_level(), level, start, end, false)?
-            .missing)
+        let mut plan = Plan::default();
+        self.plan(
+            &mut plan,
+            root,
+            self.cfg.start_level(),
+            level,
+            start,
+            end,
+            false,
+        )?;
+        Ok(plan.missing)
     }
 
     /// Maps validated runs with `prot`, all or nothing, drawing missing tables from `src`.
+    ///
+    /// Runs must be disjoint and in ascending IOVA order (as [`split_range`](crate::split_range)
+    /// makes them); then exactly the missing tables are obtained, in one call to the source.
     ///
     /// # Errors
     ///
@@ -565,17 +580,23 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             iova: Iova::ZERO,
             pa: self.root,
         })?;
-        let mut missing = 0;
+        let mut plan = Plan::default();
         for r in runs {
             let end = r.iova + (r.count * r.size.get());
-            missing += self
-                .plan(root, self.cfg.start_level(), r.level, r.iova, end, true)?
-                .missing;
+            self.plan(
+                &mut plan,
+                root,
+                self.cfg.start_level(),
+                r.level,
+                r.iova,
+                end,
+                true,
+            )?;
         }
-        // Runs of one request never overlap each other, but two runs may share a missing
-        // upper table that both counted; the stash returns what is left.
+        // Exactly the distinct missing tables (runs come in ascending order); anything a
+        // concurrent installer saves us goes back to the source.
         let mut stash = Stash::default();
-        src.obtain(missing, &mut stash.pages)?;
+        src.obtain(plan.missing, &mut stash.pages)?;
         let bits = desc::prot_bits(&self.cfg, prot);
         let mut result = Ok(());
         'runs: for r in runs {

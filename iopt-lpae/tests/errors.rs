@@ -545,3 +545,19 @@ fn block_over_empty_table_replaces_it() {
         PageSize::SZ_2M
     );
 }
+
+#[test]
+fn map_range_obtains_exactly_the_missing_tables() {
+    // [2M - 4K, 4M + 4K) with 2M-contiguous backing: 4K page, 2M block, 4K page. Needs an L1,
+    // an L2 and two L3 tables; the L1 and L2 are shared by all three runs.
+    let mem = SimMemory::new();
+    let t = LpaeTable::new(s1(48, 48, Quirks::empty()), &mem).unwrap();
+    let start = 0x1f_f000;
+    t.map_range(Iova::new(start), PhysAddr::new(start), 0x20_2000, RW)
+        .unwrap();
+    let s = t.stats();
+    assert_eq!(
+        (s.pages_allocated, s.pages_freed, s.live_tables),
+        (1 + 4, 0, 1 + 4)
+    );
+}
