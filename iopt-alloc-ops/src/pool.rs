@@ -1,0 +1,103 @@
+//! Reservation pools: the pages a reservation took, private to it, and the [`PageSource`] that
+//! hands them to the engine.
+
+use crate::count;
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering::Relaxed;
+use iopt_api::{IovaRange, MapError, PhysAddr, TableAlloc};
+use iopt_lpae::{Counters, PageSource};
+
+/// One live reservation's record.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    /// The IOVAs maps bound to it may touch: sorted, merged `(first, last)` intervals.
+    pub(crate) covers: Vec<(u64, u64)>,
+    /// The hull the handle reports.
+    pub(crate) range: IovaRange,
+    /// Pages taken at reserve time (what the in-flight cap counts).
+    pub(crate) reserved: usize,
+    /// Pages not yet consumed.
+    pub(crate) pages: Vec<PhysAddr>,
+}
+
+impl Pool {
+    /// Checks that `[start, last]` lies inside the reservation.
+    pub(crate) fn check_covers(&self, id: u64, start: u64, last: u64) -> Result<(), MapError> {
+        match count::first_uncovered(&self.covers, start, last) {
+            None => Ok(()),
+            Some(at) => Err(MapError::OutsideReservation {
+                id,
+                range: self.range,
+                iova: iopt_api::Iova::new(at),
+            }),
+        }
+    }
+}
+
+/// The live reservations of one table, by id.
+pub(crate) type Pools = spin::Mutex<BTreeMap<u64, Pool>>;
+
+/// Hands out the pages of one reservation and takes back the ones an install race left over.
+/// Never calls the allocator to obtain; gives back to the allocator only if the reservation was
+/// released while the map ran (possible only with a forged duplicate handle).
+pub(crate) struct PoolSource<'a, A: TableAlloc> {
+    pub(crate) pools: &'a Pools,
+    pub(crate) id: u64,
+    pub(crate) counters: &'a Counters,
+    pub(crate) alloc: &'a A,
+    pub(crate) size: u64,
+}
+
+impl<A: TableAlloc> PageSource for PoolSource<'_, A> {
+    fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError> {
+        if count == 0 {
+            return Ok(());
+        }
+        {
+            let mut pools = self.pools.lock();
+            let pool = pools
+                .get_mut(&self.id)
+                .ok_or(MapError::UnknownReservation { id: self.id })?;
+            let left = pool.pages.len();
+            if left < count {
+                return Err(MapError::ReservationExhausted {
+                    id: self.id,
+                    left,
+                    needed: count,
+                });
+            }
+            out.extend(pool.pages.drain(left - count..));
+        }
+        let n = count as u64;
+        self.counters.pages_consumed.fetch_add(n, Relaxed);
+        self.counters.reserved_outstanding.fetch_sub(n, Relaxed);
+        Ok(())
+    }
+
+    fn give_back(&mut self, pages: &[PhysAddr]) {
+        if pages.is_empty() {
+            return;
+        }
+        let n = pages.len() as u64;
+        self.counters.pages_consumed.fetch_sub(n, Relaxed);
+        let back = {
+            let mut pools = self.pools.lock();
+            match pools.get_mut(&self.id) {
+                Some(pool) => {
+                    pool.pages.extend_from_slice(pages);
+                    true
+                }
+                None => false,
+            }
+        };
+        if back {
+            self.counters.reserved_outstanding.fetch_add(n, Relaxed);
+        } else {
+            self.counters.reserved_unused.fetch_add(n, Relaxed);
+            self.counters.free_bulk_calls.fetch_add(1, Relaxed);
+            self.counters.pages_freed.fetch_add(n, Relaxed);
+            self.alloc.free_bulk(pages, self.size);
+        }
+    }
+}
