@@ -13,7 +13,8 @@
 //!   through which backends supply table pages;
 //! - [`oracle`]: a hardware-walk oracle that translates from register values and raw memory,
 //!   sharing no code with the engine, so each checks the other;
-//! - [`LpaeTable`]: the on-demand reference table (Linux's behaviour) on the engine.
+//! - [`LpaeTable`]: the on-demand reference table (Linux's behaviour) on the engine;
+//! - [`debug`]: the descriptors on one IOVA's path and a readable dump of a whole tree.
 //!
 //! ```
 //! use iopt_api::{Config, ConfigInput, Format, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot};
@@ -39,6 +40,7 @@ extern crate alloc;
 #[cfg(any(feature = "std", test))]
 extern crate std;
 
+pub mod debug;
 pub mod desc;
 pub mod engine;
 pub mod oracle;
