@@ -76,9 +76,8 @@
 //!   first map installs it and the other pool's page stays unused until release. A thread that
 //!   loses an install race gives its page back to the pool it drew from.
 //! - **A map with several runs** ([`AllocOpsTable::map_range_reserved`] over mixed page sizes)
-//!   draws the engine's up-front plan, which counts an upper table shared by two runs once per
-//!   run; the surplus goes back to the pool at once, but a pool sized to the true need can
-//!   report exhaustion for such a map.
+//!   draws exactly the engine's up-front plan (each missing table counted once), so a pool sized
+//!   by any policy suffices for it.
 //!
 //! ## Statistics
 //!
