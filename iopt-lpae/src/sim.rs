@@ -9,8 +9,8 @@
 //!
 //! It counts what a leak check needs (live pages, peak, calls) and injects failures: make the
 //! k-th page allocation fail, so tests can prove every error path leaves nothing behind.
-//! Lookup of a page by address is lock-free (two atomic loads); allocation and freeing take a
-//! short spin lock.
+//! Lookup of a page by address is lock-free (a region scan, one chunk pointer and the page's
+//! live flag); allocation and freeing take a short spin lock.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -18,7 +18,8 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use iopt_api::{AllocError, PhysAddr, TableAlloc, TableMeta, TableRef};
 use once_cell::race::OnceBox;
 
-const CHUNK: usize = 256;
+/// Bytes of table memory a chunk of a region holds.
+const CHUNK_BYTES: u64 = 1 << 16;
 const MAX_REGIONS: usize = 8;
 
 /// Layout of a [`SimMemory`].
@@ -39,16 +40,21 @@ impl Default for SimLayout {
     }
 }
 
+/// Backing memory for `per_chunk` consecutive pages of a region, allocated (zeroed) the first
+/// time one of them is handed out. Lookups index straight into it.
 #[derive(Debug)]
-struct SlotMem {
+struct Chunk {
     entries: Box<[AtomicU64]>,
-    meta: TableMeta,
+    meta: Box<[TableMeta]>,
+    live: Box<[AtomicBool]>,
 }
 
-#[derive(Debug, Default)]
-struct Slot {
-    live: AtomicBool,
-    mem: OnceBox<SlotMem>,
+/// One page as a lookup sees it.
+#[derive(Clone, Copy)]
+struct Page<'a> {
+    entries: &'a [AtomicU64],
+    meta: &'a TableMeta,
+    live: &'a AtomicBool,
 }
 
 #[derive(Debug)]
@@ -59,23 +65,66 @@ struct Region {
     /// Distance between pages: the size, at least 4 KiB (sub-page tables are page-aligned, as
     /// a kernel page allocator and Mali's TRANSTAB require).
     stride: u64,
+    /// 8-byte entries a page holds.
+    entries: usize,
     slots: usize,
-    chunks: Box<[OnceBox<Vec<Slot>>]>,
+    /// Pages a chunk holds (64 KiB of entries, or one page if larger).
+    per_chunk: usize,
+    chunks: Box<[OnceBox<Chunk>]>,
 }
 
 impl Region {
-    fn slot(&self, index: usize) -> Option<&Slot> {
-        self.chunks.get(index / CHUNK)?.get()?.get(index % CHUNK)
+    fn new(base: u64, size: u64, span: u64) -> Option<Self> {
+        let stride = size.max(4096);
+        let slots = usize::try_from(span / stride).ok()?;
+        let entries = usize::try_from(size / 8).ok()?;
+        let per_chunk = usize::try_from((CHUNK_BYTES / size).max(1)).ok()?;
+        let chunks = (0..slots.div_ceil(per_chunk))
+            .map(|_| OnceBox::new())
+            .collect();
+        Some(Self {
+            base,
+            size,
+            stride,
+            entries,
+            slots,
+            per_chunk,
+            chunks,
+        })
     }
 
-    fn slot_init(&self, index: usize) -> Option<&Slot> {
-        let chunk = self.chunks.get(index / CHUNK)?;
-        let v = chunk.get_or_init(|| {
-            let mut v = Vec::with_capacity(CHUNK);
-            v.resize_with(CHUNK, Slot::default);
-            Box::new(v)
+    #[inline]
+    fn page(&self, index: usize) -> Option<Page<'_>> {
+        let chunk = self.chunks.get(index / self.per_chunk)?.get()?;
+        Self::slice(chunk, index % self.per_chunk, self.entries)
+    }
+
+    fn page_init(&self, index: usize) -> Option<Page<'_>> {
+        let per_chunk = self.per_chunk;
+        let entries = self.entries;
+        let chunk = self.chunks.get(index / per_chunk)?.get_or_init(|| {
+            let mut e = Vec::with_capacity(per_chunk * entries);
+            e.resize_with(per_chunk * entries, || AtomicU64::new(0));
+            let mut m = Vec::with_capacity(per_chunk);
+            m.resize_with(per_chunk, TableMeta::default);
+            let mut l = Vec::with_capacity(per_chunk);
+            l.resize_with(per_chunk, || AtomicBool::new(false));
+            Box::new(Chunk {
+                entries: e.into_boxed_slice(),
+                meta: m.into_boxed_slice(),
+                live: l.into_boxed_slice(),
+            })
         });
-        v.get(index % CHUNK)
+        Self::slice(chunk, index % per_chunk, entries)
+    }
+
+    #[inline]
+    fn slice(chunk: &Chunk, i: usize, entries: usize) -> Option<Page<'_>> {
+        Some(Page {
+            entries: chunk.entries.get(i * entries..(i + 1) * entries)?,
+            meta: chunk.meta.get(i)?,
+            live: chunk.live.get(i)?,
+        })
     }
 
     fn index_of(&self, pa: u64) -> Option<usize> {
@@ -253,15 +302,16 @@ impl SimMemory {
     pub fn live_set(&self) -> Vec<(PhysAddr, u64)> {
         let mut out = Vec::new();
         for region in self.regions.iter().filter_map(OnceBox::get) {
-            for i in 0..region.slots {
-                if region
-                    .slot(i)
-                    .is_some_and(|s| s.live.load(Ordering::Acquire))
-                {
-                    out.push((
-                        PhysAddr::new(region.base + i as u64 * region.stride),
-                        region.size,
-                    ));
+            for (c, chunk) in region.chunks.iter().enumerate() {
+                let Some(chunk) = chunk.get() else { continue };
+                for (k, live) in chunk.live.iter().enumerate() {
+                    if live.load(Ordering::Acquire) {
+                        let i = c * region.per_chunk + k;
+                        out.push((
+                            PhysAddr::new(region.base + i as u64 * region.stride),
+                            region.size,
+                        ));
+                    }
                 }
             }
         }
@@ -273,12 +323,12 @@ impl SimMemory {
     #[must_use]
     pub fn read_u64(&self, pa: PhysAddr) -> Option<u64> {
         let (region, index) = self.locate(pa.get() & !7)?;
-        let slot = region.slot(index)?;
-        if !slot.live.load(Ordering::Acquire) {
+        let page = region.page(index)?;
+        if !page.live.load(Ordering::Acquire) {
             return None;
         }
         let off = (pa.get() - region.base - index as u64 * region.stride) / 8;
-        let word = slot.mem.get()?.entries.get(usize::try_from(off).ok()?)?;
+        let word = page.entries.get(usize::try_from(off).ok()?)?;
         Some(word.load(Ordering::Acquire))
     }
 
@@ -302,19 +352,10 @@ impl SimMemory {
                 Some(_) => {}
                 None => {
                     let base = self.layout.base + self.layout.region_span * i as u64;
-                    let stride = size.max(4096);
-                    let slots = usize::try_from(self.layout.region_span / stride)
-                        .map_err(|_| AllocError::UnsupportedSize { size })?;
-                    let region = r.get_or_init(|| {
-                        let chunks = (0..slots.div_ceil(CHUNK)).map(|_| OnceBox::new()).collect();
-                        Box::new(Region {
-                            base,
-                            size,
-                            stride,
-                            slots,
-                            chunks,
-                        })
-                    });
+                    let span = self.layout.region_span;
+                    let fresh = Region::new(base, size, span)
+                        .ok_or(AllocError::UnsupportedSize { size })?;
+                    let region = r.get_or_init(|| Box::new(fresh));
                     if region.size == size {
                         return Ok((i, region));
                     }
@@ -343,8 +384,6 @@ impl SimMemory {
             return Err(AllocError::OutOfMemory { size, count });
         }
         let (ri, region) = self.region_for(size)?;
-        let entries =
-            usize::try_from(size / 8).map_err(|_| AllocError::UnsupportedSize { size })?;
         let mut picked = Vec::with_capacity(count);
         {
             let mut st = self.state.lock();
@@ -363,18 +402,10 @@ impl SimMemory {
             }
         }
         for i in picked {
-            let Some(slot) = region.slot_init(i) else {
+            let Some(page) = region.page_init(i) else {
                 return Err(AllocError::OutOfMemory { size, count });
             };
-            slot.mem.get_or_init(|| {
-                let mut v = Vec::with_capacity(entries);
-                v.resize_with(entries, || AtomicU64::new(0));
-                Box::new(SlotMem {
-                    entries: v.into_boxed_slice(),
-                    meta: TableMeta::default(),
-                })
-            });
-            slot.live.store(true, Ordering::Release);
+            page.live.store(true, Ordering::Release);
             out.push(PhysAddr::new(region.base + i as u64 * region.stride));
         }
         let n = count as u64;
@@ -399,20 +430,18 @@ impl SimMemory {
             self.bad_frees.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let Some(slot) = region.slot(index) else {
+        let Some(page) = region.page(index) else {
             self.bad_frees.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if !slot.live.swap(false, Ordering::AcqRel) {
+        if !page.live.swap(false, Ordering::AcqRel) {
             self.bad_frees.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if let Some(mem) = slot.mem.get() {
-            for e in &mem.entries {
-                e.store(0, Ordering::Relaxed);
-            }
-            mem.meta.clear();
+        for e in page.entries {
+            e.store(0, Ordering::Relaxed);
         }
+        page.meta.clear();
         self.state.lock().free[ri].push(index);
         self.pages_freed.fetch_add(1, Ordering::Relaxed);
         self.live_bytes.fetch_sub(size, Ordering::Relaxed);
@@ -455,14 +484,13 @@ impl TableAlloc for SimMemory {
         if region.base + index as u64 * region.stride != pa.get() {
             return None;
         }
-        let slot = region.slot(index)?;
-        if !slot.live.load(Ordering::Acquire) {
+        let page = region.page(index)?;
+        if !page.live.load(Ordering::Acquire) {
             return None;
         }
-        let mem = slot.mem.get()?;
         Some(TableRef {
-            entries: &mem.entries,
-            meta: &mem.meta,
+            entries: page.entries,
+            meta: page.meta,
         })
     }
 }
