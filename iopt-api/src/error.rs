@@ -295,3 +295,35 @@ impl From<RangeError> for ReserveError {
         ReserveError::Range { source }
     }
 }
+
+/// Why a dirty-state harvest was refused. Nothing was changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DirtyError {
+    /// Only 64-bit stage-1 tables track dirty state (Linux: -EINVAL).
+    #[error("{format} does not track dirty state")]
+    Unsupported {
+        /// The table's format.
+        format: crate::Format,
+    },
+    /// The range leaves the input address range (Linux: -EINVAL).
+    #[error("range {range} is outside the input address range")]
+    OutOfRange {
+        /// The requested range.
+        range: IovaRange,
+    },
+    /// The range holds an unmapped page (Linux: -EINVAL, after cleaning what came before).
+    #[error("iova {iova} is not mapped")]
+    NotMapped {
+        /// The first unmapped IOVA.
+        iova: Iova,
+    },
+    /// A table descriptor points at memory the allocator does not recognise as a live table.
+    #[error("table descriptor at iova {iova} points at unknown memory {pa}")]
+    BrokenTable {
+        /// The IOVA being walked.
+        iova: Iova,
+        /// The address in the descriptor.
+        pa: PhysAddr,
+    },
+}

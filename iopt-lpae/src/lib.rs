@@ -42,6 +42,7 @@ extern crate std;
 
 pub mod debug;
 pub mod desc;
+pub mod dirty;
 pub mod engine;
 pub mod oracle;
 pub mod regs;

@@ -26,6 +26,19 @@ impl PhysRead for crate::SimMemory {
     }
 }
 
+/// Atomic update of physical memory, as an SMMU with hardware table updates (HTTU) has it.
+pub trait PhysUpdate: PhysRead {
+    /// Atomically ANDs `mask` into the word at `pa` and returns the old value, or `None` if
+    /// nothing backs it.
+    fn fetch_and_u64(&self, pa: PhysAddr, mask: u64) -> Option<u64>;
+}
+
+impl PhysUpdate for crate::SimMemory {
+    fn fetch_and_u64(&self, pa: PhysAddr, mask: u64) -> Option<u64> {
+        crate::SimMemory::fetch_and_u64(self, pa, mask)
+    }
+}
+
 /// The kind of access a device makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Access {
@@ -254,6 +267,40 @@ impl Walker {
         iova: u64,
         access: Access,
     ) -> Result<HwTranslation, Fault> {
+        self.walk(mem, iova, access).map(|(t, _, _)| t)
+    }
+
+    /// Performs a device **write** the way an SMMU with HTTU dirty-state updates does: a write
+    /// through a stage-1 leaf that has DBM set and AP\[2\] set clears AP\[2\] atomically
+    /// (marking it dirty) and proceeds.
+    ///
+    /// # Errors
+    ///
+    /// The [`Fault`] the hardware would report.
+    pub fn device_write<M: PhysUpdate + ?Sized>(
+        &self,
+        mem: &M,
+        iova: u64,
+    ) -> Result<HwTranslation, Fault> {
+        let (t, at, d) = self.walk(mem, iova, Access::WRITE)?;
+        let stage1 = matches!(self.format, Format::Arm32S1 | Format::Arm64S1);
+        if stage1 && d & (1 << 51) != 0 && d & (1 << 7) != 0 {
+            mem.fetch_and_u64(at, !(1 << 7)).ok_or(Fault::External {
+                level: t.level,
+                pa: at,
+            })?;
+        }
+        Ok(t)
+    }
+
+    /// Walks to the leaf for `iova` and checks `access`; returns the translation, the address
+    /// of the leaf descriptor and the descriptor.
+    fn walk<M: PhysRead + ?Sized>(
+        &self,
+        mem: &M,
+        iova: u64,
+        access: Access,
+    ) -> Result<(HwTranslation, PhysAddr, u64), Fault> {
         let top = if self.ias >= 64 { 0 } else { iova >> self.ias };
         let want = if self.ttbr1 { u64::MAX >> self.ias } else { 0 };
         if top != want {
@@ -306,7 +353,9 @@ impl Walker {
             if !is_leaf {
                 return Err(Fault::Translation { level });
             }
-            return self.leaf(d, out, level, input, access);
+            return self
+                .leaf(d, out, level, input, access)
+                .map(|t| (t, addr, d));
         }
     }
 

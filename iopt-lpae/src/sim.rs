@@ -332,6 +332,20 @@ impl SimMemory {
         Some(word.load(Ordering::Acquire))
     }
 
+    /// Atomically ANDs `mask` into the 64-bit word at `pa` (a device's hardware update of a
+    /// descriptor) and returns the old value: `None` if no live page holds it.
+    #[must_use]
+    pub fn fetch_and_u64(&self, pa: PhysAddr, mask: u64) -> Option<u64> {
+        let (region, index) = self.locate(pa.get() & !7)?;
+        let page = region.page(index)?;
+        if !page.live.load(Ordering::Acquire) {
+            return None;
+        }
+        let off = (pa.get() - region.base - index as u64 * region.stride) / 8;
+        let word = page.entries.get(usize::try_from(off).ok()?)?;
+        Some(word.fetch_and(mask, Ordering::AcqRel))
+    }
+
     fn locate(&self, pa: u64) -> Option<(&Region, usize)> {
         for region in self.regions.iter().filter_map(OnceBox::get) {
             if pa >= region.base && pa - region.base < region.stride * region.slots as u64 {

@@ -1,0 +1,221 @@
+//! Hardware dirty tracking (64-bit stage 1 with the `ARM_HD` quirk), as iommufd uses it for
+//! live migration.
+//!
+//! With `ARM_HD`, every writable leaf is written with DBM (bit 51) and AP\[2\] clear, so it
+//! starts out *dirty*; an SMMU with HTTU clears AP\[2\] when the device writes through a leaf
+//! whose AP\[2\] is set. [`Engine::read_and_clear_dirty`] reports every dirty leaf's whole
+//! block to a [`DirtySink`] and cleans it by setting AP\[2\] (unless
+//! [`DirtyFlags::NO_CLEAR`]); the caller then invalidates the gathered range so the SMMU sees
+//! the clean state. Unlike Linux, a range with a hole is refused before anything is cleaned.
+
+use crate::desc::{self, Kind};
+use crate::engine::Engine;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+use iopt_api::{DirtyError, FlushOps, Format, Gather, Iova, IovaRange, TableAlloc};
+
+bitflags::bitflags! {
+    /// Options of [`Engine::read_and_clear_dirty`] (Linux's `IOMMU_DIRTY_*`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct DirtyFlags: u32 {
+        /// Report without cleaning (`IOMMU_DIRTY_NO_CLEAR`).
+        const NO_CLEAR = 1 << 0;
+    }
+}
+
+/// Where dirty ranges are recorded.
+pub trait DirtySink {
+    /// Records that `[iova, iova + len)` was written.
+    fn record(&mut self, iova: Iova, len: u64);
+}
+
+impl DirtySink for Vec<(Iova, u64)> {
+    fn record(&mut self, iova: Iova, len: u64) {
+        self.push((iova, len));
+    }
+}
+
+/// A dirty bitmap over `[base, base + pages << page_shift)`, one bit a page, as iommufd's
+/// `iova_bitmap`. Records outside the window are ignored.
+///
+/// ```
+/// use iopt_api::Iova;
+/// use iopt_lpae::dirty::{DirtyBitmap, DirtySink};
+/// let mut b = DirtyBitmap::new(Iova::new(0x10_0000), 12, 64);
+/// b.record(Iova::new(0x10_2000), 0x2000);
+/// assert_eq!(b.dirty_pages().collect::<Vec<_>>(), vec![Iova::new(0x10_2000), Iova::new(0x10_3000)]);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    base: u64,
+    page_shift: u32,
+    pages: u64,
+    bits: Vec<u64>,
+}
+
+impl DirtyBitmap {
+    /// An empty bitmap of `pages` pages of `1 << page_shift` bytes from `base`.
+    #[must_use]
+    pub fn new(base: Iova, page_shift: u32, pages: u64) -> Self {
+        let words = usize::try_from(pages.div_ceil(64)).unwrap_or(0);
+        Self {
+            base: base.get(),
+            page_shift,
+            pages,
+            bits: vec![0; words],
+        }
+    }
+
+    /// Returns whether the page holding `iova` is marked.
+    #[must_use]
+    pub fn is_dirty(&self, iova: Iova) -> bool {
+        let Some(p) = iova
+            .get()
+            .checked_sub(self.base)
+            .map(|o| o >> self.page_shift)
+        else {
+            return false;
+        };
+        p < self.pages && self.bits[(p / 64) as usize] & (1 << (p % 64)) != 0
+    }
+
+    /// Iterates the marked pages' addresses in ascending order.
+    pub fn dirty_pages(&self) -> impl Iterator<Item = Iova> + '_ {
+        (0..self.pages)
+            .filter(|p| self.bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
+            .map(|p| Iova::new(self.base + (p << self.page_shift)))
+    }
+}
+
+impl DirtySink for DirtyBitmap {
+    fn record(&mut self, iova: Iova, len: u64) {
+        let start = iova.get().max(self.base);
+        let end = iova
+            .get()
+            .saturating_add(len)
+            .min(self.base + (self.pages << self.page_shift));
+        let mut a = start;
+        while a < end {
+            let p = (a - self.base) >> self.page_shift;
+            self.bits[(p / 64) as usize] |= 1 << (p % 64);
+            a = (self.base + ((p + 1) << self.page_shift)).max(a + 1);
+        }
+    }
+}
+
+/// A leaf found by the range walk: where its descriptor lives and what it maps.
+struct LeafAt<'a> {
+    slot: &'a core::sync::atomic::AtomicU64,
+    start: u64,
+    size: u64,
+}
+
+impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
+    /// Finds the leaf covering `iova` (a local address).
+    fn leaf_at(&self, iova: u64) -> Result<LeafAt<'_>, DirtyError> {
+        let cfg = self.config();
+        let ext = |a: u64| {
+            if cfg.is_ttbr1() {
+                Iova::new(a | !((1u64 << cfg.ias()) - 1))
+            } else {
+                Iova::new(a)
+            }
+        };
+        let mut pa = self.root();
+        let mut level = cfg.start_level();
+        loop {
+            let table = self.allocator().table(pa).ok_or(DirtyError::BrokenTable {
+                iova: ext(iova),
+                pa,
+            })?;
+            let slot =
+                table
+                    .entries
+                    .get(cfg.index(iova, level))
+                    .ok_or(DirtyError::BrokenTable {
+                        iova: ext(iova),
+                        pa,
+                    })?;
+            let d = slot.load(Ordering::Acquire);
+            match desc::kind(cfg.format(), level, d) {
+                Kind::Invalid => return Err(DirtyError::NotMapped { iova: ext(iova) }),
+                Kind::Table => {
+                    pa = desc::unpack_pa(d, cfg.granule());
+                    level += 1;
+                }
+                Kind::Leaf => {
+                    let size = cfg.block_size(level);
+                    return Ok(LeafAt {
+                        slot,
+                        start: iova & !(size - 1),
+                        size,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Reports every dirty leaf in `range` (its whole block) to `sink` and the gather, and
+    /// cleans it unless `flags` has [`DirtyFlags::NO_CLEAR`] (Linux's
+    /// `read_and_clear_dirty`). The caller invalidates the gathered range afterwards.
+    ///
+    /// # Errors
+    ///
+    /// [`DirtyError::Unsupported`] for any format but 64-bit stage 1,
+    /// [`DirtyError::OutOfRange`] when the range leaves the input range,
+    /// [`DirtyError::NotMapped`] when the range holds an unmapped page — checked before any
+    /// leaf is reported or cleaned.
+    pub fn read_and_clear_dirty(
+        &self,
+        range: IovaRange,
+        flags: DirtyFlags,
+        sink: &mut dyn DirtySink,
+        gather: &mut Gather,
+    ) -> Result<(), DirtyError> {
+        let cfg = self.config();
+        if cfg.format() != Format::Arm64S1 {
+            return Err(DirtyError::Unsupported {
+                format: cfg.format(),
+            });
+        }
+        if !cfg.iova_in_range(range.start()) || !cfg.iova_in_range(range.last()) {
+            return Err(DirtyError::OutOfRange { range });
+        }
+        let mask = if cfg.ias() >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << cfg.ias()) - 1
+        };
+        let first = range.start().get() & mask;
+        let last = range.last().get() & mask;
+        let high = range.start().get() & !mask;
+        // Check pass: every page of the range is mapped.
+        let mut at = first;
+        loop {
+            let leaf = self.leaf_at(at)?;
+            match (leaf.start + leaf.size).checked_sub(1) {
+                Some(end) if end < last => at = end + 1,
+                _ => break,
+            }
+        }
+        // Harvest pass.
+        let mut at = first;
+        loop {
+            let leaf = self.leaf_at(at)?;
+            let d = leaf.slot.load(Ordering::Acquire);
+            if d & (desc::AP_RDONLY | desc::DBM) == desc::DBM {
+                let iova = Iova::new(high | leaf.start);
+                sink.record(iova, leaf.size);
+                gather.add(iova, leaf.size);
+                if !flags.contains(DirtyFlags::NO_CLEAR) {
+                    leaf.slot.fetch_or(desc::AP_RDONLY, Ordering::AcqRel);
+                }
+            }
+            match (leaf.start + leaf.size).checked_sub(1) {
+                Some(end) if end < last => at = end + 1,
+                _ => return Ok(()),
+            }
+        }
+    }
+}
