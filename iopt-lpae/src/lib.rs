@@ -51,7 +51,7 @@ mod table;
 
 pub use engine::{Counters, Engine, OnDemand, PageSource, Run, Stash};
 pub use sim::{SimLayout, SimMemory, SimStats};
-pub use table::{LpaeTable, split_range};
+pub use table::{LpaeTable, split_range, split_sg};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -124,6 +124,66 @@ pub fn split_range<A: TableAlloc, F: FlushOps>(
     Ok(runs)
 }
 
+/// Splits a scatter list — physical segments `(pa, len)` mapped back to back from `iova` — into
+/// runs of the largest usable page sizes, as the Linux iommu core's `iommu_map_sg` does,
+/// validating each run.
+///
+/// # Errors
+///
+/// [`MapError::Empty`] for an empty list or segment, [`MapError::Overflow`],
+/// [`MapError::Misaligned`] when a segment's address or length fits no supported size, or the
+/// first run's validation error.
+pub fn split_sg<A: TableAlloc, F: FlushOps>(
+    engine: &Engine<A, F>,
+    iova: Iova,
+    segments: &[(PhysAddr, u64)],
+    prot: Prot,
+) -> Result<Vec<Run>, MapError> {
+    if segments.is_empty() {
+        return Err(MapError::Empty { iova });
+    }
+    let mut runs = Vec::new();
+    let mut at = iova;
+    for &(pa, len) in segments {
+        runs.extend(split_range(engine, at, pa, len, prot)?);
+        at = at
+            .checked_add(len)
+            .ok_or(MapError::Overflow { iova: at, len })?;
+    }
+    Ok(runs)
+}
+
+impl<A: TableAlloc, F: FlushOps> LpaeTable<A, F> {
+    /// Maps a scatter list at `iova` in one call, all or nothing: each segment with the
+    /// largest page sizes its alignment allows.
+    ///
+    /// ```
+    /// use iopt_api::{Config, ConfigInput, Format, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot};
+    /// use iopt_lpae::{LpaeTable, SimMemory};
+    /// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
+    /// let mem = SimMemory::new();
+    /// let t = LpaeTable::new(cfg, &mem)?;
+    /// let sg = [(PhysAddr::new(0x8000_0000), 0x1000), (PhysAddr::new(0x4020_0000), 0x20_0000)];
+    /// t.map_sg(Iova::new(0x1f_f000), &sg, Prot::READ)?;
+    /// assert_eq!(t.iova_to_phys(Iova::new(0x20_0000)).unwrap().size, PageSize::SZ_2M);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`split_sg`] and [`IoPageTable::map`]; nothing is mapped on error.
+    pub fn map_sg(
+        &self,
+        iova: Iova,
+        segments: &[(PhysAddr, u64)],
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        let runs = split_sg(&self.engine, iova, segments, prot)?;
+        self.engine
+            .map_runs(&runs, prot, &mut self.engine.on_demand())
+    }
+}
+
 impl<A: TableAlloc, F: FlushOps> IoPageTable for LpaeTable<A, F> {
     fn config(&self) -> &Config {
         self.engine.config()
