@@ -102,7 +102,7 @@ impl Counters {
         }
     }
 
-    fn add_live(&self, n: u64) {
+    pub(crate) fn add_live(&self, n: u64) {
         let now = self.live_tables.fetch_add(n, Ordering::Relaxed) + n;
         self.peak_live_tables.fetch_max(now, Ordering::Relaxed);
     }
@@ -205,8 +205,8 @@ pub struct Run {
 /// order, so a table two runs both need is the last one counted at its level: `last` keeps,
 /// per level, the index of the region whose table was counted last, so it is counted once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct Plan {
-    missing: usize,
+pub(crate) struct Plan {
+    pub(crate) missing: usize,
     last: [Option<u64>; 4],
 }
 
@@ -219,6 +219,8 @@ pub struct Engine<A: TableAlloc, F: FlushOps> {
     root: PhysAddr,
     counters: Counters,
     local_mask: u64,
+    /// Refcounting policy and deferred-free state (see [`crate::refcount`]).
+    pub(crate) rc: crate::refcount::RcState,
 }
 
 impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
@@ -245,6 +247,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             root,
             counters,
             local_mask,
+            rc: crate::refcount::RcState::default(),
         })
     }
 
@@ -433,7 +436,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     /// Whether the subtree of `table` at `level` holds any leaf.
-    fn subtree_has_leaf(&self, table: TableRef<'_>, level: u32) -> bool {
+    pub(crate) fn subtree_has_leaf(&self, table: TableRef<'_>, level: u32) -> bool {
         table.entries.iter().any(|e| {
             let e = e.load(Ordering::Acquire);
             match self.kind(level, e) {
@@ -449,7 +452,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// Read-only pass over `[start, end)` (local IOVAs) of `table` at `level`: conflicts, and
     /// the tables a map of leaves at `target` would add, counted into `plan`.
     #[allow(clippy::too_many_arguments)]
-    fn plan(
+    pub(crate) fn plan(
         &self,
         plan: &mut Plan,
         table: TableRef<'_>,
@@ -566,6 +569,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         prot: Prot,
         src: &mut S,
     ) -> Result<(), MapError> {
+        if self.rc.counting() {
+            return self.map_runs_counted(runs, prot, src);
+        }
         let single = match runs {
             [r] => self.entries_in_table(r.level, r.iova, r.count) == r.count,
             _ => false,
@@ -801,7 +807,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     /// Post-order list of the tables below (and including) the table `entry` points at.
-    fn collect_tables(&self, entry: u64, level: u32, out: &mut Vec<PhysAddr>) {
+    pub(crate) fn collect_tables(&self, entry: u64, level: u32, out: &mut Vec<PhysAddr>) {
         let pa = desc::unpack_pa(entry, self.cfg.granule());
         if let Some(t) = self.alloc.table(pa) {
             if level < 3 {
@@ -840,6 +846,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// [`UnmapError::NotMapped`] if any entry of the run is empty, [`UnmapError::PartialBlock`]
     /// if a larger leaf covers it, [`UnmapError::BrokenTable`] on a corrupted tree.
     pub fn unmap_run(&self, r: Run, gather: &mut Gather) -> Result<u64, UnmapError> {
+        if self.rc.counting() {
+            return self.unmap_run_counted(r, gather);
+        }
         // Check pass.
         let mut iova = r.iova;
         let mut left = r.count;
@@ -923,6 +932,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if !self.cfg.iova_in_range(iova) {
             return None;
         }
+        let _guard = self.enter();
         let local = iova.get() & self.local_mask;
         let mut table = self.root_table()?;
         let mut level = self.cfg.start_level();
@@ -954,6 +964,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     /// Visits every table and leaf in ascending IOVA order.
     pub fn walk(&self, visit: &mut dyn FnMut(WalkItem)) {
+        let _guard = self.enter();
         if let Some(root) = self.root_table() {
             self.walk_table(root, self.root, self.cfg.start_level(), 0, visit);
         }

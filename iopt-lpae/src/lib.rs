@@ -11,6 +11,8 @@
 //!   [`TableAlloc`](iopt_api::TableAlloc), with leak accounting and failure injection;
 //! - [`engine`]: the one walker (map, unmap, lookup, walk) behind a narrow [`PageSource`] hook
 //!   through which backends supply table pages;
+//! - [`refcount`]: the engine's opt-in [`Policy::Refcounted`](refcount::Policy): live-entry
+//!   and reservation counts beside every table, eager freeing, and Design 2's reserve/release;
 //! - [`oracle`]: a hardware-walk oracle that translates from register values and raw memory,
 //!   sharing no code with the engine, so each checks the other;
 //! - [`LpaeTable`]: the on-demand reference table (Linux's behaviour) on the engine;
@@ -45,6 +47,7 @@ pub mod desc;
 pub mod dirty;
 pub mod engine;
 pub mod oracle;
+pub mod refcount;
 pub mod regs;
 mod sim;
 mod table;

@@ -576,7 +576,7 @@ fn scatter_list_maps_like_the_iommu_core_and_all_or_nothing() {
     };
     let mut iova = 0x1_0000_0000u64;
     for _ in 0..20 {
-        let segs: Vec<(PhysAddr, u64)> = (0..1 + next() % 5)
+        let segs: Vec<(PhysAddr, u64)> = (0..=next() % 5)
             .map(|_| {
                 let pages = 1 + next() % 1100;
                 let pa = (next() % (1 << 20)) << 12;

@@ -1,0 +1,1515 @@
+//! Reference counting for the engine: live-entry counts, VA reservations and eager freeing.
+//!
+//! An engine built with [`Engine::with_policy`]`(.., `[`Policy::Refcounted`]`)` keeps, in the
+//! [`TableMeta`] the allocator stores beside every table page:
+//!
+//! - `live_entries`: the number of valid descriptors in the table (root included), maintained
+//!   by every map, unmap, install and free; transiently higher while an operation has *pinned*
+//!   the table (see below), and [`DEAD`] once the table has been claimed for freeing;
+//! - `reservations`: the number of live reservations covering the table. The root is never
+//!   counted: it is never freed, so a reservation on it would mean nothing.
+//!
+//! and it changes three behaviours of the walker:
+//!
+//! - a table left empty (no valid descriptor, no pin) that no reservation holds is unlinked and
+//!   freed by the operation that emptied it, with its ancestors when they empty too (eager
+//!   freeing): a full unmap returns the tree to the root alone;
+//! - a block map over a table that a reservation holds fails with [`MapError::ReservedTable`],
+//!   and an unmap at block size of such a table with [`UnmapError::ReservedTable`] (Linux would
+//!   free the table);
+//! - [`Engine::reserve_tables`] and [`Engine::release_tables`] install and count, then
+//!   uncount and free, the tables covering a range (Design 2).
+//!
+//! With [`Policy::Linux`] (the default of [`Engine::new`]) nothing is counted and none of this
+//! code runs: the existing paths pay one predictable branch.
+//!
+//! # Which tables a reservation covers
+//!
+//! `reserve(range, max_leaf)` plans leaves the way `map_range` would place them for backing
+//! that is congruent to the IOVA (the Linux iommu core's `iommu_pgsize`, restricted to sizes up
+//! to `max_leaf`): a slot at level `l` gets a leaf when it lies wholly inside the range and a
+//! leaf of its size is allowed there (supported by the table and not larger than `max_leaf`);
+//! every other slot the range touches needs a table at level `l + 1`. The reservation
+//! installs exactly those tables (counting first, against the current tree, so it takes
+//! exactly the missing pages in one bulk allocation) and increments the reservation count of
+//! each of them, existing ones included. This is what makes the worked examples of
+//! `designs.md` §8 come out exactly: one `reserve` of 1 GiB at +4 KiB with `max_leaf = 2 MiB`
+//! takes 5 pages, not the 516 of the worst case.
+//!
+//! # Concurrency
+//!
+//! Operations on disjoint ranges may run concurrently and share intermediate tables. Three
+//! mechanisms keep eager freeing from freeing a table that another thread is using:
+//!
+//! 1. **Pin before write.** A thread that is about to add descriptors to a table first raises
+//!    its `live_entries` by that many with a compare-exchange that refuses [`DEAD`]; a thread
+//!    that installs a table into a parent pins the parent the same way before its
+//!    compare-exchange (and unpins it if it loses the race). A table with a non-zero count can
+//!    therefore not be claimed, and a claimed table can never be written again: the writer
+//!    sees `DEAD` and walks again from the root, where it finds the slot empty once the
+//!    claimer has unlinked it.
+//! 2. **Claim.** Freeing starts with `live_entries: expected → DEAD`, where `expected` is the
+//!    number of the claimer's own already-claimed children still linked in the table (0 for a
+//!    leaf-level table), followed by a check that `reservations` is 0; if a reservation raced
+//!    in, the claim is undone and retried only if the reservation count dropped back to 0 in
+//!    between (so a concurrent release and a concurrent emptying cannot both give up).
+//!    Reservations are only ever taken under a pin, so no reservation can appear on a `DEAD`
+//!    table. Only the topmost claimed table of a chain is unlinked from its parent (one
+//!    store, one [`FlushOps::flush_walk`] for the span it covered); the parent's count then
+//!    drops by one, and whoever drops a count to 0 tries to claim that table in turn.
+//! 3. **Deferred reclamation.** A thread may have read a table descriptor just before another
+//!    thread unlinked it. Unlinked tables are therefore not handed to the allocator at once:
+//!    they are retired with the current epoch and freed, in one `free_bulk` batch, once every
+//!    operation that was running when they were unlinked has finished (epoch-based
+//!    reclamation with two parity counters, as in SRCU or crossbeam-epoch). Every counted
+//!    operation, and [`Engine::lookup`] and [`Engine::walk`], runs inside an [`OpGuard`] for
+//!    this. A single-threaded caller sees every free happen before its call returns.
+//!
+//! So under any interleaving of valid (disjoint) operations, no descriptor is written into a
+//! table that is being freed, and no table memory is read after it went back to the
+//! allocator. Overlapping concurrent operations remain a caller bug that may lose mappings,
+//! never memory safety (the crate has no `unsafe`).
+//!
+//! Paths outside this module that read table memory on a refcounted engine should hold an
+//! [`Engine::enter`] guard too. Pages a refcounted map installed and then had to undo (a later
+//! segment of the same map failed) go back to the allocator after the grace period, not to
+//! the map's page source.
+
+// Interval arithmetic reads best with `a`/`b` bounds, `w` the plan and `f` the frame.
+#![allow(clippy::many_single_char_names)]
+
+use crate::desc::{self, Kind};
+use crate::engine::{Engine, PageSource, Plan, Run, Stash};
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
+use iopt_api::{
+    AllocError, Config, FlushOps, Gather, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot,
+    ReserveError, TableAlloc, TableMeta, TableRef, UnmapError,
+};
+
+const SC: Ordering = Ordering::SeqCst;
+
+/// The `live_entries` value of a table that has been claimed for freeing: no thread may write
+/// into it any more, and it is unlinked and freed shortly.
+pub const DEAD: u32 = u32::MAX;
+
+/// How the engine accounts for table pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Policy {
+    /// Linux io-pgtable-arm: no counts; a table is freed only by an unmap at its parent's
+    /// block size, by a block map over it, or at teardown.
+    #[default]
+    Linux,
+    /// Live-entry and reservation counts in every table's [`TableMeta`], eager freeing of
+    /// tables left empty outside reservations, refusal to replace or remove reserved tables,
+    /// and deferred (epoch-based) reclamation. See the [module docs](self).
+    Refcounted,
+}
+
+/// The engine's refcounting state: the policy and the deferred-free bookkeeping.
+#[derive(Debug, Default)]
+pub(crate) struct RcState {
+    policy: Policy,
+    /// Global epoch; a retired table tagged `e` is freed once the epoch reaches `e + 2`.
+    epoch: AtomicU64,
+    /// Operations in flight, by the parity of the epoch they entered in.
+    active: [AtomicUsize; 2],
+    /// Tables retired and not yet freed (fast check before taking the lock).
+    pending: AtomicUsize,
+    /// Retired tables with their epoch.
+    limbo: spin::Mutex<Vec<(u64, PhysAddr)>>,
+}
+
+impl RcState {
+    /// Whether the engine counts (and so dispatches to this module's paths).
+    #[inline]
+    pub(crate) fn counting(&self) -> bool {
+        self.policy == Policy::Refcounted
+    }
+}
+
+/// An operation in flight on a refcounted engine: while it lives, no table that was reachable
+/// when it was taken is handed back to the allocator. Dropping it may free tables retired by
+/// operations that have all finished. On a [`Policy::Linux`] engine it does nothing.
+#[must_use = "the guard protects the tables only while it lives"]
+pub struct OpGuard<'a, A: TableAlloc, F: FlushOps> {
+    engine: &'a Engine<A, F>,
+    epoch: Option<u64>,
+}
+
+impl<A: TableAlloc, F: FlushOps> fmt::Debug for OpGuard<'_, A, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpGuard")
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: TableAlloc, F: FlushOps> Drop for OpGuard<'_, A, F> {
+    fn drop(&mut self) {
+        if let Some(e) = self.epoch {
+            self.engine.exit(e);
+        }
+    }
+}
+
+/// One table on a walk's path.
+#[derive(Clone, Copy)]
+struct Frame<'a> {
+    t: TableRef<'a>,
+    pa: PhysAddr,
+    level: u32,
+}
+
+/// A walk's path from the root, without allocating: at most four levels.
+#[derive(Clone, Copy)]
+struct Path<'a> {
+    frames: [Frame<'a>; 4],
+    len: usize,
+}
+
+impl<'a> Path<'a> {
+    fn new(root: Frame<'a>) -> Self {
+        Self {
+            frames: [root; 4],
+            len: 1,
+        }
+    }
+
+    fn push(&mut self, f: Frame<'a>) {
+        self.frames[self.len] = f;
+        self.len += 1;
+    }
+
+    fn last(&self) -> Frame<'a> {
+        self.frames[self.len - 1]
+    }
+
+    fn top(&self) -> usize {
+        self.len - 1
+    }
+
+    fn frames(&self) -> &[Frame<'a>] {
+        &self.frames[..self.len]
+    }
+}
+
+/// A map segment (leaves inside one leaf table) whose table exists and is pinned for the
+/// leaves: committing it cannot fail; aborting it leaves the tree as before.
+struct Prepared<'a> {
+    path: Path<'a>,
+    iova: u64,
+    level: u32,
+    n: u64,
+    pinned: u32,
+    /// Empty, unreserved tables in the segment's slots, claimed, to be replaced by leaves:
+    /// (index in the segment, table address).
+    claimed: Vec<(usize, PhysAddr)>,
+}
+
+/// The reservation plan of [`Engine::reserve_tables`]: which slots need a table below them.
+#[derive(Debug, Clone, Copy)]
+struct Want {
+    /// First local IOVA.
+    start: u64,
+    /// Local IOVA after the last (at most `2^52`).
+    end: u64,
+    /// Bit `l` set: a leaf may sit at level `l` (allowed size, not above `max_leaf`).
+    allowed: u8,
+}
+
+/// Orders the entry into an operation (a sequentially consistent read-modify-write just
+/// before) against the loads that follow. On x86 the locked RMW already is a full fence, so
+/// only the compiler must be held back (as crossbeam-epoch does); elsewhere a real fence.
+#[inline]
+fn full_fence_after_rmw() {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    core::sync::atomic::compiler_fence(SC);
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    fence(SC);
+}
+
+/// Raises a table's live count by `n` unless it is [`DEAD`].
+fn pin(meta: &TableMeta, n: u32) -> bool {
+    meta.live_entries
+        .fetch_update(SC, SC, |c| (c != DEAD).then(|| c + n))
+        .is_ok()
+}
+
+/// Claims a table for freeing: its live count must be exactly `expected` (the claimer's own
+/// claimed children still linked in it) and no reservation may hold it.
+fn try_claim(meta: &TableMeta, expected: u32) -> bool {
+    loop {
+        if meta.reservations.load(SC) != 0 {
+            return false;
+        }
+        if meta
+            .live_entries
+            .compare_exchange(expected, DEAD, SC, SC)
+            .is_err()
+        {
+            return false;
+        }
+        if meta.reservations.load(SC) == 0 {
+            return true;
+        }
+        // A reservation was taken between the first check and the claim (under a pin that
+        // was released again). Undo; retry only if it has been released meanwhile, since its
+        // releaser may have seen DEAD and left the freeing to us.
+        meta.live_entries.store(expected, SC);
+    }
+}
+
+/// Where a reservation takes its pages: the bulk allocation, topped up page by page only when
+/// a concurrent free removed a table the count relied on.
+struct ReserveSource<'e, A: TableAlloc, F: FlushOps> {
+    engine: &'e Engine<A, F>,
+    pages: Vec<PhysAddr>,
+    extra: usize,
+}
+
+impl<A: TableAlloc, F: FlushOps> ReserveSource<'_, A, F> {
+    fn take(&mut self) -> Result<PhysAddr, ReserveError> {
+        if let Some(p) = self.pages.pop() {
+            return Ok(p);
+        }
+        let c = self.engine.counters();
+        c.alloc_calls.fetch_add(1, Ordering::Relaxed);
+        let p = self
+            .engine
+            .allocator()
+            .alloc(self.engine.config().granule().size())?;
+        c.pages_allocated.fetch_add(1, Ordering::Relaxed);
+        c.pages_reserved.fetch_add(1, Ordering::Relaxed);
+        self.extra += 1;
+        Ok(p)
+    }
+}
+
+/// A source that serves from a stash first and asks `src` for the rest.
+struct TopUp<'s, S: PageSource> {
+    stash: Stash,
+    src: &'s mut S,
+}
+
+impl<S: PageSource> PageSource for TopUp<'_, S> {
+    fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError> {
+        let start = out.len();
+        let have = self.stash.pages.len().min(count);
+        let at = self.stash.pages.len() - have;
+        out.extend(self.stash.pages.drain(at..));
+        if count > have {
+            if let Err(e) = self.src.obtain(count - have, out) {
+                self.stash.pages.extend(out.drain(start..));
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn give_back(&mut self, pages: &[PhysAddr]) {
+        self.stash.pages.extend_from_slice(pages);
+    }
+}
+
+impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
+    /// Builds an empty tree with `policy`.
+    ///
+    /// ```
+    /// use iopt_api::{Config, ConfigInput, Format, Gather, Iova, PageSize, PageSizes, PhysAddr, Prot, NoFlush};
+    /// use iopt_lpae::{Engine, SimMemory, refcount::Policy};
+    /// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
+    /// let mem = SimMemory::new();
+    /// let e = Engine::with_policy(cfg, &mem, NoFlush, Policy::Refcounted)?;
+    /// let run = e.validate_map(Iova::new(0x4000_0000), PhysAddr::new(0x1000), PageSize::SZ_4K, 1, Prot::READ)?;
+    /// e.map_runs(&[run], Prot::READ, &mut e.on_demand())?;
+    /// assert_eq!(mem.stats().live_pages, 4); // root, L1, L2, L3
+    /// let run = e.validate_unmap(Iova::new(0x4000_0000), PageSize::SZ_4K, 1)?;
+    /// e.unmap_run(run, &mut Gather::new())?;
+    /// assert_eq!(mem.stats().live_pages, 1); // eagerly freed: the root alone
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The allocator's error if the root cannot be allocated.
+    pub fn with_policy(
+        cfg: Config,
+        alloc: A,
+        flush: F,
+        policy: Policy,
+    ) -> Result<Self, AllocError> {
+        let mut e = Self::new(cfg, alloc, flush)?;
+        e.rc.policy = policy;
+        Ok(e)
+    }
+
+    /// Returns the accounting policy.
+    #[must_use]
+    pub fn policy(&self) -> Policy {
+        self.rc.policy
+    }
+
+    /// Enters an operation: tables reachable now stay allocated until the guard drops. The
+    /// engine's own operations do this; a backend needs it only around its own reads of table
+    /// memory. A no-op with [`Policy::Linux`].
+    pub fn enter(&self) -> OpGuard<'_, A, F> {
+        if !self.rc.counting() {
+            return OpGuard {
+                engine: self,
+                epoch: None,
+            };
+        }
+        loop {
+            let e = self.rc.epoch.load(SC);
+            let slot = &self.rc.active[(e & 1) as usize];
+            slot.fetch_add(1, SC);
+            full_fence_after_rmw();
+            if self.rc.epoch.load(SC) == e {
+                return OpGuard {
+                    engine: self,
+                    epoch: Some(e),
+                };
+            }
+            slot.fetch_sub(1, SC);
+        }
+    }
+
+    fn exit(&self, e: u64) {
+        self.rc.active[(e & 1) as usize].fetch_sub(1, SC);
+        if self.rc.pending.load(SC) != 0 {
+            self.reclaim();
+        }
+    }
+
+    /// Hands unlinked (and flushed) tables to deferred reclamation.
+    fn retire(&self, dead: &[PhysAddr]) {
+        if dead.is_empty() {
+            return;
+        }
+        fence(SC);
+        let e = self.rc.epoch.load(SC);
+        let mut limbo = self.rc.limbo.lock();
+        limbo.extend(dead.iter().map(|&p| (e, p)));
+        self.rc.pending.fetch_add(dead.len(), SC);
+    }
+
+    /// Advances the epoch as far as finished operations allow and frees, in one batch, every
+    /// retired table no running operation can still reach.
+    fn reclaim(&self) {
+        for _ in 0..2 {
+            fence(SC);
+            let e = self.rc.epoch.load(SC);
+            if self.rc.active[((e + 1) & 1) as usize].load(SC) != 0 {
+                break;
+            }
+            let _ = self.rc.epoch.compare_exchange(e, e + 1, SC, SC);
+        }
+        let now = self.rc.epoch.load(SC);
+        let ready: Vec<PhysAddr> = {
+            let mut limbo = self.rc.limbo.lock();
+            let mut ready = Vec::new();
+            limbo.retain(|&(e, p)| {
+                if e + 2 <= now {
+                    ready.push(p);
+                    false
+                } else {
+                    true
+                }
+            });
+            ready
+        };
+        if !ready.is_empty() {
+            self.rc.pending.fetch_sub(ready.len(), SC);
+            self.free_tables(&ready);
+        }
+    }
+
+    /// Frees every retired table now (no operation can be running: `&mut self`).
+    pub fn quiesce(&mut self) {
+        let items = core::mem::take(&mut *self.rc.limbo.lock());
+        self.rc.pending.store(0, SC);
+        let pages: Vec<PhysAddr> = items.into_iter().map(|(_, p)| p).collect();
+        self.free_tables(&pages);
+    }
+
+    /// Returns how many unlinked tables wait for running operations to finish before they are
+    /// freed (0 whenever no operation is running).
+    #[must_use]
+    pub fn deferred_frees(&self) -> usize {
+        self.rc.pending.load(SC)
+    }
+
+    // ---- small helpers -------------------------------------------------------------------
+
+    fn lmask(&self) -> u64 {
+        let ias = self.config().ias();
+        if ias >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << ias) - 1
+        }
+    }
+
+    fn ext(&self, local: u64) -> Iova {
+        if self.config().is_ttbr1() {
+            Iova::new(local | !self.lmask())
+        } else {
+            Iova::new(local)
+        }
+    }
+
+    fn kind_of(&self, level: u32, e: u64) -> Kind {
+        desc::kind(self.config().format(), level, e)
+    }
+
+    fn table_of(&self, e: u64) -> Option<(TableRef<'_>, PhysAddr)> {
+        let pa = desc::unpack_pa(e, self.config().granule());
+        self.allocator().table(pa).map(|t| (t, pa))
+    }
+
+    fn root_frame(&self) -> Option<Frame<'_>> {
+        self.allocator().table(self.root()).map(|t| Frame {
+            t,
+            pa: self.root(),
+            level: self.config().start_level(),
+        })
+    }
+
+    /// Entries of a run in the leaf table holding `iova` (as the engine splits segments).
+    fn seg_len(&self, level: u32, iova: u64, remaining: u64) -> u64 {
+        let cfg = self.config();
+        let per = cfg.granule().entries() as u64;
+        let idx = (iova >> cfg.level_shift(level)) & (per - 1);
+        remaining.min(per - idx)
+    }
+
+    fn note_dead(&self, pa: PhysAddr, dead: &mut Vec<PhysAddr>) {
+        dead.push(pa);
+        self.counters()
+            .empty_tables_freed
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Clears the table descriptor at `idx` of `parent` (its table was claimed) and flushes
+    /// the walk caches for the span it covered.
+    fn unlink(&self, parent: Frame<'_>, idx: usize, iova_in_slot: u64) {
+        let cfg = self.config();
+        let old = parent.t.entries[idx].swap(0, SC);
+        debug_assert_eq!(self.kind_of(parent.level, old), Kind::Table);
+        let span = cfg.block_size(parent.level);
+        self.flush_ops().flush_walk(
+            self.ext(iova_in_slot & !(span - 1)),
+            span,
+            cfg.granule().size(),
+        );
+    }
+
+    /// Lowers the live count of `path[i]` by `n` and frees it, and the ancestors it leaves
+    /// empty, if that emptied it.
+    fn drop_live(&self, path: &[Frame<'_>], i: usize, n: u32, iova: u64, dead: &mut Vec<PhysAddr>) {
+        if n == 0 {
+            return;
+        }
+        let before = path[i].t.meta.live_entries.fetch_sub(n, SC);
+        debug_assert!(before >= n && before != DEAD);
+        if before == n {
+            self.cascade(path, i, iova, dead);
+        }
+    }
+
+    /// `path[i]`'s count just reached 0: claim it and every ancestor holding nothing else,
+    /// unlink the topmost, and continue above if that empties its parent.
+    fn cascade(&self, path: &[Frame<'_>], mut i: usize, iova: u64, dead: &mut Vec<PhysAddr>) {
+        let cfg = self.config();
+        loop {
+            if i == 0 || !try_claim(path[i].t.meta, 0) {
+                return;
+            }
+            let mut top = i;
+            self.note_dead(path[top].pa, dead);
+            while top > 1 && try_claim(path[top - 1].t.meta, 1) {
+                top -= 1;
+                self.note_dead(path[top].pa, dead);
+            }
+            let parent = path[top - 1];
+            self.unlink(parent, cfg.index(iova, parent.level), iova);
+            if parent.t.meta.live_entries.fetch_sub(1, SC) != 1 {
+                return;
+            }
+            i = top - 1;
+        }
+    }
+
+    // ---- map -----------------------------------------------------------------------------
+
+    /// [`Engine::map_runs`] on a refcounted engine.
+    pub(crate) fn map_runs_counted<S: PageSource>(
+        &self,
+        runs: &[Run],
+        prot: Prot,
+        src: &mut S,
+    ) -> Result<(), MapError> {
+        let guard = self.enter();
+        let bits = desc::prot_bits(self.config(), prot);
+        let mut dead = Vec::new();
+        let result = match runs {
+            [r] if self.seg_len(r.level, r.iova, r.count) == r.count => self
+                .prepare(r.iova, r.level, r.count, src, &mut dead)
+                .map(|p| self.commit(&p, r.pa, bits, &mut dead)),
+            _ => self.map_many(runs, bits, src, &mut dead),
+        };
+        self.retire(&dead);
+        drop(guard);
+        result
+    }
+
+    /// Several segments: plan (conflicts, exact missing count), obtain once, prepare every
+    /// segment (undoing all on failure), then commit them all.
+    fn map_many<S: PageSource>(
+        &self,
+        runs: &[Run],
+        bits: u64,
+        src: &mut S,
+        dead: &mut Vec<PhysAddr>,
+    ) -> Result<(), MapError> {
+        let cfg = self.config();
+        let root = self.root_frame().ok_or(MapError::BrokenTable {
+            iova: Iova::ZERO,
+            pa: self.root(),
+        })?;
+        let mut plan = Plan::default();
+        for r in runs {
+            let end = r.iova + r.count * r.size.get();
+            self.plan(
+                &mut plan,
+                root.t,
+                cfg.start_level(),
+                r.level,
+                r.iova,
+                end,
+                true,
+            )?;
+        }
+        let mut top = TopUp {
+            stash: Stash::default(),
+            src,
+        };
+        top.src.obtain(plan.missing, &mut top.stash.pages)?;
+        let mut prepared: Vec<(Prepared<'_>, u64)> = Vec::new();
+        let mut failure = None;
+        'runs: for r in runs {
+            let (mut iova, mut pa, mut left) = (r.iova, r.pa, r.count);
+            while left > 0 {
+                let n = self.seg_len(r.level, iova, left);
+                match self.prepare(iova, r.level, n, &mut top, dead) {
+                    Ok(p) => prepared.push((p, pa)),
+                    Err(e) => {
+                        failure = Some(e);
+                        break 'runs;
+                    }
+                }
+                let bytes = n * r.size.get();
+                iova += bytes;
+                pa += bytes;
+                left -= n;
+            }
+        }
+        if let Some(e) = failure {
+            for (p, _) in prepared.iter().rev() {
+                self.abort(p, dead);
+            }
+            top.src.give_back(&top.stash.pages);
+            return Err(e);
+        }
+        for (p, pa) in &prepared {
+            self.commit(p, *pa, bits, dead);
+        }
+        top.src.give_back(&top.stash.pages);
+        Ok(())
+    }
+
+    /// Makes the leaf table of a segment exist and pins it for the segment's leaves, checking
+    /// every target slot; installs a missing path as one privately built chain published with
+    /// one compare-exchange.
+    fn prepare<S: PageSource>(
+        &self,
+        iova: u64,
+        target: u32,
+        n: u64,
+        src: &mut S,
+        dead: &mut Vec<PhysAddr>,
+    ) -> Result<Prepared<'_>, MapError> {
+        let cfg = self.config();
+        'descend: loop {
+            let root = self.root_frame().ok_or(MapError::BrokenTable {
+                iova: self.ext(iova),
+                pa: self.root(),
+            })?;
+            let mut path = Path::new(root);
+            let mut level = cfg.start_level();
+            while level < target {
+                let cur = path.last();
+                let slot =
+                    cur.t
+                        .entries
+                        .get(cfg.index(iova, level))
+                        .ok_or(MapError::BrokenTable {
+                            iova: self.ext(iova),
+                            pa: cur.pa,
+                        })?;
+                let e = slot.load(SC);
+                match self.kind_of(level, e) {
+                    Kind::Table => {
+                        let (t, pa) = self.table_of(e).ok_or(MapError::BrokenTable {
+                            iova: self.ext(iova),
+                            pa: desc::unpack_pa(e, cfg.granule()),
+                        })?;
+                        level += 1;
+                        path.push(Frame { t, pa, level });
+                    }
+                    Kind::Leaf => {
+                        return Err(MapError::AlreadyMapped {
+                            iova: self.ext(iova),
+                        });
+                    }
+                    Kind::Invalid => {
+                        if self.install_chain(&mut path, slot, iova, target, n, src, dead)? {
+                            return Ok(Prepared {
+                                path,
+                                iova,
+                                level: target,
+                                n,
+                                pinned: n as u32,
+                                claimed: Vec::new(),
+                            });
+                        }
+                        core::hint::spin_loop();
+                        continue 'descend;
+                    }
+                }
+            }
+            if let Some(p) = self.prepare_leaf(path, iova, target, n, dead)? {
+                return Ok(p);
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// The leaf-table half of [`prepare`](Self::prepare): checks the segment's slots, pins
+    /// the table for the new leaves and claims the empty tables they replace. `Ok(None)`: the
+    /// table is dying, walk again.
+    fn prepare_leaf<'a>(
+        &'a self,
+        path: Path<'a>,
+        iova: u64,
+        target: u32,
+        n: u64,
+        dead: &mut Vec<PhysAddr>,
+    ) -> Result<Option<Prepared<'a>>, MapError> {
+        let cfg = self.config();
+        let size = cfg.block_size(target);
+        {
+            let cur = path.last();
+            let first = cfg.index(iova, target);
+            let slots =
+                cur.t
+                    .entries
+                    .get(first..first + n as usize)
+                    .ok_or(MapError::BrokenTable {
+                        iova: self.ext(iova),
+                        pa: cur.pa,
+                    })?;
+            let mut free = 0u32;
+            let mut claimed = Vec::new();
+            for (k, e) in slots.iter().enumerate() {
+                let v = e.load(SC);
+                let at = self.ext(iova + k as u64 * size);
+                match self.kind_of(target, v) {
+                    Kind::Invalid => free += 1,
+                    Kind::Leaf => return Err(MapError::AlreadyMapped { iova: at }),
+                    Kind::Table => {
+                        let (sub, spa) = self.table_of(v).ok_or(MapError::BrokenTable {
+                            iova: at,
+                            pa: desc::unpack_pa(v, cfg.granule()),
+                        })?;
+                        if self.subtree_has_leaf(sub, target + 1) {
+                            return Err(MapError::AlreadyMapped { iova: at });
+                        }
+                        if sub.meta.reservations.load(SC) != 0 {
+                            return Err(MapError::ReservedTable { iova: at });
+                        }
+                        claimed.push((k, spa));
+                    }
+                }
+            }
+            if !pin(cur.t.meta, free) {
+                return Ok(None);
+            }
+            for (j, &(k, spa)) in claimed.iter().enumerate() {
+                if !self
+                    .allocator()
+                    .table(spa)
+                    .is_some_and(|t| try_claim(t.meta, 0))
+                {
+                    for &(_, done) in &claimed[..j] {
+                        if let Some(t) = self.allocator().table(done) {
+                            t.meta.live_entries.store(0, SC);
+                        }
+                    }
+                    self.drop_live(path.frames(), path.top(), free, iova, dead);
+                    return Err(MapError::AlreadyMapped {
+                        iova: self.ext(iova + k as u64 * size),
+                    });
+                }
+            }
+            Ok(Some(Prepared {
+                path,
+                iova,
+                level: target,
+                n,
+                pinned: free,
+                claimed,
+            }))
+        }
+    }
+
+    /// Installs the tables from below `path`'s last table down to `target` at the empty
+    /// `slot`, the leaf table pinned for `n` leaves. `Ok(false)`: lost a race or met a dying
+    /// table, walk again.
+    #[allow(clippy::too_many_arguments)]
+    fn install_chain<'a, S: PageSource>(
+        &'a self,
+        path: &mut Path<'a>,
+        slot: &AtomicU64,
+        iova: u64,
+        target: u32,
+        n: u64,
+        src: &mut S,
+        dead: &mut Vec<PhysAddr>,
+    ) -> Result<bool, MapError> {
+        let cfg = self.config();
+        let cur = path.last();
+        let level = cur.level;
+        let need = (target - level) as usize;
+        let mut pages = Vec::with_capacity(need);
+        src.obtain(need, &mut pages)?;
+        let mut chain = Vec::with_capacity(need);
+        for &p in &pages {
+            let Some(t) = self.allocator().table(p) else {
+                src.give_back(&pages);
+                return Err(MapError::BrokenTable {
+                    iova: self.ext(iova),
+                    pa: p,
+                });
+            };
+            chain.push(t);
+        }
+        for (i, t) in chain.iter().enumerate() {
+            if i + 1 < need {
+                t.entries[cfg.index(iova, level + 1 + i as u32)]
+                    .store(desc::encode_table(cfg, pages[i + 1]), Ordering::Relaxed);
+                t.meta.live_entries.store(1, Ordering::Relaxed);
+            } else {
+                t.meta.live_entries.store(n as u32, Ordering::Relaxed);
+            }
+        }
+        let reset = |chain: &[TableRef<'_>]| {
+            for (i, t) in chain.iter().enumerate() {
+                if i + 1 < need {
+                    t.entries[cfg.index(iova, level + 1 + i as u32)].store(0, Ordering::Relaxed);
+                }
+                t.meta.clear();
+            }
+        };
+        if !pin(cur.t.meta, 1) {
+            reset(&chain);
+            src.give_back(&pages);
+            return Ok(false);
+        }
+        if slot
+            .compare_exchange(0, desc::encode_table(cfg, pages[0]), SC, SC)
+            .is_err()
+        {
+            reset(&chain);
+            src.give_back(&pages);
+            self.counters()
+                .install_races_lost
+                .fetch_add(1, Ordering::Relaxed);
+            self.drop_live(path.frames(), path.top(), 1, iova, dead);
+            return Ok(false);
+        }
+        self.counters().add_live(need as u64);
+        for (i, t) in chain.into_iter().enumerate() {
+            path.push(Frame {
+                t,
+                pa: pages[i],
+                level: level + 1 + i as u32,
+            });
+        }
+        Ok(true)
+    }
+
+    /// Writes a prepared segment's leaves (cannot fail).
+    fn commit(&self, p: &Prepared<'_>, pa: u64, bits: u64, dead: &mut Vec<PhysAddr>) {
+        let cfg = self.config();
+        let size = cfg.block_size(p.level);
+        let leaf_type = desc::leaf_type(cfg.format(), p.level);
+        let t = p.path.last().t;
+        let first = cfg.index(p.iova, p.level);
+        for (k, e) in t.entries[first..first + p.n as usize].iter().enumerate() {
+            let d = bits | leaf_type | desc::pack_pa(PhysAddr::new(pa + k as u64 * size));
+            if p.claimed.is_empty() {
+                e.store(d, Ordering::Release);
+                continue;
+            }
+            match p.claimed.iter().find(|c| c.0 == k) {
+                None => e.store(d, SC),
+                Some(&(_, table)) => {
+                    e.swap(d, SC);
+                    self.flush_ops().flush_walk(
+                        self.ext(p.iova + k as u64 * size),
+                        size,
+                        cfg.granule().size(),
+                    );
+                    self.note_dead(table, dead);
+                }
+            }
+        }
+    }
+
+    /// Undoes a prepared segment: releases its claims and pins (freeing what that empties).
+    fn abort(&self, p: &Prepared<'_>, dead: &mut Vec<PhysAddr>) {
+        for &(_, table) in &p.claimed {
+            if let Some(t) = self.allocator().table(table) {
+                t.meta.live_entries.store(0, SC);
+            }
+        }
+        self.drop_live(p.path.frames(), p.path.top(), p.pinned, p.iova, dead);
+    }
+
+    // ---- unmap ---------------------------------------------------------------------------
+
+    fn unmap_path(&self, iova: u64, r: Run) -> Result<Path<'_>, UnmapError> {
+        let cfg = self.config();
+        let root = self.root_frame().ok_or(UnmapError::BrokenTable {
+            iova: self.ext(iova),
+            pa: self.root(),
+        })?;
+        let mut path = Path::new(root);
+        let mut level = cfg.start_level();
+        while level < r.level {
+            let e = path
+                .last()
+                .t
+                .entries
+                .get(cfg.index(iova, level))
+                .map_or(0, |e| e.load(SC));
+            match self.kind_of(level, e) {
+                Kind::Invalid => {
+                    return Err(UnmapError::NotMapped {
+                        iova: self.ext(iova),
+                    });
+                }
+                Kind::Leaf => {
+                    return Err(UnmapError::PartialBlock {
+                        iova: self.ext(iova),
+                        size: r.size,
+                        leaf: PageSize::new(cfg.block_size(level)).unwrap_or(r.size),
+                    });
+                }
+                Kind::Table => {
+                    let (t, pa) = self.table_of(e).ok_or(UnmapError::BrokenTable {
+                        iova: self.ext(iova),
+                        pa: desc::unpack_pa(e, cfg.granule()),
+                    })?;
+                    level += 1;
+                    path.push(Frame { t, pa, level });
+                }
+            }
+        }
+        Ok(path)
+    }
+
+    /// [`Engine::unmap_run`] on a refcounted engine.
+    pub(crate) fn unmap_run_counted(&self, r: Run, gather: &mut Gather) -> Result<u64, UnmapError> {
+        let guard = self.enter();
+        let cfg = self.config();
+        let size = r.size.get();
+        // Check pass: every entry valid, no reserved table to remove. A run inside one leaf
+        // table keeps its path for the clear pass: the leaves it holds keep the tables alive.
+        let single = self.seg_len(r.level, r.iova, r.count) == r.count;
+        let mut kept = None;
+        let (mut iova, mut left) = (r.iova, r.count);
+        while left > 0 {
+            let n = self.seg_len(r.level, iova, left);
+            let path = self.unmap_path(iova, r)?;
+            if single {
+                kept = Some(path);
+            }
+            let first = cfg.index(iova, r.level);
+            let t = path.last().t;
+            for (k, e) in t.entries[first..first + n as usize].iter().enumerate() {
+                let v = e.load(SC);
+                let at = self.ext(iova + k as u64 * size);
+                match self.kind_of(r.level, v) {
+                    Kind::Invalid => return Err(UnmapError::NotMapped { iova: at }),
+                    Kind::Table => {
+                        if self
+                            .table_of(v)
+                            .is_some_and(|(sub, _)| sub.meta.reservations.load(SC) != 0)
+                        {
+                            return Err(UnmapError::ReservedTable { iova: at });
+                        }
+                    }
+                    Kind::Leaf => {}
+                }
+            }
+            iova += n * size;
+            left -= n;
+        }
+        // Clear pass.
+        let mut dead = Vec::new();
+        let (mut iova, mut left) = (r.iova, r.count);
+        let mut result = Ok(r.count * size);
+        while left > 0 {
+            let n = self.seg_len(r.level, iova, left);
+            let path = match kept.take().map_or_else(|| self.unmap_path(iova, r), Ok) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Only a concurrent overlapping operation (a caller bug) gets here.
+                    result = Err(e);
+                    break;
+                }
+            };
+            let first = cfg.index(iova, r.level);
+            let t = path.last().t;
+            let mut removed = 0u32;
+            for (k, e) in t.entries[first..first + n as usize].iter().enumerate() {
+                let old = e.swap(0, SC);
+                let at = self.ext(iova + k as u64 * size);
+                match self.kind_of(r.level, old) {
+                    Kind::Leaf => {
+                        self.flush_ops().add_page(gather, at, size);
+                        removed += 1;
+                    }
+                    Kind::Table => {
+                        // Linux semantics: an unmap at block size removes the table and all
+                        // it holds; it is freed after the walk flush (and the grace period).
+                        self.flush_ops().flush_walk(at, size, cfg.granule().size());
+                        self.collect_tables(old, r.level + 1, &mut dead);
+                        removed += 1;
+                    }
+                    Kind::Invalid => {}
+                }
+            }
+            self.drop_live(path.frames(), path.top(), removed, iova, &mut dead);
+            iova += n * size;
+            left -= n;
+        }
+        self.retire(&dead);
+        drop(guard);
+        result
+    }
+
+    // ---- reservations --------------------------------------------------------------------
+
+    fn want(&self, range: IovaRange, max_leaf: PageSize) -> Result<Want, ReserveError> {
+        let cfg = self.config();
+        let bad = ReserveError::BadLeafSize {
+            range,
+            size: max_leaf.get(),
+        };
+        if cfg.leaf_level(max_leaf).is_none() {
+            return Err(bad);
+        }
+        let min = cfg
+            .page_sizes()
+            .smallest()
+            .map_or(cfg.granule().size(), PageSize::get);
+        if !range.start().is_aligned(min) || range.len() % min != 0 {
+            return Err(bad);
+        }
+        if !cfg.iova_in_range(range.start()) || !cfg.iova_in_range(range.last()) {
+            return Err(ReserveError::OutOfRange { range });
+        }
+        let mut allowed = 0u8;
+        for l in cfg.start_level()..=3 {
+            let bs = cfg.block_size(l);
+            if bs <= max_leaf.get() && PageSize::new(bs).and_then(|s| cfg.leaf_level(s)) == Some(l)
+            {
+                allowed |= 1 << l;
+            }
+        }
+        let m = self.lmask();
+        Ok(Want {
+            start: range.start().get() & m,
+            end: (range.last().get() & m) + 1,
+            allowed,
+        })
+    }
+
+    /// Whether the slot at `level` starting at `slot` needs a table below it for `w`.
+    fn needs_child(&self, w: &Want, level: u32, slot: u64) -> bool {
+        if level >= 3 {
+            return false;
+        }
+        let end = slot + self.config().block_size(level);
+        !(slot >= w.start && end <= w.end && w.allowed & (1 << level) != 0)
+    }
+
+    /// Calls `f(slot_start, from, to)` for every slot of a table at `level` that `[a, b)`
+    /// touches, with the part of `[a, b)` inside it.
+    fn slots(&self, level: u32, a: u64, b: u64, mut f: impl FnMut(u64, u64, u64) -> bool) {
+        let bs = self.config().block_size(level);
+        let mut at = a;
+        while at < b {
+            let s = at & !(bs - 1);
+            let next = (s + bs).min(b);
+            if !f(s, at, next) {
+                return;
+            }
+            at = next;
+        }
+    }
+
+    /// Tables needed for a new, fully covered table at `level` and everything below it.
+    fn count_full(&self, w: &Want, level: u32) -> usize {
+        if level >= 3 || w.allowed & (1 << level) != 0 {
+            return 1;
+        }
+        let per = self.config().granule().entries();
+        per.saturating_mul(self.count_full(w, level + 1))
+            .saturating_add(1)
+    }
+
+    /// Tables needed for a new table at `level` covering `[a, b)` and everything below it.
+    fn count_virtual(&self, w: &Want, level: u32, a: u64, b: u64) -> usize {
+        if level >= 3 {
+            return 1;
+        }
+        let bs = self.config().block_size(level);
+        let first = a & !(bs - 1);
+        let last = (b - 1) & !(bs - 1);
+        let part = |s: u64, from: u64, to: u64| {
+            if self.needs_child(w, level, s) {
+                self.count_virtual(w, level + 1, from, to)
+            } else {
+                0
+            }
+        };
+        if first == last {
+            return 1 + part(first, a, b);
+        }
+        let head = part(first, a, first + bs);
+        let tail = part(last, last, b);
+        let inner = usize::try_from((last - first) / bs - 1).unwrap_or(usize::MAX);
+        let per = if inner > 0 && self.needs_child(w, level, first + bs) {
+            self.count_full(w, level + 1)
+        } else {
+            0
+        };
+        inner
+            .saturating_mul(per)
+            .saturating_add(head)
+            .saturating_add(tail)
+            .saturating_add(1)
+    }
+
+    /// Missing tables for `w` below the existing `table` at `level`, over `[a, b)`.
+    fn count_existing(
+        &self,
+        table: TableRef<'_>,
+        level: u32,
+        a: u64,
+        b: u64,
+        w: &Want,
+    ) -> Result<usize, ReserveError> {
+        let cfg = self.config();
+        let mut n = 0usize;
+        let mut err = None;
+        self.slots(level, a, b, |s, at, next| {
+            if !self.needs_child(w, level, s) {
+                return true;
+            }
+            let e = table
+                .entries
+                .get(cfg.index(at, level))
+                .map_or(0, |e| e.load(SC));
+            let r = match self.kind_of(level, e) {
+                Kind::Invalid => Ok(self.count_virtual(w, level + 1, at, next)),
+                Kind::Leaf => Err(ReserveError::BlockInTheWay { iova: self.ext(at) }),
+                Kind::Table => match self.table_of(e) {
+                    Some((sub, _)) => self.count_existing(sub, level + 1, at, next, w),
+                    None => Err(ReserveError::BlockInTheWay { iova: self.ext(at) }),
+                },
+            };
+            match r {
+                Ok(k) => {
+                    n = n.saturating_add(k);
+                    true
+                }
+                Err(e) => {
+                    err = Some(e);
+                    false
+                }
+            }
+        });
+        err.map_or(Ok(n), Err)
+    }
+
+    /// Returns exactly how many table pages [`reserve_tables`](Self::reserve_tables) would
+    /// allocate now for `range` and `max_leaf`: what a `map_range` of the range with leaves up
+    /// to `max_leaf` (and IOVA-congruent backing) would install.
+    ///
+    /// # Errors
+    ///
+    /// [`ReserveError::BadLeafSize`] for an unsupported `max_leaf` or a range not aligned to
+    /// the smallest page size, [`ReserveError::OutOfRange`], and
+    /// [`ReserveError::BlockInTheWay`] where a leaf larger than the plan occupies a slot that
+    /// needs a table (also reported for a corrupted tree).
+    pub fn reserve_pages_needed(
+        &self,
+        range: IovaRange,
+        max_leaf: PageSize,
+    ) -> Result<usize, ReserveError> {
+        let w = self.want(range, max_leaf)?;
+        let _guard = self.enter();
+        let root = self.root_frame().ok_or(ReserveError::BlockInTheWay {
+            iova: range.start(),
+        })?;
+        self.count_existing(root.t, root.level, w.start, w.end, &w)
+    }
+
+    /// Reserves `range` for leaves up to `max_leaf` (Design 2's "allocate VA"): counts the
+    /// missing tables, takes them in one `alloc_bulk`, installs them, and increments the
+    /// reservation count of every table covering the range (see the [module docs](self)).
+    /// Returns the pages taken from the allocator. All or nothing.
+    ///
+    /// The engine does not track reservations; the caller must release each successful
+    /// reservation exactly once with the same arguments.
+    ///
+    /// # Errors
+    ///
+    /// As [`reserve_pages_needed`](Self::reserve_pages_needed), plus [`ReserveError::Alloc`].
+    /// Nothing changed.
+    ///
+    /// # Panics
+    ///
+    /// If the engine's policy is not [`Policy::Refcounted`].
+    pub fn reserve_tables(
+        &self,
+        range: IovaRange,
+        max_leaf: PageSize,
+    ) -> Result<usize, ReserveError> {
+        assert!(self.rc.counting(), "reservations need Policy::Refcounted");
+        let w = self.want(range, max_leaf)?;
+        let guard = self.enter();
+        let root = self.root_frame().ok_or(ReserveError::BlockInTheWay {
+            iova: range.start(),
+        })?;
+        let need = self.count_existing(root.t, root.level, w.start, w.end, &w)?;
+        let c = self.counters();
+        let mut src = ReserveSource {
+            engine: self,
+            pages: Vec::new(),
+            extra: 0,
+        };
+        if need > 0 {
+            c.alloc_bulk_calls.fetch_add(1, Ordering::Relaxed);
+            self.allocator()
+                .alloc_bulk(self.config().granule().size(), need, &mut src.pages)?;
+            c.pages_allocated.fetch_add(need as u64, Ordering::Relaxed);
+            c.pages_reserved.fetch_add(need as u64, Ordering::Relaxed);
+        }
+        let mut taken = Vec::new();
+        let result = self.reserve_walk(root, w.start, w.end, &w, &mut src, &mut taken);
+        let mut dead = Vec::new();
+        if result.is_err() {
+            for &pa in &taken {
+                if let Some(t) = self.allocator().table(pa) {
+                    t.meta.reservations.fetch_sub(1, SC);
+                }
+            }
+            self.collapse(root, w.start, w.end, None, None, false, &mut dead);
+        }
+        if !src.pages.is_empty() {
+            let n = src.pages.len() as u64;
+            c.free_bulk_calls.fetch_add(1, Ordering::Relaxed);
+            c.pages_freed.fetch_add(n, Ordering::Relaxed);
+            c.reserved_unused.fetch_add(n, Ordering::Relaxed);
+            self.allocator()
+                .free_bulk(&src.pages, self.config().granule().size());
+        }
+        self.retire(&dead);
+        drop(guard);
+        result.map(|()| need + src.extra)
+    }
+
+    /// Takes a reservation on every table `w` needs below `f` over `[a, b)`, installing the
+    /// missing ones from `src`. Records every table counted in `taken`.
+    #[allow(clippy::too_many_arguments)]
+    fn reserve_walk<'a>(
+        &'a self,
+        f: Frame<'a>,
+        a: u64,
+        b: u64,
+        w: &Want,
+        src: &mut ReserveSource<'_, A, F>,
+        taken: &mut Vec<PhysAddr>,
+    ) -> Result<(), ReserveError> {
+        let cfg = self.config();
+        let mut result = Ok(());
+        self.slots(f.level, a, b, |s, at, next| {
+            if !self.needs_child(w, f.level, s) {
+                return true;
+            }
+            let Some(slot) = f.t.entries.get(cfg.index(at, f.level)) else {
+                result = Err(ReserveError::BlockInTheWay { iova: self.ext(at) });
+                return false;
+            };
+            loop {
+                let e = slot.load(SC);
+                match self.kind_of(f.level, e) {
+                    Kind::Leaf => {
+                        result = Err(ReserveError::BlockInTheWay { iova: self.ext(at) });
+                        return false;
+                    }
+                    Kind::Table => {
+                        let Some((sub, spa)) = self.table_of(e) else {
+                            result = Err(ReserveError::BlockInTheWay { iova: self.ext(at) });
+                            return false;
+                        };
+                        if !pin(sub.meta, 1) {
+                            // Being freed: its parent slot empties shortly.
+                            core::hint::spin_loop();
+                            continue;
+                        }
+                        sub.meta.reservations.fetch_add(1, SC);
+                        sub.meta.live_entries.fetch_sub(1, SC);
+                        taken.push(spa);
+                        let child = Frame {
+                            t: sub,
+                            pa: spa,
+                            level: f.level + 1,
+                        };
+                        result = self.reserve_walk(child, at, next, w, src, taken);
+                        return result.is_ok();
+                    }
+                    Kind::Invalid => {
+                        let mut built = Vec::new();
+                        let top = match self.build(w, f.level + 1, at, next, src, &mut built) {
+                            Ok(p) => p,
+                            Err(e) => {
+                                Self::dismantle(&built, src);
+                                result = Err(e);
+                                return false;
+                            }
+                        };
+                        // `f` is the root or held by this reservation: never dead.
+                        let pinned = pin(f.t.meta, 1);
+                        debug_assert!(pinned);
+                        if pinned
+                            && slot
+                                .compare_exchange(0, desc::encode_table(cfg, top), SC, SC)
+                                .is_ok()
+                        {
+                            let c = self.counters();
+                            c.add_live(built.len() as u64);
+                            c.pages_consumed
+                                .fetch_add(built.len() as u64, Ordering::Relaxed);
+                            taken.extend(built.iter().map(|&(p, _)| p));
+                            return true;
+                        }
+                        if pinned {
+                            f.t.meta.live_entries.fetch_sub(1, SC);
+                        }
+                        Self::dismantle(&built, src);
+                        self.counters()
+                            .install_races_lost
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        result
+    }
+
+    /// Builds, privately, a table at `level` for `[a, b)` and everything `w` needs below it,
+    /// each with one reservation. Returns its address; every table is pushed to `built`.
+    fn build<'a>(
+        &'a self,
+        w: &Want,
+        level: u32,
+        a: u64,
+        b: u64,
+        src: &mut ReserveSource<'_, A, F>,
+        built: &mut Vec<(PhysAddr, TableRef<'a>)>,
+    ) -> Result<PhysAddr, ReserveError> {
+        let cfg = self.config();
+        let p = src.take()?;
+        let Some(t) = self.allocator().table(p) else {
+            src.pages.push(p);
+            return Err(ReserveError::Alloc {
+                source: AllocError::UnsupportedSize {
+                    size: cfg.granule().size(),
+                },
+            });
+        };
+        t.meta.reservations.store(1, Ordering::Relaxed);
+        built.push((p, t));
+        if level >= 3 {
+            return Ok(p);
+        }
+        let mut result = Ok(p);
+        self.slots(level, a, b, |s, at, next| {
+            if !self.needs_child(w, level, s) {
+                return true;
+            }
+            match self.build(w, level + 1, at, next, src, built) {
+                Ok(c) => {
+                    t.entries[cfg.index(at, level)]
+                        .store(desc::encode_table(cfg, c), Ordering::Relaxed);
+                    t.meta.live_entries.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(e) => {
+                    result = Err(e);
+                    false
+                }
+            }
+        });
+        result
+    }
+
+    /// Zeroes privately built tables and returns their pages to the reservation's source.
+    fn dismantle(built: &[(PhysAddr, TableRef<'_>)], src: &mut ReserveSource<'_, A, F>) {
+        for &(p, t) in built {
+            for e in t.entries {
+                e.store(0, Ordering::Relaxed);
+            }
+            t.meta.clear();
+            src.pages.push(p);
+        }
+    }
+
+    /// Releases a reservation made by [`reserve_tables`](Self::reserve_tables) with the same
+    /// arguments (Design 2's "unallocate VA"): **unmaps every leaf inside the range first**
+    /// (adding it to `gather`), drops the range's reservation counts, then unlinks — after one
+    /// [`FlushOps::flush_walk`] per unlinked subtree — and frees in one batch every table left
+    /// with neither live entries nor reservations. Tables other reservations hold survive.
+    ///
+    /// # Errors
+    ///
+    /// As [`reserve_pages_needed`](Self::reserve_pages_needed) for invalid arguments.
+    ///
+    /// # Panics
+    ///
+    /// If the engine's policy is not [`Policy::Refcounted`].
+    pub fn release_tables(
+        &self,
+        range: IovaRange,
+        max_leaf: PageSize,
+        gather: &mut Gather,
+    ) -> Result<(), ReserveError> {
+        assert!(self.rc.counting(), "reservations need Policy::Refcounted");
+        let w = self.want(range, max_leaf)?;
+        let guard = self.enter();
+        let root = self.root_frame().ok_or(ReserveError::BlockInTheWay {
+            iova: range.start(),
+        })?;
+        let mut dead = Vec::new();
+        self.collapse(
+            root,
+            w.start,
+            w.end,
+            Some(&w),
+            Some(gather),
+            false,
+            &mut dead,
+        );
+        self.retire(&dead);
+        drop(guard);
+        Ok(())
+    }
+
+    /// Post-order pass over the tables under `f` that `[a, b)` touches: clears the leaves
+    /// inside the range (with `gather`), drops `f`'s reservation if `dec_self`, and claims
+    /// every table left with nothing. Returns whether `f` itself was claimed (and is still
+    /// linked: the caller unlinks it or claims its parent in turn).
+    #[allow(clippy::too_many_arguments)]
+    fn collapse(
+        &self,
+        f: Frame<'_>,
+        a: u64,
+        b: u64,
+        w: Option<&Want>,
+        mut gather: Option<&mut Gather>,
+        dec_self: bool,
+        dead: &mut Vec<PhysAddr>,
+    ) -> bool {
+        let cfg = self.config();
+        let bs = cfg.block_size(f.level);
+        let mut cleared = 0u32;
+        let mut kids: Vec<(usize, u64)> = Vec::new();
+        self.slots(f.level, a, b, |s, at, next| {
+            let idx = cfg.index(at, f.level);
+            let Some(slot) = f.t.entries.get(idx) else {
+                return true;
+            };
+            let e = slot.load(SC);
+            match self.kind_of(f.level, e) {
+                Kind::Leaf => {
+                    if let (Some(g), Some(w)) = (gather.as_deref_mut(), w) {
+                        if s >= w.start && s + bs <= w.end {
+                            slot.swap(0, SC);
+                            self.flush_ops().add_page(g, self.ext(s), bs);
+                            cleared += 1;
+                        }
+                    }
+                }
+                Kind::Table => {
+                    if let Some((sub, spa)) = self.table_of(e) {
+                        let dec = w.is_some_and(|w| self.needs_child(w, f.level, s));
+                        let child = Frame {
+                            t: sub,
+                            pa: spa,
+                            level: f.level + 1,
+                        };
+                        if self.collapse(child, at, next, w, gather.as_deref_mut(), dec, dead) {
+                            kids.push((idx, s));
+                        }
+                    }
+                }
+                Kind::Invalid => {}
+            }
+            true
+        });
+        if cleared > 0 {
+            f.t.meta.live_entries.fetch_sub(cleared, SC);
+        }
+        if dec_self {
+            f.t.meta.reservations.fetch_sub(1, SC);
+        }
+        let is_root = f.pa == self.root();
+        let k = kids.len() as u32;
+        if !is_root && try_claim(f.t.meta, k) {
+            self.note_dead(f.pa, dead);
+            return true;
+        }
+        for &(idx, s) in &kids {
+            self.unlink(f, idx, s);
+        }
+        if k > 0
+            && f.t.meta.live_entries.fetch_sub(k, SC) == k
+            && !is_root
+            && try_claim(f.t.meta, 0)
+        {
+            self.note_dead(f.pa, dead);
+            return true;
+        }
+        false
+    }
+}

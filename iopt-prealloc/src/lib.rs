@@ -1,0 +1,367 @@
+//! # iopt-prealloc: Design 2, refcounted VA reservations inside the table
+//!
+//! The design Jason Gunthorpe proposed on the iommu list (2023-11-10, never merged, and what
+//! nouveau ships for its own page tables): an "allocate VA" call installs every table level that
+//! covers a range and takes a reference on each table page, so later maps there never allocate
+//! and later unmaps never free; "unallocate VA" drops the references and frees, in one batch,
+//! whatever falls to zero. [`PreallocTable`] is a complete ARM LPAE page table built that way
+//! on the shared [`Engine`] of `iopt-lpae`, with the engine's [`Policy::Refcounted`] turned on.
+//!
+//! ```
+//! use iopt_api::{Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, PageSize,
+//!     PageSizes, PhysAddr, Prot, Reserve};
+//! use iopt_lpae::SimMemory;
+//! use iopt_prealloc::PreallocTable;
+//!
+//! // panthor's configuration: 48-bit stage 1, 4 KiB and 2 MiB pages.
+//! let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::from_bits(0x20_1000), 48, 40))?;
+//! let mem = SimMemory::new();
+//! let table = PreallocTable::new(cfg, &mem)?;
+//!
+//! // At VM_BIND submit: reserve 1 GiB at +4 KiB for 2 MiB-contiguous backing. Exactly the
+//! // 5 missing tables are taken (one L1, two L2, two L3), in one bulk allocation; the worst
+//! // case of Design 1 would be 516.
+//! let range = IovaRange::new(Iova::new((1 << 30) + 0x1000), 1 << 30, 0x1000)?;
+//! assert_eq!(table.pages_needed(range, PageSize::SZ_2M)?, 5);
+//! let r = table.reserve(range, PageSize::SZ_2M)?;
+//! assert_eq!(r.pages(), 5);
+//!
+//! // At run_job: maps inside the reservation never call the allocator.
+//! let before = mem.stats();
+//! let blocks = Iova::new((1 << 30) + (2 << 20));
+//! table.map_reserved(&r, blocks, PhysAddr::new(0x4020_0000), PageSize::SZ_2M, 8, Prot::READ)?;
+//! table.map_reserved(&r, Iova::new((1 << 30) + 0x1000), PhysAddr::new(0x8000_0000), PageSize::SZ_4K, 4, Prot::READ)?;
+//! assert_eq!(mem.stats().pages_allocated, before.pages_allocated);
+//! assert_eq!(table.iova_to_phys(Iova::new(0x4020_0123)).unwrap().pa, PhysAddr::new(0x4020_0123));
+//!
+//! // Unmaps inside it free nothing.
+//! let mut gather = Gather::new();
+//! table.unmap(blocks, PageSize::SZ_2M, 8, &mut gather)?;
+//! assert_eq!(mem.stats().pages_freed, before.pages_freed);
+//!
+//! // At cleanup: release unmaps what is left in the range and frees the tables in one batch.
+//! table.release(r, &mut gather)?;
+//! assert_eq!(mem.stats().live_pages, 1); // the root alone
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! ## Semantics, decided
+//!
+//! - **What a reservation covers.** `reserve(range, max_leaf)` plans leaves as `map_range`
+//!   places them for IOVA-congruent backing, with sizes up to `max_leaf`: a slot gets a leaf
+//!   where it lies wholly inside the range and its size is allowed, and a table below it
+//!   everywhere else the range touches. It installs exactly the missing tables of that plan (one
+//!   `alloc_bulk`, none when nothing is missing) and increments the reservation count of every
+//!   table of the plan, existing ones included. The root is never counted (it is never freed).
+//!   The range must be aligned to the smallest page size, not to `max_leaf`.
+//!   [`Reserve::pages_needed`] returns exactly what `reserve` would take now.
+//! - **Maps.** [`Reserve::map_reserved`] checks that the run lies inside the reservation
+//!   ([`MapError::OutsideReservation`]) and never calls the allocator: a map that would need a
+//!   table the plan did not install (a leaf smaller than planned, e.g. 4 KiB pages where the
+//!   reservation planned 2 MiB blocks) is refused with [`MapError::ReservationExhausted`]
+//!   (`left: 0`) and changes nothing. A plain [`IoPageTable::map`] works anywhere: it finds the
+//!   reserved tables present and allocates on demand what is missing, like Linux.
+//! - **Block over a reserved table.** Refused with [`MapError::ReservedTable`]; an unmap at
+//!   block size that would remove a reserved table with [`UnmapError::ReservedTable`]. Linux
+//!   would free the table.
+//! - **Unmaps** never free a table a reservation holds. Outside reservations, a table left
+//!   empty by an unmap is freed at once (eager freeing), with its empty ancestors, after the
+//!   walk flush; so a full unmap plus the release of every reservation returns to the root
+//!   alone.
+//! - **Release unmaps first.** [`Reserve::release`] removes every leaf inside the reservation's
+//!   range (adding it to the gather), including leaves mapped there under another, overlapping
+//!   reservation, then drops the counts and frees every table left with neither live entries
+//!   nor reservations, in one batch after one [`FlushOps::flush_walk`] per unlinked subtree.
+//!   Release therefore cannot fail for a live handle (the cleanup path of a fence-signalling
+//!   job must not fail), and a table another reservation holds survives. Releasing twice, or a
+//!   handle of another table, is [`ReserveError::UnknownReservation`].
+//! - **Differences from [`LpaeTable`](iopt_lpae::LpaeTable)** on plain map/unmap sequences:
+//!   none in results, errors or translations, except that an unmap at a block size over a
+//!   slot that Linux would still hold an *empty* table in (left behind by earlier small
+//!   unmaps) is [`UnmapError::NotMapped`] here, since that table was freed when it emptied.
+//!
+//! ## Concurrency
+//!
+//! All operations take `&self` and may run concurrently on disjoint ranges, sharing
+//! intermediate tables: tables are installed with compare-exchange (the loser returns its
+//! pages), counts are atomics beside each page, eager frees use a pin/claim protocol on the
+//! live count so that no thread can write into a table being freed, and freed pages are
+//! returned to the allocator only after every operation that could still hold a pointer to
+//! them has finished. The engine's [`refcount`](iopt_lpae::refcount) module documents the
+//! protocol.
+//!
+//! `no_std` + `alloc`; no `unsafe`.
+
+#![no_std]
+
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+use alloc::collections::BTreeMap;
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+use iopt_api::{
+    AllocError, Config, FlushOps, Gather, IoPageTable, Iova, IovaRange, MapError, NoFlush,
+    PageSize, PhysAddr, Prot, Registers, Reservation, Reserve, ReserveError, Stats, TableAlloc,
+    Translation, UnmapError, WalkItem,
+};
+use iopt_lpae::refcount::Policy;
+use iopt_lpae::{Engine, PageSource, regs, split_range, split_sg};
+
+/// Identities of tables, so a reservation of one table is refused by another.
+static NEXT_TABLE: AtomicU64 = AtomicU64::new(1);
+
+/// What the table remembers of a live reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    range: IovaRange,
+    leaf: PageSize,
+}
+
+/// The source of maps bound to a reservation: it has no pages to give.
+struct NoAlloc {
+    id: u64,
+}
+
+impl PageSource for NoAlloc {
+    fn obtain(
+        &mut self,
+        count: usize,
+        _out: &mut alloc::vec::Vec<PhysAddr>,
+    ) -> Result<(), MapError> {
+        if count == 0 {
+            return Ok(());
+        }
+        Err(MapError::ReservationExhausted {
+            id: self.id,
+            left: 0,
+            needed: count,
+        })
+    }
+
+    fn give_back(&mut self, pages: &[PhysAddr]) {
+        debug_assert!(pages.is_empty(), "a reserved map obtained no pages");
+    }
+}
+
+/// An ARM LPAE IO page table with refcounted VA reservations (Design 2). See the
+/// [crate docs](crate) for the semantics.
+pub struct PreallocTable<A: TableAlloc, F: FlushOps = NoFlush> {
+    engine: Engine<A, F>,
+    id: u64,
+    next: AtomicU64,
+    live: spin::RwLock<BTreeMap<u64, Held>>,
+}
+
+impl<A: TableAlloc, F: FlushOps> fmt::Debug for PreallocTable<A, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreallocTable")
+            .field("id", &self.id)
+            .field("root", &self.engine.root())
+            .field("reservations", &self.live.read().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: TableAlloc> PreallocTable<A, NoFlush> {
+    /// Builds an empty table (the root only) with no flush callbacks.
+    ///
+    /// # Errors
+    ///
+    /// The allocator's error if the root cannot be allocated.
+    pub fn new(cfg: Config, alloc: A) -> Result<Self, AllocError> {
+        Self::with_flush(cfg, alloc, NoFlush)
+    }
+}
+
+impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
+    /// Builds an empty table that reports invalidations to `flush`.
+    ///
+    /// # Errors
+    ///
+    /// The allocator's error if the root cannot be allocated.
+    pub fn with_flush(cfg: Config, alloc: A, flush: F) -> Result<Self, AllocError> {
+        Ok(Self {
+            engine: Engine::with_policy(cfg, alloc, flush, Policy::Refcounted)?,
+            id: NEXT_TABLE.fetch_add(1, Ordering::Relaxed),
+            next: AtomicU64::new(1),
+            live: spin::RwLock::new(BTreeMap::new()),
+        })
+    }
+
+    /// Returns the engine, for inspection.
+    #[must_use]
+    pub fn engine(&self) -> &Engine<A, F> {
+        &self.engine
+    }
+
+    /// Returns this table's identity (what [`Reservation::table_id`] holds).
+    #[must_use]
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Returns how many reservations are live.
+    #[must_use]
+    pub fn live_reservations(&self) -> usize {
+        self.live.read().len()
+    }
+
+    /// Maps a scatter list at `iova` in one call, all or nothing, allocating missing tables
+    /// on demand (as [`LpaeTable::map_sg`](iopt_lpae::LpaeTable::map_sg)).
+    ///
+    /// # Errors
+    ///
+    /// As [`split_sg`] and [`IoPageTable::map`]; nothing is mapped on error.
+    pub fn map_sg(
+        &self,
+        iova: Iova,
+        segments: &[(PhysAddr, u64)],
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        let runs = split_sg(&self.engine, iova, segments, prot)?;
+        self.engine
+            .map_runs(&runs, prot, &mut self.engine.on_demand())
+    }
+
+    /// Returns the live reservation `r` stands for, if it is one of this table's.
+    fn held(&self, r: &Reservation) -> Option<Held> {
+        if r.table_id() != self.id {
+            return None;
+        }
+        let held = *self.live.read().get(&r.id())?;
+        (held.range == r.range() && held.leaf == r.max_leaf()).then_some(held)
+    }
+}
+
+impl<A: TableAlloc, F: FlushOps> Drop for PreallocTable<A, F> {
+    fn drop(&mut self) {
+        // Nothing can be running; hand back anything still waiting for a grace period (the
+        // engine's own drop then frees the tree, reserved tables included).
+        self.engine.quiesce();
+    }
+}
+
+impl<A: TableAlloc, F: FlushOps> IoPageTable for PreallocTable<A, F> {
+    fn config(&self) -> &Config {
+        self.engine.config()
+    }
+
+    fn map(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        let run = self.engine.validate_map(iova, pa, size, count, prot)?;
+        self.engine
+            .map_runs(&[run], prot, &mut self.engine.on_demand())
+    }
+
+    fn map_range(&self, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<(), MapError> {
+        let runs = split_range(&self.engine, iova, pa, len, prot)?;
+        self.engine
+            .map_runs(&runs, prot, &mut self.engine.on_demand())
+    }
+
+    fn unmap(
+        &self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, UnmapError> {
+        let run = self.engine.validate_unmap(iova, size, count)?;
+        self.engine.unmap_run(run, gather)
+    }
+
+    fn iova_to_phys(&self, iova: Iova) -> Option<Translation> {
+        self.engine.lookup(iova)
+    }
+
+    fn walk(&self, visit: &mut dyn FnMut(WalkItem)) {
+        self.engine.walk(visit);
+    }
+
+    fn root(&self) -> PhysAddr {
+        self.engine.root()
+    }
+
+    fn registers(&self) -> Registers {
+        regs::registers(self.engine.config(), self.engine.root())
+    }
+
+    fn stats(&self) -> Stats {
+        self.engine.counters().snapshot()
+    }
+}
+
+impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
+    /// Installs and counts the tables `range` needs for leaves up to `max_leaf` (see the
+    /// [crate docs](crate)); takes exactly the missing pages in one `alloc_bulk`.
+    fn reserve(&self, range: IovaRange, max_leaf: PageSize) -> Result<Reservation, ReserveError> {
+        let pages = self.engine.reserve_tables(range, max_leaf)?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.live.write().insert(
+            id,
+            Held {
+                range,
+                leaf: max_leaf,
+            },
+        );
+        Ok(Reservation::new(self.id, id, range, max_leaf, pages))
+    }
+
+    fn map_reserved(
+        &self,
+        reservation: &Reservation,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        let id = reservation.id();
+        let held = self
+            .held(reservation)
+            .ok_or(MapError::UnknownReservation { id })?;
+        let run = self.engine.validate_map(iova, pa, size, count, prot)?;
+        let range = held.range;
+        let last = iova.get() + (count * size.get() - 1);
+        if !range.contains(iova) {
+            return Err(MapError::OutsideReservation { id, range, iova });
+        }
+        if !range.contains(Iova::new(last)) {
+            let past = range.end().unwrap_or(Iova::new(last));
+            return Err(MapError::OutsideReservation {
+                id,
+                range,
+                iova: past,
+            });
+        }
+        self.engine.map_runs(&[run], prot, &mut NoAlloc { id })
+    }
+
+    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReserveError> {
+        let id = reservation.id();
+        if self.held(&reservation).is_none() {
+            return Err(ReserveError::UnknownReservation { id });
+        }
+        // Remove first, so a concurrent second release of the same handle fails.
+        let Some(held) = self.live.write().remove(&id) else {
+            return Err(ReserveError::UnknownReservation { id });
+        };
+        if let Err(e) = self.engine.release_tables(held.range, held.leaf, gather) {
+            self.live.write().insert(id, held);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn pages_needed(&self, range: IovaRange, leaf: PageSize) -> Result<usize, ReserveError> {
+        self.engine.reserve_pages_needed(range, leaf)
+    }
+}
