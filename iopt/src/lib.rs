@@ -1,0 +1,220 @@
+//! # iopt: ARM LPAE IO page tables with a choice of allocation design
+//!
+//! One dependency for a driver author: the LPAE page table that SMMUs and Mali GPUs walk
+//! (Linux's `io-pgtable-arm`), checked bit for bit against Linux's own outputs, with the
+//! table-page allocation design chosen by cargo feature:
+//!
+//! | feature | backend | design |
+//! |---|---|---|
+//! | `alloc-ops` | [`AllocOpsTable`] | Design 1 (Linux v6.8, panthor, msm): the caller's allocator, and per-bind pools filled for the worst case at queue time |
+//! | `prealloc` | [`PreallocTable`] | Design 2 (proposed on the iommu list, nouveau-style): reserving a range installs and refcounts the tables it needs; maps there never allocate, unmaps never free |
+//!
+//! Both are on by default; [`Table`] is one type over whichever are enabled, and
+//! [`Table::new`] builds the [`Backend::default`] one, so a crate that enables exactly one
+//! feature switches design by changing only its feature list. With no backend feature the
+//! crate refuses to compile.
+//!
+//! ```
+//! use iopt::{Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, PageSize,
+//!            PageSizes, PhysAddr, Prot, Reserve, SimMemory, Table};
+//!
+//! let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 40))?;
+//! let mem = SimMemory::new();
+//! let table = Table::new(cfg, &mem)?;
+//!
+//! // Queue a bind: reserve what it needs while allocation is allowed...
+//! let range = IovaRange::new(Iova::new(0x10_0000), 0x4000, 0x1000)?;
+//! let res = table.reserve(range, PageSize::SZ_4K)?;
+//! // ...run it later where it may not allocate...
+//! table.map_reserved(&res, range.start(), PhysAddr::new(0x8000_0000), PageSize::SZ_4K, 4, Prot::READ)?;
+//! assert_eq!(table.iova_to_phys(Iova::new(0x10_1234)).unwrap().pa, PhysAddr::new(0x8000_1234));
+//! // ...and complete it.
+//! table.unmap(range.start(), PageSize::SZ_4K, 4, &mut Gather::new())?;
+//! table.release(res, &mut Gather::new())?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! ## Which design to pick
+//!
+//! - Asynchronous binds (VM_BIND) queued deep, or many small binds into populated regions:
+//!   **`prealloc`**. Design 1 must hold the worst case for an empty tree per queued bind (3
+//!   pages for a 4 KiB bind even into a populated 2 MiB region; 514 pages for a 1 GiB bind
+//!   that 2 MiB-contiguous backing maps with 2), so its peak memory grows with queue depth;
+//!   Design 2 holds what the binds actually need.
+//! - A driver that already owns a page pool and wants Linux's exact allocation points, or
+//!   that maps synchronously and rarely reserves: **`alloc-ops`**.
+//! - The `compare` harness of this workspace measures both on the same workloads; run
+//!   `cargo run --release -p compare` for the numbers behind this advice.
+//!
+//! ## Dispatch
+//!
+//! `enum_dispatch` cannot implement a trait from another crate (`iopt-api`) for an enum here,
+//! so [`Table`] dispatches through a small local macro: one `match` per call, no allocation,
+//! no `dyn`.
+//!
+//! `no_std` + `alloc`; no `unsafe`.
+
+#![no_std]
+
+#[cfg(not(any(feature = "alloc-ops", feature = "prealloc")))]
+compile_error!("iopt needs a backend: enable the `alloc-ops` or the `prealloc` feature (or both)");
+
+pub use iopt_api::*;
+pub use iopt_lpae::{LpaeTable, SimLayout, SimMemory, SimStats, debug, desc, dirty, oracle, regs};
+
+#[cfg(feature = "alloc-ops")]
+pub use iopt_alloc_ops::{AllocOpsTable, CountPolicy, InFlightCap};
+#[cfg(feature = "prealloc")]
+pub use iopt_prealloc::PreallocTable;
+
+/// The designs compiled into this build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Backend {
+    /// Design 1: caller-supplied allocator ops with per-reservation pools.
+    #[cfg(feature = "alloc-ops")]
+    AllocOps,
+    /// Design 2: refcounted VA reservations inside the table.
+    #[cfg(feature = "prealloc")]
+    Prealloc,
+}
+
+impl Default for Backend {
+    /// Design 2 when it is compiled in (it reserves what binds need, not the worst case),
+    /// otherwise Design 1.
+    fn default() -> Self {
+        #[cfg(feature = "prealloc")]
+        {
+            Backend::Prealloc
+        }
+        #[cfg(not(feature = "prealloc"))]
+        {
+            Backend::AllocOps
+        }
+    }
+}
+
+/// A page table of whichever design was chosen.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Table<A: TableAlloc, F: FlushOps = NoFlush> {
+    /// Design 1.
+    #[cfg(feature = "alloc-ops")]
+    AllocOps(AllocOpsTable<A, F>),
+    /// Design 2.
+    #[cfg(feature = "prealloc")]
+    Prealloc(PreallocTable<A, F>),
+}
+
+macro_rules! dispatch {
+    ($self:expr, $t:ident => $body:expr) => {
+        match $self {
+            #[cfg(feature = "alloc-ops")]
+            Table::AllocOps($t) => $body,
+            #[cfg(feature = "prealloc")]
+            Table::Prealloc($t) => $body,
+        }
+    };
+}
+
+impl<A: TableAlloc> Table<A, NoFlush> {
+    /// Builds an empty table of the [`Backend::default`] design with no flush callbacks.
+    ///
+    /// # Errors
+    ///
+    /// The allocator's error if the root cannot be allocated.
+    pub fn new(cfg: Config, alloc: A) -> Result<Self, AllocError> {
+        Self::with_backend(Backend::default(), cfg, alloc, NoFlush)
+    }
+}
+
+impl<A: TableAlloc, F: FlushOps> Table<A, F> {
+    /// Builds an empty table of `backend`'s design that reports invalidations to `flush`.
+    ///
+    /// # Errors
+    ///
+    /// The allocator's error if the root cannot be allocated.
+    pub fn with_backend(backend: Backend, cfg: Config, alloc: A, flush: F) -> Result<Self, AllocError> {
+        Ok(match backend {
+            #[cfg(feature = "alloc-ops")]
+            Backend::AllocOps => Table::AllocOps(AllocOpsTable::with_flush(cfg, alloc, flush)?),
+            #[cfg(feature = "prealloc")]
+            Backend::Prealloc => Table::Prealloc(PreallocTable::with_flush(cfg, alloc, flush)?),
+        })
+    }
+
+    /// Returns which design this table uses.
+    #[must_use]
+    pub fn backend(&self) -> Backend {
+        match self {
+            #[cfg(feature = "alloc-ops")]
+            Table::AllocOps(_) => Backend::AllocOps,
+            #[cfg(feature = "prealloc")]
+            Table::Prealloc(_) => Backend::Prealloc,
+        }
+    }
+}
+
+impl<A: TableAlloc, F: FlushOps> IoPageTable for Table<A, F> {
+    fn config(&self) -> &Config {
+        dispatch!(self, t => t.config())
+    }
+
+    fn map(&self, iova: Iova, pa: PhysAddr, size: PageSize, count: u64, prot: Prot) -> Result<(), MapError> {
+        dispatch!(self, t => t.map(iova, pa, size, count, prot))
+    }
+
+    fn map_range(&self, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<(), MapError> {
+        dispatch!(self, t => t.map_range(iova, pa, len, prot))
+    }
+
+    fn unmap(&self, iova: Iova, size: PageSize, count: u64, gather: &mut Gather) -> Result<u64, UnmapError> {
+        dispatch!(self, t => t.unmap(iova, size, count, gather))
+    }
+
+    fn iova_to_phys(&self, iova: Iova) -> Option<Translation> {
+        dispatch!(self, t => t.iova_to_phys(iova))
+    }
+
+    fn walk(&self, visit: &mut dyn FnMut(WalkItem)) {
+        dispatch!(self, t => t.walk(visit));
+    }
+
+    fn root(&self) -> PhysAddr {
+        dispatch!(self, t => t.root())
+    }
+
+    fn registers(&self) -> Registers {
+        dispatch!(self, t => t.registers())
+    }
+
+    fn stats(&self) -> Stats {
+        dispatch!(self, t => t.stats())
+    }
+}
+
+impl<A: TableAlloc, F: FlushOps> Reserve for Table<A, F> {
+    fn reserve(&self, range: IovaRange, max_leaf: PageSize) -> Result<Reservation, ReserveError> {
+        dispatch!(self, t => t.reserve(range, max_leaf))
+    }
+
+    fn map_reserved(
+        &self,
+        reservation: &Reservation,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        dispatch!(self, t => t.map_reserved(reservation, iova, pa, size, count, prot))
+    }
+
+    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReserveError> {
+        dispatch!(self, t => t.release(reservation, gather))
+    }
+
+    fn pages_needed(&self, range: IovaRange, leaf: PageSize) -> Result<usize, ReserveError> {
+        dispatch!(self, t => t.pages_needed(range, leaf))
+    }
+}
