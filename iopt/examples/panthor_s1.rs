@@ -26,7 +26,12 @@ fn mair_to_memattr(mair: u64) -> u64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mem = SimMemory::new();
-    let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 40))?;
+    let cfg = Config::new(ConfigInput::new(
+        Format::Arm64S1,
+        PageSizes::GRANULE_4K,
+        48,
+        40,
+    ))?;
     let vm = Table::new(cfg, &mem)?;
     let Registers::Stage1 { ttbr, tcr, mair } = vm.registers() else {
         return Err("not stage 1".into());
@@ -37,21 +42,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let transcfg = 6u64 | (u64::from(55 - va_bits) << 6) | (2 << 24) | (1 << 30) | (2 << 28);
     println!("panthor (ARM_64_LPAE_S1):");
     println!("  AS_TRANSTAB  {ttbr}");
-    println!("  AS_MEMATTR   {:#018x} (from MAIR {mair:#010x})", mair_to_memattr(mair));
+    println!(
+        "  AS_MEMATTR   {:#018x} (from MAIR {mair:#010x})",
+        mair_to_memattr(mair)
+    );
     println!("  AS_TRANSCFG  {transcfg:#018x}");
     println!("  TCR fields   {tcr:?}");
-    vm.map(Iova::new(0x1_0000_0000), PhysAddr::new(0x8_0000_0000), PageSize::SZ_2M, 4, Prot::READ | Prot::WRITE | Prot::CACHE)?;
-    let t = vm.iova_to_phys(Iova::new(0x1_0012_3456)).ok_or("unmapped")?;
+    vm.map(
+        Iova::new(0x1_0000_0000),
+        PhysAddr::new(0x8_0000_0000),
+        PageSize::SZ_2M,
+        4,
+        Prot::READ | Prot::WRITE | Prot::CACHE,
+    )?;
+    let t = vm
+        .iova_to_phys(Iova::new(0x1_0012_3456))
+        .ok_or("unmapped")?;
     println!("  GPU VA 0x100123456 -> {} via a {} leaf", t.pa, t.size);
 
-    let legacy = Config::new(ConfigInput::new(Format::Mali, PageSizes::from_bits(0x20_1000), 33, 40))?;
+    let legacy = Config::new(ConfigInput::new(
+        Format::Mali,
+        PageSizes::from_bits(0x20_1000),
+        33,
+        40,
+    ))?;
     let t = Table::new(legacy, &mem)?;
     let Registers::Mali { transtab, memattr } = t.registers() else {
         return Err("not Mali".into());
     };
     println!("panfrost (ARM_MALI_LPAE, ias 33):");
-    println!("  AS_TRANSTAB  {transtab:#018x}  (root {} | ADRMODE_TABLE | READ_INNER | SHARE_OUTER)", t.root());
+    println!(
+        "  AS_TRANSTAB  {transtab:#018x}  (root {} | ADRMODE_TABLE | READ_INNER | SHARE_OUTER)",
+        t.root()
+    );
     println!("  AS_MEMATTR   {memattr:#018x}");
-    println!("  walk: {} levels from level {}", legacy.levels(), legacy.start_level());
+    println!(
+        "  walk: {} levels from level {}",
+        legacy.levels(),
+        legacy.start_level()
+    );
     Ok(())
 }

@@ -39,11 +39,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         regs::smmu_v2_vtcr(&vtcr)
     );
     // 1 GiB of guest RAM as 2 MiB blocks, plus a device window.
-    table.map_range(Iova::new(0x8000_0000), PhysAddr::new(0x40_0000_0000), 1 << 30, Prot::READ | Prot::WRITE | Prot::CACHE)?;
-    table.map_range(Iova::new(0x0900_0000), PhysAddr::new(0x2000_0000), 0x1_0000, Prot::READ | Prot::WRITE | Prot::MMIO)?;
+    table.map_range(
+        Iova::new(0x8000_0000),
+        PhysAddr::new(0x40_0000_0000),
+        1 << 30,
+        Prot::READ | Prot::WRITE | Prot::CACHE,
+    )?;
+    table.map_range(
+        Iova::new(0x0900_0000),
+        PhysAddr::new(0x2000_0000),
+        0x1_0000,
+        Prot::READ | Prot::WRITE | Prot::MMIO,
+    )?;
     for ipa in [0x8000_1234u64, 0xbfff_fff0, 0x0900_0010] {
         let t = table.iova_to_phys(Iova::new(ipa)).ok_or("unmapped")?;
-        println!("IPA {ipa:#012x} -> PA {} ({} leaf, {:?}, descriptor {:#018x})", t.pa, t.size, t.prot, t.descriptor);
+        println!(
+            "IPA {ipa:#012x} -> PA {} ({} leaf, {:?}, descriptor {:#018x})",
+            t.pa, t.size, t.prot, t.descriptor
+        );
     }
     println!("{} table pages in use", table.stats().live_tables);
     Ok(())

@@ -6,8 +6,8 @@
 //! alloc-ops` to try Design 1 alone).
 
 use iopt::{
-    Backend, Config, ConfigInput, FlushOps, Format, Gather, IoPageTable, Iova, IovaRange,
-    PageSize, PageSizes, PhysAddr, Prot, Reservation, Reserve, SimMemory, Table,
+    Backend, Config, ConfigInput, FlushOps, Format, Gather, IoPageTable, Iova, IovaRange, PageSize,
+    PageSizes, PhysAddr, Prot, Reservation, Reserve, SimMemory, Table,
 };
 use std::collections::VecDeque;
 
@@ -29,7 +29,12 @@ struct Bind {
 }
 
 fn run(backend: Backend) -> Result<(), Box<dyn std::error::Error>> {
-    let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 40))?;
+    let cfg = Config::new(ConfigInput::new(
+        Format::Arm64S1,
+        PageSizes::GRANULE_4K,
+        48,
+        40,
+    ))?;
     let mem = SimMemory::new();
     let flushes = Flushes::default();
     let vm = Table::with_backend(backend, cfg, &mem, &flushes)?;
@@ -40,7 +45,12 @@ fn run(backend: Backend) -> Result<(), Box<dyn std::error::Error>> {
         let va = 0x1_0000_0000 + (job * 0x4_0000) % (64 << 20);
         let range = IovaRange::new(Iova::new(va), 0x4000, 0x1000)?;
         let res = vm.reserve(range, PageSize::SZ_4K)?;
-        queue.push_back(Bind { va, pa: 0x80_0000_0000 + job * 0x4000, pages: 4, res });
+        queue.push_back(Bind {
+            va,
+            pa: 0x80_0000_0000 + job * 0x4000,
+            pages: 4,
+            res,
+        });
         peak_reserved = peak_reserved.max(vm.stats().reserved_outstanding);
         if queue.len() == 32 {
             execute_and_complete(&vm, &mem, queue.drain(..).collect())?;
@@ -74,9 +84,20 @@ fn execute_and_complete(
     // Execute: no allocation may happen here.
     let calls = mem.stats().alloc_calls + mem.stats().alloc_bulk_calls;
     for b in &binds {
-        vm.map_reserved(&b.res, Iova::new(b.va), PhysAddr::new(b.pa), PageSize::SZ_4K, b.pages, Prot::READ | Prot::WRITE)?;
+        vm.map_reserved(
+            &b.res,
+            Iova::new(b.va),
+            PhysAddr::new(b.pa),
+            PageSize::SZ_4K,
+            b.pages,
+            Prot::READ | Prot::WRITE,
+        )?;
     }
-    assert_eq!(mem.stats().alloc_calls + mem.stats().alloc_bulk_calls, calls, "execution allocated");
+    assert_eq!(
+        mem.stats().alloc_calls + mem.stats().alloc_bulk_calls,
+        calls,
+        "execution allocated"
+    );
     // Complete: the buffers are unbound later; reservations go back.
     let mut gather = Gather::new();
     for b in binds {

@@ -134,7 +134,12 @@ impl<A: TableAlloc, F: FlushOps> Table<A, F> {
     /// # Errors
     ///
     /// The allocator's error if the root cannot be allocated.
-    pub fn with_backend(backend: Backend, cfg: Config, alloc: A, flush: F) -> Result<Self, AllocError> {
+    pub fn with_backend(
+        backend: Backend,
+        cfg: Config,
+        alloc: A,
+        flush: F,
+    ) -> Result<Self, AllocError> {
         Ok(match backend {
             #[cfg(feature = "alloc-ops")]
             Backend::AllocOps => Table::AllocOps(AllocOpsTable::with_flush(cfg, alloc, flush)?),
@@ -160,7 +165,14 @@ impl<A: TableAlloc, F: FlushOps> IoPageTable for Table<A, F> {
         dispatch!(self, t => t.config())
     }
 
-    fn map(&self, iova: Iova, pa: PhysAddr, size: PageSize, count: u64, prot: Prot) -> Result<(), MapError> {
+    fn map(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
         dispatch!(self, t => t.map(iova, pa, size, count, prot))
     }
 
@@ -168,7 +180,13 @@ impl<A: TableAlloc, F: FlushOps> IoPageTable for Table<A, F> {
         dispatch!(self, t => t.map_range(iova, pa, len, prot))
     }
 
-    fn unmap(&self, iova: Iova, size: PageSize, count: u64, gather: &mut Gather) -> Result<u64, UnmapError> {
+    fn unmap(
+        &self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, UnmapError> {
         dispatch!(self, t => t.unmap(iova, size, count, gather))
     }
 

@@ -36,9 +36,16 @@ impl<'m> Vm<'m> {
     ///
     /// Never: the configuration is valid.
     pub fn new(mem: &'m SimMemory) -> Result<Self, BindError> {
-        let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 40))
-            .expect("valid configuration");
-        Ok(Self { table: Table::new(cfg, mem).map_err(BindError::Alloc)? })
+        let cfg = Config::new(ConfigInput::new(
+            Format::Arm64S1,
+            PageSizes::GRANULE_4K,
+            48,
+            40,
+        ))
+        .expect("valid configuration");
+        Ok(Self {
+            table: Table::new(cfg, mem).map_err(BindError::Alloc)?,
+        })
     }
 
     /// Returns the table.
@@ -56,9 +63,19 @@ impl<'m> Vm<'m> {
     pub fn bind(&self, va: u64, pa: u64, pages: u64) -> Result<iopt::Reservation, BindError> {
         let range = IovaRange::new(Iova::new(va), pages * 4096, 4096)
             .map_err(|e| BindError::Reserve(e.into()))?;
-        let res = self.table.reserve(range, PageSize::SZ_4K).map_err(BindError::Reserve)?;
+        let res = self
+            .table
+            .reserve(range, PageSize::SZ_4K)
+            .map_err(BindError::Reserve)?;
         self.table
-            .map_reserved(&res, Iova::new(va), PhysAddr::new(pa), PageSize::SZ_4K, pages, Prot::READ | Prot::WRITE)
+            .map_reserved(
+                &res,
+                Iova::new(va),
+                PhysAddr::new(pa),
+                PageSize::SZ_4K,
+                pages,
+                Prot::READ | Prot::WRITE,
+            )
             .map_err(BindError::Map)?;
         Ok(res)
     }
@@ -72,8 +89,15 @@ impl<'m> Vm<'m> {
         let mut gather = Gather::new();
         let range = res.range();
         self.table
-            .unmap(range.start(), PageSize::SZ_4K, range.len() / 4096, &mut gather)
+            .unmap(
+                range.start(),
+                PageSize::SZ_4K,
+                range.len() / 4096,
+                &mut gather,
+            )
             .map_err(BindError::Unmap)?;
-        self.table.release(res, &mut gather).map_err(BindError::Reserve)
+        self.table
+            .release(res, &mut gather)
+            .map_err(BindError::Reserve)
     }
 }

@@ -14,10 +14,16 @@ fn binds_translate_and_nothing_leaks() {
     let _ = Backend::default();
     let mut held = Vec::new();
     for i in 0..64u64 {
-        held.push(vm.bind(0x10_0000 + i * 0x3000, 0x8000_0000 + i * 0x10_0000, 2).unwrap());
+        held.push(
+            vm.bind(0x10_0000 + i * 0x3000, 0x8000_0000 + i * 0x10_0000, 2)
+                .unwrap(),
+        );
     }
     for i in 0..64u64 {
-        let t = vm.table().iova_to_phys(Iova::new(0x10_1234 + i * 0x3000)).unwrap();
+        let t = vm
+            .table()
+            .iova_to_phys(Iova::new(0x10_1234 + i * 0x3000))
+            .unwrap();
         assert_eq!(t.pa.get(), 0x8000_1234 + i * 0x10_0000);
     }
     for res in held {
