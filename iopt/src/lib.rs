@@ -79,6 +79,14 @@ pub enum Backend {
     Prealloc,
 }
 
+/// The designs compiled into this build, in [`Backend`] order.
+pub const BACKENDS: &[Backend] = &[
+    #[cfg(feature = "alloc-ops")]
+    Backend::AllocOps,
+    #[cfg(feature = "prealloc")]
+    Backend::Prealloc,
+];
+
 impl Default for Backend {
     /// Design 2 when it is compiled in (it reserves what binds need, not the worst case),
     /// otherwise Design 1.
