@@ -70,8 +70,9 @@
 //!   tables that came from a live reservation (they go to the allocator, never back to the
 //!   pool, as in panthor). A reservation therefore stays sufficient only while nothing frees
 //!   tables in its range before its maps run. Freed pages reach the allocator only after the
-//!   walk flush. Eager freeing of tables emptied by small unmaps needs an engine hook that does
-//!   not exist yet.
+//!   walk flush. [`FreePolicy::EmptyTables`] (opt-in, via
+//!   [`AllocOpsTable::with_free_policy`]) also frees every table an unmap leaves empty, so a
+//!   full unmap returns to the root alone.
 //! - **Reservations overlap freely**: two pools may both count the same missing table; the
 //!   first map installs it and the other pool's page stays unused until release. A thread that
 //!   loses an install race gives its page back to the pool it drew from.
@@ -105,4 +106,4 @@ pub use count::{
     CountPolicy, MSM_CAP_PAGES, msm_merged_pages, unmap_block, unmap_reserve_pages, validate,
     worst_case_pages,
 };
-pub use table::{AllocOpsTable, InFlightCap};
+pub use table::{AllocOpsTable, FreePolicy, InFlightCap};

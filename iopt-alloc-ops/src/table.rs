@@ -11,6 +11,7 @@ use iopt_api::{
     PageSize, PhysAddr, Prot, RangeError, Registers, Reservation, Reserve, ReserveError, Stats,
     TableAlloc, Translation, UnmapError, WalkItem,
 };
+use iopt_lpae::refcount::Policy;
 use iopt_lpae::{Engine, regs, split_range};
 
 /// Source of table identities, so a handle of one table is never accepted by another.
@@ -77,8 +78,26 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
     ///
     /// The allocator's error if the root cannot be allocated.
     pub fn with_flush(cfg: Config, alloc: A, flush: F) -> Result<Self, AllocError> {
+        Self::with_free_policy(cfg, alloc, flush, FreePolicy::Linux)
+    }
+
+    /// Builds an empty table with an explicit [`FreePolicy`].
+    ///
+    /// # Errors
+    ///
+    /// The allocator's error if the root cannot be allocated.
+    pub fn with_free_policy(
+        cfg: Config,
+        alloc: A,
+        flush: F,
+        free: FreePolicy,
+    ) -> Result<Self, AllocError> {
+        let policy = match free {
+            FreePolicy::Linux => Policy::Linux,
+            FreePolicy::EmptyTables => Policy::Refcounted,
+        };
         Ok(Self {
-            engine: Engine::new(cfg, alloc, flush)?,
+            engine: Engine::with_policy(cfg, alloc, flush, policy)?,
             table_id: NEXT_TABLE_ID.fetch_add(1, Relaxed),
             next_id: AtomicU64::new(1),
             policy: CountPolicy::default(),
@@ -101,6 +120,15 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
     pub fn with_cap(mut self, cap: InFlightCap) -> Self {
         self.cap = cap;
         self
+    }
+
+    /// Returns when tables are freed.
+    #[must_use]
+    pub fn free_policy(&self) -> FreePolicy {
+        match self.engine.policy() {
+            Policy::Linux => FreePolicy::Linux,
+            _ => FreePolicy::EmptyTables,
+        }
     }
 
     /// Returns the default count policy.
@@ -552,4 +580,18 @@ impl<A: TableAlloc, F: FlushOps> Drop for AllocOpsTable<A, F> {
         c.reserved_outstanding.fetch_sub(n, Relaxed);
         self.engine.allocator().free_bulk(&pages, self.granule());
     }
+}
+
+/// When table pages go back to the allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum FreePolicy {
+    /// Linux io-pgtable-arm: a table is freed only by an unmap at its parent's block size, by a
+    /// block map over it, or when the table is dropped. Tables emptied by small unmaps stay.
+    #[default]
+    Linux,
+    /// Also free every table an unmap leaves empty, and its ancestors when they empty too, so a
+    /// full unmap returns the tree to the root alone. Frees happen after the walk flush and,
+    /// under concurrency, once no operation that could still see the table is running.
+    EmptyTables,
 }
