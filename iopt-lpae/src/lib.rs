@@ -55,8 +55,3 @@ mod table;
 pub use engine::{Counters, Engine, OnDemand, PageSource, Run, Stash};
 pub use sim::{SimLayout, SimMemory, SimStats};
 pub use table::{LpaeTable, split_range, split_sg};
-
-/// The README's examples, compiled and run as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-struct ReadmeDoctests;

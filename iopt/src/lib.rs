@@ -244,3 +244,8 @@ impl<A: TableAlloc, F: FlushOps> Reserve for Table<A, F> {
         dispatch!(self, t => t.pages_needed(range, leaf))
     }
 }
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
