@@ -393,6 +393,28 @@ fn ttbr1_range_is_inverted() {
         RW,
     )
     .unwrap();
+    // The device walks the upper half from TTBR1 with the TG1 encoding.
+    let hw = iopt_lpae::oracle::Walker::from_registers(Format::Arm64S1, &t.registers(), true, 0)
+        .unwrap();
+    let access = iopt_lpae::oracle::Access::READ;
+    assert_eq!(
+        hw.translate(&mem, u64::MAX - 0xff, access)
+            .unwrap()
+            .pa
+            .get(),
+        0x1f00
+    );
+    assert_eq!(
+        hw.translate(&mem, hi | 0x4060_1234, access)
+            .unwrap()
+            .pa
+            .get(),
+        0x2_0000_1234
+    );
+    assert!(
+        hw.translate(&mem, 0x4060_1234, access).is_err(),
+        "lower half faults"
+    );
     assert_eq!(
         t.unmap(
             Iova::new(u64::MAX - 0xfff),
