@@ -108,9 +108,11 @@ pub trait TableAlloc: Send + Sync {
 }
 
 impl<T: TableAlloc + ?Sized> TableAlloc for &T {
+    #[inline]
     fn alloc(&self, size: u64) -> Result<PhysAddr, AllocError> {
         (**self).alloc(size)
     }
+    #[inline]
     fn alloc_bulk(
         &self,
         size: u64,
@@ -119,21 +121,26 @@ impl<T: TableAlloc + ?Sized> TableAlloc for &T {
     ) -> Result<(), AllocError> {
         (**self).alloc_bulk(size, count, out)
     }
+    #[inline]
     fn free(&self, pa: PhysAddr, size: u64) {
         (**self).free(pa, size);
     }
+    #[inline]
     fn free_bulk(&self, pages: &[PhysAddr], size: u64) {
         (**self).free_bulk(pages, size);
     }
+    #[inline]
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
         (**self).table(pa)
     }
 }
 
 impl<T: TableAlloc + ?Sized> TableAlloc for alloc::sync::Arc<T> {
+    #[inline]
     fn alloc(&self, size: u64) -> Result<PhysAddr, AllocError> {
         (**self).alloc(size)
     }
+    #[inline]
     fn alloc_bulk(
         &self,
         size: u64,
@@ -142,12 +149,15 @@ impl<T: TableAlloc + ?Sized> TableAlloc for alloc::sync::Arc<T> {
     ) -> Result<(), AllocError> {
         (**self).alloc_bulk(size, count, out)
     }
+    #[inline]
     fn free(&self, pa: PhysAddr, size: u64) {
         (**self).free(pa, size);
     }
+    #[inline]
     fn free_bulk(&self, pages: &[PhysAddr], size: u64) {
         (**self).free_bulk(pages, size);
     }
+    #[inline]
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
         (**self).table(pa)
     }

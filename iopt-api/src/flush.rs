@@ -105,24 +105,30 @@ impl Gather {
 }
 
 impl<T: FlushOps + ?Sized> FlushOps for &T {
+    #[inline]
     fn flush_all(&self) {
         (**self).flush_all();
     }
+    #[inline]
     fn flush_walk(&self, iova: Iova, size: u64, granule: u64) {
         (**self).flush_walk(iova, size, granule);
     }
+    #[inline]
     fn add_page(&self, gather: &mut Gather, iova: Iova, size: u64) {
         (**self).add_page(gather, iova, size);
     }
 }
 
 impl<T: FlushOps + ?Sized> FlushOps for alloc::sync::Arc<T> {
+    #[inline]
     fn flush_all(&self) {
         (**self).flush_all();
     }
+    #[inline]
     fn flush_walk(&self, iova: Iova, size: u64, granule: u64) {
         (**self).flush_walk(iova, size, granule);
     }
+    #[inline]
     fn add_page(&self, gather: &mut Gather, iova: Iova, size: u64) {
         (**self).add_page(gather, iova, size);
     }

@@ -221,6 +221,23 @@ pub struct Engine<A: TableAlloc, F: FlushOps> {
     local_mask: u64,
     /// Refcounting policy and deferred-free state (see [`crate::refcount`]).
     pub(crate) rc: crate::refcount::RcState,
+    /// The leaf table the last map or unmap used (Linux policy only).
+    cursor: LeafCursor,
+    /// Bumped before any table page is freed: a cursor taken under an older value is stale.
+    unlinks: AtomicU64,
+}
+
+/// The leaf table the last operation descended to, so that the next one in the same region
+/// skips the descent. A seqlock over three words; `epoch` is the engine's unlink count when the
+/// table was found, so a cursor is trusted only while no table has been freed since. (Under
+/// the Linux policy a table is only unlinked by an unmap or block map covering it, which an
+/// operation inside it can only race by overlapping it, a caller bug.)
+#[derive(Debug, Default)]
+struct LeafCursor {
+    seq: AtomicU64,
+    key: AtomicU64,
+    table: AtomicU64,
+    epoch: AtomicU64,
 }
 
 impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
@@ -248,6 +265,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             counters,
             local_mask,
             rc: crate::refcount::RcState::default(),
+            cursor: LeafCursor::default(),
+            unlinks: AtomicU64::new(0),
         })
     }
 
@@ -310,6 +329,64 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     fn kind(&self, level: u32, entry: u64) -> Kind {
         desc::kind(self.cfg.format(), level, entry)
+    }
+
+    /// The cursor key of the table at `level` covering `iova`.
+    #[inline]
+    fn cursor_key(&self, level: u32, iova: u64) -> u64 {
+        ((iova >> self.cfg.level_shift(level - 1)) << 2) | u64::from(level & 3)
+    }
+
+    /// The cached leaf table at `level` for `iova`, if the cursor holds it and no table was
+    /// freed since it was cached.
+    #[inline]
+    fn cursor_get(&self, level: u32, iova: u64) -> Option<(TableRef<'_>, PhysAddr)> {
+        if level <= self.cfg.start_level() || self.rc.counting() {
+            return None;
+        }
+        let c = &self.cursor;
+        let s1 = c.seq.load(Ordering::Acquire);
+        let key = c.key.load(Ordering::Acquire);
+        let pa = c.table.load(Ordering::Acquire);
+        let epoch = c.epoch.load(Ordering::Acquire);
+        if s1 & 1 != 0
+            || c.seq.load(Ordering::Acquire) != s1
+            || key != self.cursor_key(level, iova)
+            || epoch != self.unlinks.load(Ordering::Acquire)
+        {
+            return None;
+        }
+        let pa = PhysAddr::new(pa);
+        self.alloc.table(pa).map(|t| (t, pa))
+    }
+
+    /// Caches `table` as the leaf table at `level` for `iova`, found when the unlink count was
+    /// `epoch`. Skipped when another thread is updating the cursor.
+    #[inline]
+    fn cursor_set(&self, level: u32, iova: u64, table: PhysAddr, epoch: u64) {
+        if level <= self.cfg.start_level() || self.rc.counting() {
+            return;
+        }
+        let c = &self.cursor;
+        let key = self.cursor_key(level, iova);
+        let s = c.seq.load(Ordering::Acquire);
+        if s & 1 != 0
+            || (c.key.load(Ordering::Relaxed) == key
+                && c.table.load(Ordering::Relaxed) == table.get()
+                && c.epoch.load(Ordering::Relaxed) == epoch)
+        {
+            return;
+        }
+        if c.seq
+            .compare_exchange(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        c.key.store(key, Ordering::Relaxed);
+        c.table.store(table.get(), Ordering::Relaxed);
+        c.epoch.store(epoch, Ordering::Relaxed);
+        c.seq.store(s + 2, Ordering::Release);
     }
 
     /// Validates a map request and converts it to a run, checking in Linux's order (page
@@ -637,13 +714,16 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     ) -> Result<(), MapError> {
         let cfg = &self.cfg;
         let granule = cfg.granule();
-        let size = cfg.block_size(target);
-        let leaf_type = desc::leaf_type(cfg.format(), target);
+        if let Some((table, _)) = self.cursor_get(target, iova) {
+            return self.fill_leaf_table(table, iova, pa, target, n, bits);
+        }
         'descend: loop {
+            let epoch = self.unlinks.load(Ordering::Acquire);
             let mut table = self.root_table().ok_or(MapError::BrokenTable {
                 iova: self.external(iova),
                 pa: self.root,
             })?;
+            let mut table_pa = self.root;
             let mut level = cfg.start_level();
             while level < target {
                 let slot =
@@ -657,9 +737,10 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 let e = slot.load(Ordering::Acquire);
                 match self.kind(level, e) {
                     Kind::Table => {
-                        table = self.resolve(e).ok_or(MapError::BrokenTable {
+                        table_pa = desc::unpack_pa(e, granule);
+                        table = self.alloc.table(table_pa).ok_or(MapError::BrokenTable {
                             iova: self.external(iova),
-                            pa: desc::unpack_pa(e, granule),
+                            pa: table_pa,
                         })?;
                         level += 1;
                     }
@@ -669,67 +750,82 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         });
                     }
                     Kind::Invalid => {
-                        if self.publish_chain(slot, iova, pa, level, target, n, bits, src)? {
+                        if self.publish_chain(slot, iova, pa, level, target, n, bits, src, epoch)? {
                             return Ok(());
                         }
                         continue 'descend;
                     }
                 }
             }
-            // At the leaf table: every target entry must be free (or an empty table).
-            let first = cfg.index(iova, target);
-            let last = first + n as usize;
-            let slots = table
-                .entries
-                .get(first..last)
-                .ok_or(MapError::BrokenTable {
-                    iova: self.external(iova),
-                    pa: self.root,
-                })?;
-            let mut replace = false;
-            for (k, e) in slots.iter().enumerate() {
-                let v = e.load(Ordering::Acquire);
-                match self.kind(target, v) {
-                    Kind::Invalid => {}
-                    Kind::Leaf => {
-                        return Err(MapError::AlreadyMapped {
-                            iova: self.external(iova + k as u64 * size),
-                        });
+            self.cursor_set(target, iova, table_pa, epoch);
+            return self.fill_leaf_table(table, iova, pa, target, n, bits);
+        }
+    }
+
+    /// Writes `n` leaves from `iova` into the leaf table `table`, after checking that every
+    /// target entry is free (or an empty table, which the block then replaces).
+    #[inline]
+    fn fill_leaf_table(
+        &self,
+        table: TableRef<'_>,
+        iova: u64,
+        pa: u64,
+        target: u32,
+        n: u64,
+        bits: u64,
+    ) -> Result<(), MapError> {
+        let cfg = &self.cfg;
+        let granule = cfg.granule();
+        let size = cfg.block_size(target);
+        let leaf_type = desc::leaf_type(cfg.format(), target);
+        // At the leaf table: every target entry must be free (or an empty table).
+        let first = cfg.index(iova, target);
+        let last = first + n as usize;
+        let slots = table
+            .entries
+            .get(first..last)
+            .ok_or(MapError::BrokenTable {
+                iova: self.external(iova),
+                pa: self.root,
+            })?;
+        let mut replace = false;
+        for (k, e) in slots.iter().enumerate() {
+            let v = e.load(Ordering::Acquire);
+            match self.kind(target, v) {
+                Kind::Invalid => {}
+                Kind::Leaf => {
+                    return Err(MapError::AlreadyMapped {
+                        iova: self.external(iova + k as u64 * size),
+                    });
+                }
+                Kind::Table => {
+                    let at = self.external(iova + k as u64 * size);
+                    let sub = self.resolve(v).ok_or(MapError::BrokenTable {
+                        iova: at,
+                        pa: desc::unpack_pa(v, granule),
+                    })?;
+                    if self.subtree_has_leaf(sub, target + 1) {
+                        return Err(MapError::AlreadyMapped { iova: at });
                     }
-                    Kind::Table => {
-                        let at = self.external(iova + k as u64 * size);
-                        let sub = self.resolve(v).ok_or(MapError::BrokenTable {
-                            iova: at,
-                            pa: desc::unpack_pa(v, granule),
-                        })?;
-                        if self.subtree_has_leaf(sub, target + 1) {
-                            return Err(MapError::AlreadyMapped { iova: at });
-                        }
-                        replace = true;
-                    }
+                    replace = true;
                 }
             }
-            if !replace {
-                for (k, e) in slots.iter().enumerate() {
-                    let out = PhysAddr::new(pa + k as u64 * size);
-                    e.store(bits | leaf_type | desc::pack_pa(out), Ordering::Release);
-                }
-                return Ok(());
-            }
+        }
+        if !replace {
             for (k, e) in slots.iter().enumerate() {
                 let out = PhysAddr::new(pa + k as u64 * size);
-                let old = e.swap(bits | leaf_type | desc::pack_pa(out), Ordering::AcqRel);
-                if self.kind(target, old) == Kind::Table {
-                    self.retire_subtree(
-                        old,
-                        target + 1,
-                        self.external(iova + k as u64 * size),
-                        size,
-                    );
-                }
+                e.store(bits | leaf_type | desc::pack_pa(out), Ordering::Release);
             }
             return Ok(());
         }
+        for (k, e) in slots.iter().enumerate() {
+            let out = PhysAddr::new(pa + k as u64 * size);
+            let old = e.swap(bits | leaf_type | desc::pack_pa(out), Ordering::AcqRel);
+            if self.kind(target, old) == Kind::Table {
+                self.retire_subtree(old, target + 1, self.external(iova + k as u64 * size), size);
+            }
+        }
+        Ok(())
     }
 
     /// Builds the path below the empty entry `slot` (at `level`) privately: tables for levels
@@ -748,6 +844,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         n: u64,
         bits: u64,
         src: &mut S,
+        epoch: u64,
     ) -> Result<bool, MapError> {
         let cfg = &self.cfg;
         let size = cfg.block_size(target);
@@ -782,6 +879,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             .is_ok()
         {
             self.counters.add_live(need as u64);
+            self.cursor_set(target, iova, pages[need - 1], epoch);
             return Ok(true);
         }
         for (i, t) in chain.iter().enumerate().take(need - 1) {
@@ -827,6 +925,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if pages.is_empty() {
             return;
         }
+        self.unlinks.fetch_add(1, Ordering::AcqRel);
         self.counters
             .free_bulk_calls
             .fetch_add(1, Ordering::Relaxed);
@@ -849,51 +948,97 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if self.rc.counting() {
             return self.unmap_run_counted(r, gather);
         }
-        // Check pass.
-        let mut iova = r.iova;
-        let mut left = r.count;
-        while left > 0 {
-            let n = self.entries_in_table(r.level, iova, left);
-            let table = self.descend_for_unmap(iova, r)?;
-            let first = self.cfg.index(iova, r.level);
-            for (k, e) in table.entries[first..first + n as usize].iter().enumerate() {
-                if self.kind(r.level, e.load(Ordering::Acquire)) == Kind::Invalid {
-                    return Err(UnmapError::NotMapped {
-                        iova: self.external(iova + k as u64 * r.size.get()),
-                    });
-                }
-            }
-            iova += n * r.size.get();
-            left -= n;
+        // A run inside one leaf table: one descent, check, then clear.
+        if self.entries_in_table(r.level, r.iova, r.count) == r.count {
+            let table = match self.cursor_get(r.level, r.iova) {
+                Some((t, _)) => t,
+                None => self.descend_for_unmap(r.iova, r)?,
+            };
+            self.check_mapped(table, r.iova, r.count, r)?;
+            self.clear_entries(table, r.iova, r.count, r, gather);
+            return Ok(r.count * r.size.get());
         }
-        // Clear pass.
+        // Check every leaf table of the run before clearing any.
         let size = r.size.get();
         let mut iova = r.iova;
         let mut left = r.count;
         while left > 0 {
             let n = self.entries_in_table(r.level, iova, left);
             let table = self.descend_for_unmap(iova, r)?;
-            let first = self.cfg.index(iova, r.level);
-            for (k, e) in table.entries[first..first + n as usize].iter().enumerate() {
-                let old = e.swap(0, Ordering::AcqRel);
-                let at = self.external(iova + k as u64 * size);
-                match self.kind(r.level, old) {
-                    Kind::Leaf => self.flush.add_page(gather, at, size),
-                    Kind::Table => self.retire_subtree(old, r.level + 1, at, size),
-                    Kind::Invalid => {}
-                }
-            }
+            self.check_mapped(table, iova, n, r)?;
+            iova += n * size;
+            left -= n;
+        }
+        let mut iova = r.iova;
+        let mut left = r.count;
+        while left > 0 {
+            let n = self.entries_in_table(r.level, iova, left);
+            let table = self.descend_for_unmap(iova, r)?;
+            self.clear_entries(table, iova, n, r, gather);
             iova += n * size;
             left -= n;
         }
         Ok(r.count * size)
     }
 
+    /// Fails with [`UnmapError::NotMapped`] naming the first empty entry of the `n` entries
+    /// from `iova` in the leaf table `table`.
+    #[inline]
+    fn check_mapped(
+        &self,
+        table: TableRef<'_>,
+        iova: u64,
+        n: u64,
+        r: Run,
+    ) -> Result<(), UnmapError> {
+        let first = self.cfg.index(iova, r.level);
+        let slots =
+            table
+                .entries
+                .get(first..first + n as usize)
+                .ok_or(UnmapError::BrokenTable {
+                    iova: self.external(iova),
+                    pa: self.root,
+                })?;
+        match slots
+            .iter()
+            .position(|e| self.kind(r.level, e.load(Ordering::Acquire)) == Kind::Invalid)
+        {
+            Some(k) => Err(UnmapError::NotMapped {
+                iova: self.external(iova + k as u64 * r.size.get()),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Clears `n` checked entries from `iova`: leaves go to the gather, tables are retired
+    /// after their walk flush. The caller owns the range, so a load and a plain store suffice
+    /// (no read-modify-write per entry).
+    #[inline]
+    fn clear_entries(&self, table: TableRef<'_>, iova: u64, n: u64, r: Run, gather: &mut Gather) {
+        let size = r.size.get();
+        let first = self.cfg.index(iova, r.level);
+        for (k, e) in table.entries[first..first + n as usize].iter().enumerate() {
+            let old = e.load(Ordering::Acquire);
+            e.store(0, Ordering::Release);
+            let at = self.external(iova + k as u64 * size);
+            match self.kind(r.level, old) {
+                Kind::Leaf => self.flush.add_page(gather, at, size),
+                Kind::Table => self.retire_subtree(old, r.level + 1, at, size),
+                Kind::Invalid => {}
+            }
+        }
+    }
+
+    /// Descends to the leaf table of `iova` for an unmap at `r.level` and caches it in the
+    /// cursor.
     fn descend_for_unmap(&self, iova: u64, r: Run) -> Result<TableRef<'_>, UnmapError> {
+        let epoch = self.unlinks.load(Ordering::Acquire);
         let mut table = self.root_table().ok_or(UnmapError::BrokenTable {
             iova: self.external(iova),
             pa: self.root,
         })?;
+        let mut table_pa = self.root;
         let mut level = self.cfg.start_level();
         while level < r.level {
             let e = table
@@ -914,14 +1059,16 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     });
                 }
                 Kind::Table => {
-                    table = self.resolve(e).ok_or(UnmapError::BrokenTable {
+                    table_pa = desc::unpack_pa(e, self.cfg.granule());
+                    table = self.alloc.table(table_pa).ok_or(UnmapError::BrokenTable {
                         iova: self.external(iova),
-                        pa: desc::unpack_pa(e, self.cfg.granule()),
+                        pa: table_pa,
                     })?;
                     level += 1;
                 }
             }
         }
+        self.cursor_set(r.level, iova, table_pa, epoch);
         Ok(table)
     }
 
@@ -934,8 +1081,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         }
         let _guard = self.enter();
         let local = iova.get() & self.local_mask;
-        let mut table = self.root_table()?;
-        let mut level = self.cfg.start_level();
+        // The last operation's leaf table usually holds the next lookup's page.
+        let epoch = self.unlinks.load(Ordering::Acquire);
+        let (mut table, mut level) = match self.cursor_get(3, local) {
+            Some((t, _)) => (t, 3),
+            None => (self.root_table()?, self.cfg.start_level()),
+        };
         loop {
             let e = table
                 .entries
@@ -944,8 +1095,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             match self.kind(level, e) {
                 Kind::Invalid => return None,
                 Kind::Table => {
-                    table = self.resolve(e)?;
+                    let pa = desc::unpack_pa(e, self.cfg.granule());
+                    table = self.alloc.table(pa)?;
                     level += 1;
+                    if level == 3 {
+                        self.cursor_set(3, local, pa, epoch);
+                    }
                 }
                 Kind::Leaf => {
                     let size = self.cfg.block_size(level);

@@ -27,7 +27,8 @@ const MAX_REGIONS: usize = 8;
 pub struct SimLayout {
     /// Physical address of the first region.
     pub base: u64,
-    /// Bytes of address space each page size gets.
+    /// Bytes of address space each page size gets (rounded up to a power of two, at least
+    /// 64 KiB).
     pub region_span: u64,
 }
 
@@ -65,6 +66,10 @@ struct Region {
     /// Distance between pages: the size, at least 4 KiB (sub-page tables are page-aligned, as
     /// a kernel page allocator and Mali's TRANSTAB require).
     stride: u64,
+    /// log2 of `stride`.
+    stride_shift: u32,
+    /// log2 of `per_chunk`.
+    chunk_shift: u32,
     /// 8-byte entries a page holds.
     entries: usize,
     slots: usize,
@@ -86,6 +91,8 @@ impl Region {
             base,
             size,
             stride,
+            stride_shift: stride.trailing_zeros(),
+            chunk_shift: per_chunk.trailing_zeros(),
             entries,
             slots,
             per_chunk,
@@ -95,8 +102,8 @@ impl Region {
 
     #[inline]
     fn page(&self, index: usize) -> Option<Page<'_>> {
-        let chunk = self.chunks.get(index / self.per_chunk)?.get()?;
-        Self::slice(chunk, index % self.per_chunk, self.entries)
+        let chunk = self.chunks.get(index >> self.chunk_shift)?.get()?;
+        Self::slice(chunk, index & (self.per_chunk - 1), self.entries)
     }
 
     fn page_init(&self, index: usize) -> Option<Page<'_>> {
@@ -192,6 +199,8 @@ pub struct SimStats {
 #[derive(Debug)]
 pub struct SimMemory {
     layout: SimLayout,
+    /// log2 of the region span.
+    span_shift: u32,
     regions: [OnceBox<Region>; MAX_REGIONS],
     state: spin::Mutex<FreeState>,
     /// Page allocations so far (the index failure injection counts in).
@@ -229,8 +238,14 @@ impl SimMemory {
     /// Creates an empty memory with `layout`.
     #[must_use]
     pub fn with_layout(layout: SimLayout) -> Self {
+        let span = layout.region_span.max(1 << 16).next_power_of_two();
+        let layout = SimLayout {
+            base: layout.base,
+            region_span: span,
+        };
         Self {
             layout,
+            span_shift: span.trailing_zeros(),
             regions: Default::default(),
             state: spin::Mutex::new(FreeState::default()),
             alloc_index: AtomicU64::new(0),
@@ -346,14 +361,17 @@ impl SimMemory {
         Some(word.fetch_and(mask, Ordering::AcqRel))
     }
 
+    /// Finds the region and page index holding `pa`: region `i` starts at `base + i × span`,
+    /// so this is arithmetic, not a search.
+    #[inline]
     fn locate(&self, pa: u64) -> Option<(&Region, usize)> {
-        for region in self.regions.iter().filter_map(OnceBox::get) {
-            if pa >= region.base && pa - region.base < region.stride * region.slots as u64 {
-                let index = usize::try_from((pa - region.base) / region.stride).ok()?;
-                return Some((region, index));
-            }
-        }
-        None
+        let off = pa.checked_sub(self.layout.base)?;
+        let region = self
+            .regions
+            .get(usize::try_from(off >> self.span_shift).ok()?)?
+            .get()?;
+        let index = usize::try_from((pa - region.base) >> region.stride_shift).ok()?;
+        (index < region.slots).then_some((region, index))
     }
 
     fn region_for(&self, size: u64) -> Result<(usize, &Region), AllocError> {
@@ -493,9 +511,10 @@ impl TableAlloc for SimMemory {
         }
     }
 
+    #[inline]
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
         let (region, index) = self.locate(pa.get())?;
-        if region.base + index as u64 * region.stride != pa.get() {
+        if (pa.get() - region.base) & (region.stride - 1) != 0 {
             return None;
         }
         let page = region.page(index)?;
