@@ -394,6 +394,14 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
     }
 
     /// Checks the handle is live here and `[start, last]` lies inside it.
+    fn check_known(&self, r: &Reservation) -> Result<(), MapError> {
+        let unknown = MapError::UnknownReservation { id: r.id() };
+        if r.table_id() != self.table_id || !self.pools.lock().contains_key(&r.id()) {
+            return Err(unknown);
+        }
+        Ok(())
+    }
+
     fn check_bound(&self, r: &Reservation, start: u64, last: u64) -> Result<(), MapError> {
         let unknown = MapError::UnknownReservation { id: r.id() };
         if r.table_id() != self.table_id {
@@ -431,6 +439,7 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
         len: u64,
         prot: Prot,
     ) -> Result<(), MapError> {
+        self.check_known(reservation)?;
         let runs = split_range(&self.engine, iova, pa, len, prot)?;
         // split_range checked that `iova + len - 1` does not overflow.
         self.check_bound(reservation, iova.get(), iova.get() + (len - 1))?;
@@ -523,6 +532,9 @@ impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
         count: u64,
         prot: Prot,
     ) -> Result<(), MapError> {
+        // The handle first, then the arguments, then the bounds: the order Design 2 uses, so
+        // both designs answer identical inputs with identical errors.
+        self.check_known(reservation)?;
         let run = self.engine.validate_map(iova, pa, size, count, prot)?;
         // validate_map checked that `iova + size * count - 1` does not overflow.
         let last = iova.get() + (size.get() * count - 1);
