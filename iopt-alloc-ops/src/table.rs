@@ -7,12 +7,11 @@ use alloc::vec::Vec;
 use core::sync::atomic::Ordering::Relaxed;
 use core::sync::atomic::{AtomicU64, AtomicUsize};
 use iopt_api::{
-    AllocError, Config, FlushOps, Gather, IoPageTable, Iova, IovaRange, MapError, NoFlush,
-    PageSize, PhysAddr, Prot, RangeError, Registers, Reservation, Reserve, ReserveError, Stats,
-    TableAlloc, Translation, UnmapError, WalkItem,
+    AllocError, Config, FlushOps, Gather, Iova, IovaRange, MapError, NoFlush, PageSize, PhysAddr,
+    Prot, RangeError, Reservation, Reserve, ReserveError, TableAlloc,
 };
 use iopt_lpae::refcount::Policy;
-use iopt_lpae::{Engine, regs, split_range};
+use iopt_lpae::{Engine, split_range};
 
 /// Source of table identities, so a handle of one table is never accepted by another.
 static NEXT_TABLE_ID: AtomicU64 = AtomicU64::new(1);
@@ -423,12 +422,12 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
     }
 
     /// Maps `len` bytes inside a reservation, choosing page sizes as
-    /// [`IoPageTable::map_range`] does (panthor's split of a scatterlist segment into 4 KiB and
+    /// [`IoPageTable::map_range`](iopt_api::IoPageTable::map_range) does (panthor's split of a scatterlist segment into 4 KiB and
     /// 2 MiB pages), all or nothing, without calling the allocator.
     ///
     /// # Errors
     ///
-    /// As [`IoPageTable::map_range`], plus [`MapError::UnknownReservation`],
+    /// As [`IoPageTable::map_range`](iopt_api::IoPageTable::map_range), plus [`MapError::UnknownReservation`],
     /// [`MapError::OutsideReservation`] and [`MapError::ReservationExhausted`]. On error the
     /// table, the pool and the allocator are unchanged.
     pub fn map_range_reserved(
@@ -454,61 +453,7 @@ fn hull(lo: u64, hi: u64) -> Option<IovaRange> {
     IovaRange::new(Iova::new(lo), len, 1).ok()
 }
 
-impl<A: TableAlloc, F: FlushOps> IoPageTable for AllocOpsTable<A, F> {
-    fn config(&self) -> &Config {
-        self.engine.config()
-    }
-
-    fn map(
-        &self,
-        iova: Iova,
-        pa: PhysAddr,
-        size: PageSize,
-        count: u64,
-        prot: Prot,
-    ) -> Result<(), MapError> {
-        let run = self.engine.validate_map(iova, pa, size, count, prot)?;
-        self.engine
-            .map_runs(&[run], prot, &mut self.engine.on_demand())
-    }
-
-    fn map_range(&self, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<(), MapError> {
-        let runs = split_range(&self.engine, iova, pa, len, prot)?;
-        self.engine
-            .map_runs(&runs, prot, &mut self.engine.on_demand())
-    }
-
-    fn unmap(
-        &self,
-        iova: Iova,
-        size: PageSize,
-        count: u64,
-        gather: &mut Gather,
-    ) -> Result<u64, UnmapError> {
-        let run = self.engine.validate_unmap(iova, size, count)?;
-        self.engine.unmap_run(run, gather)
-    }
-
-    fn iova_to_phys(&self, iova: Iova) -> Option<Translation> {
-        self.engine.lookup(iova)
-    }
-
-    fn walk(&self, visit: &mut dyn FnMut(WalkItem)) {
-        self.engine.walk(visit);
-    }
-
-    fn root(&self) -> PhysAddr {
-        self.engine.root()
-    }
-
-    fn registers(&self) -> Registers {
-        regs::registers(self.engine.config(), self.engine.root())
-    }
-
-    fn stats(&self) -> Stats {
-        self.engine.counters().snapshot()
-    }
-}
+iopt_lpae::impl_io_page_table_on_engine!(AllocOpsTable);
 
 impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
     /// Counts with the table's [`CountPolicy`], checks the [`InFlightCap`], and takes the pages

@@ -7,11 +7,9 @@
 //! golden replay.
 
 use crate::engine::{Engine, PageSource, Run};
-use crate::regs;
 use alloc::vec::Vec;
 use iopt_api::{
-    AllocError, Config, FlushOps, Gather, IoPageTable, Iova, MapError, NoFlush, PageSize, PhysAddr,
-    Prot, Registers, Stats, TableAlloc, Translation, UnmapError, WalkItem,
+    AllocError, Config, FlushOps, Iova, MapError, NoFlush, PageSize, PhysAddr, Prot, TableAlloc,
 };
 
 /// An ARM LPAE IO page table that allocates table pages on demand.
@@ -69,7 +67,7 @@ impl<A: TableAlloc, F: FlushOps> LpaeTable<A, F> {
     ///
     /// # Errors
     ///
-    /// As [`IoPageTable::map`], with the source's error in place of the allocator's.
+    /// As [`IoPageTable::map`](iopt_api::IoPageTable::map), with the source's error in place of the allocator's.
     pub fn map_with<S: PageSource>(
         &self,
         iova: Iova,
@@ -171,7 +169,7 @@ impl<A: TableAlloc, F: FlushOps> LpaeTable<A, F> {
     ///
     /// # Errors
     ///
-    /// As [`split_sg`] and [`IoPageTable::map`]; nothing is mapped on error.
+    /// As [`split_sg`] and [`IoPageTable::map`](iopt_api::IoPageTable::map); nothing is mapped on error.
     pub fn map_sg(
         &self,
         iova: Iova,
@@ -184,58 +182,77 @@ impl<A: TableAlloc, F: FlushOps> LpaeTable<A, F> {
     }
 }
 
-impl<A: TableAlloc, F: FlushOps> IoPageTable for LpaeTable<A, F> {
-    fn config(&self) -> &Config {
-        self.engine.config()
-    }
+/// Implements [`IoPageTable`](iopt_api::IoPageTable) for a backend type `$ty<A, F>` that keeps
+/// its [`Engine`] in a field named `engine`, with maps outside reservations drawing pages on
+/// demand from the caller's allocator. Every backend's plain operations are the engine's; this
+/// writes the forwarding once.
+#[macro_export]
+macro_rules! impl_io_page_table_on_engine {
+    ($ty:ident) => {
+        impl<A: ::iopt_api::TableAlloc, F: ::iopt_api::FlushOps> ::iopt_api::IoPageTable
+            for $ty<A, F>
+        {
+            fn config(&self) -> &::iopt_api::Config {
+                self.engine.config()
+            }
 
-    fn map(
-        &self,
-        iova: Iova,
-        pa: PhysAddr,
-        size: PageSize,
-        count: u64,
-        prot: Prot,
-    ) -> Result<(), MapError> {
-        let run = self.engine.validate_map(iova, pa, size, count, prot)?;
-        self.engine
-            .map_runs(&[run], prot, &mut self.engine.on_demand())
-    }
+            fn map(
+                &self,
+                iova: ::iopt_api::Iova,
+                pa: ::iopt_api::PhysAddr,
+                size: ::iopt_api::PageSize,
+                count: u64,
+                prot: ::iopt_api::Prot,
+            ) -> Result<(), ::iopt_api::MapError> {
+                let run = self.engine.validate_map(iova, pa, size, count, prot)?;
+                self.engine
+                    .map_runs(&[run], prot, &mut self.engine.on_demand())
+            }
 
-    fn map_range(&self, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<(), MapError> {
-        let runs = split_range(&self.engine, iova, pa, len, prot)?;
-        self.engine
-            .map_runs(&runs, prot, &mut self.engine.on_demand())
-    }
+            fn map_range(
+                &self,
+                iova: ::iopt_api::Iova,
+                pa: ::iopt_api::PhysAddr,
+                len: u64,
+                prot: ::iopt_api::Prot,
+            ) -> Result<(), ::iopt_api::MapError> {
+                let runs = $crate::split_range(&self.engine, iova, pa, len, prot)?;
+                self.engine
+                    .map_runs(&runs, prot, &mut self.engine.on_demand())
+            }
 
-    fn unmap(
-        &self,
-        iova: Iova,
-        size: PageSize,
-        count: u64,
-        gather: &mut Gather,
-    ) -> Result<u64, UnmapError> {
-        let run = self.engine.validate_unmap(iova, size, count)?;
-        self.engine.unmap_run(run, gather)
-    }
+            fn unmap(
+                &self,
+                iova: ::iopt_api::Iova,
+                size: ::iopt_api::PageSize,
+                count: u64,
+                gather: &mut ::iopt_api::Gather,
+            ) -> Result<u64, ::iopt_api::UnmapError> {
+                let run = self.engine.validate_unmap(iova, size, count)?;
+                self.engine.unmap_run(run, gather)
+            }
 
-    fn iova_to_phys(&self, iova: Iova) -> Option<Translation> {
-        self.engine.lookup(iova)
-    }
+            fn iova_to_phys(&self, iova: ::iopt_api::Iova) -> Option<::iopt_api::Translation> {
+                self.engine.lookup(iova)
+            }
 
-    fn walk(&self, visit: &mut dyn FnMut(WalkItem)) {
-        self.engine.walk(visit);
-    }
+            fn walk(&self, visit: &mut dyn FnMut(::iopt_api::WalkItem)) {
+                self.engine.walk(visit);
+            }
 
-    fn root(&self) -> PhysAddr {
-        self.engine.root()
-    }
+            fn root(&self) -> ::iopt_api::PhysAddr {
+                self.engine.root()
+            }
 
-    fn registers(&self) -> Registers {
-        regs::registers(self.engine.config(), self.engine.root())
-    }
+            fn registers(&self) -> ::iopt_api::Registers {
+                $crate::regs::registers(self.engine.config(), self.engine.root())
+            }
 
-    fn stats(&self) -> Stats {
-        self.engine.counters().snapshot()
-    }
+            fn stats(&self) -> ::iopt_api::Stats {
+                self.engine.counters().snapshot()
+            }
+        }
+    };
 }
+
+impl_io_page_table_on_engine!(LpaeTable);

@@ -59,10 +59,10 @@
 //!   ([`MapError::OutsideReservation`]) and never calls the allocator: a map that would need a
 //!   table the plan did not install (a leaf smaller than planned, e.g. 4 KiB pages where the
 //!   reservation planned 2 MiB blocks) is refused with [`MapError::ReservationExhausted`]
-//!   (`left: 0`) and changes nothing. A plain [`IoPageTable::map`] works anywhere: it finds the
+//!   (`left: 0`) and changes nothing. A plain [`IoPageTable::map`](iopt_api::IoPageTable::map) works anywhere: it finds the
 //!   reserved tables present and allocates on demand what is missing, like Linux.
 //! - **Block over a reserved table.** Refused with [`MapError::ReservedTable`]; an unmap at
-//!   block size that would remove a reserved table with [`UnmapError::ReservedTable`]. Linux
+//!   block size that would remove a reserved table with [`UnmapError::ReservedTable`](iopt_api::UnmapError::ReservedTable). Linux
 //!   would free the table.
 //! - **Unmaps** never free a table a reservation holds. Outside reservations, a table left
 //!   empty by an unmap is freed at once (eager freeing), with its empty ancestors, after the
@@ -78,7 +78,7 @@
 //! - **Differences from [`LpaeTable`](iopt_lpae::LpaeTable)** on plain map/unmap sequences:
 //!   none in results, errors or translations, except that an unmap at a block size over a
 //!   slot that Linux would still hold an *empty* table in (left behind by earlier small
-//!   unmaps) is [`UnmapError::NotMapped`] here, since that table was freed when it emptied.
+//!   unmaps) is [`UnmapError::NotMapped`](iopt_api::UnmapError::NotMapped) here, since that table was freed when it emptied.
 //!
 //! ## Concurrency
 //!
@@ -102,12 +102,11 @@ use alloc::collections::BTreeMap;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 use iopt_api::{
-    AllocError, Config, FlushOps, Gather, IoPageTable, Iova, IovaRange, MapError, NoFlush,
-    PageSize, PhysAddr, Prot, Registers, Reservation, Reserve, ReserveError, Stats, TableAlloc,
-    Translation, UnmapError, WalkItem,
+    AllocError, Config, FlushOps, Gather, Iova, IovaRange, MapError, NoFlush, PageSize, PhysAddr,
+    Prot, Reservation, Reserve, ReserveError, TableAlloc,
 };
 use iopt_lpae::refcount::Policy;
-use iopt_lpae::{Engine, PageSource, regs, split_range, split_sg};
+use iopt_lpae::{Engine, PageSource, split_sg};
 
 /// Identities of tables, so a reservation of one table is refused by another.
 static NEXT_TABLE: AtomicU64 = AtomicU64::new(1);
@@ -213,7 +212,7 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
     ///
     /// # Errors
     ///
-    /// As [`split_sg`] and [`IoPageTable::map`]; nothing is mapped on error.
+    /// As [`split_sg`] and [`IoPageTable::map`](iopt_api::IoPageTable::map); nothing is mapped on error.
     pub fn map_sg(
         &self,
         iova: Iova,
@@ -243,61 +242,7 @@ impl<A: TableAlloc, F: FlushOps> Drop for PreallocTable<A, F> {
     }
 }
 
-impl<A: TableAlloc, F: FlushOps> IoPageTable for PreallocTable<A, F> {
-    fn config(&self) -> &Config {
-        self.engine.config()
-    }
-
-    fn map(
-        &self,
-        iova: Iova,
-        pa: PhysAddr,
-        size: PageSize,
-        count: u64,
-        prot: Prot,
-    ) -> Result<(), MapError> {
-        let run = self.engine.validate_map(iova, pa, size, count, prot)?;
-        self.engine
-            .map_runs(&[run], prot, &mut self.engine.on_demand())
-    }
-
-    fn map_range(&self, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<(), MapError> {
-        let runs = split_range(&self.engine, iova, pa, len, prot)?;
-        self.engine
-            .map_runs(&runs, prot, &mut self.engine.on_demand())
-    }
-
-    fn unmap(
-        &self,
-        iova: Iova,
-        size: PageSize,
-        count: u64,
-        gather: &mut Gather,
-    ) -> Result<u64, UnmapError> {
-        let run = self.engine.validate_unmap(iova, size, count)?;
-        self.engine.unmap_run(run, gather)
-    }
-
-    fn iova_to_phys(&self, iova: Iova) -> Option<Translation> {
-        self.engine.lookup(iova)
-    }
-
-    fn walk(&self, visit: &mut dyn FnMut(WalkItem)) {
-        self.engine.walk(visit);
-    }
-
-    fn root(&self) -> PhysAddr {
-        self.engine.root()
-    }
-
-    fn registers(&self) -> Registers {
-        regs::registers(self.engine.config(), self.engine.root())
-    }
-
-    fn stats(&self) -> Stats {
-        self.engine.counters().snapshot()
-    }
-}
+iopt_lpae::impl_io_page_table_on_engine!(PreallocTable);
 
 impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
     /// Installs and counts the tables `range` needs for leaves up to `max_leaf` (see the
