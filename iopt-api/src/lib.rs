@@ -53,5 +53,6 @@ pub use flush::{FlushOps, Gather, NoFlush};
 pub use prot::Prot;
 pub use size::{PageSize, PageSizes};
 pub use table::{
-    IoPageTable, Registers, Reservation, Reserve, Stats, Tcr, Translation, Vtcr, WalkItem,
+    IoPageTable, PaRun, Registers, Reservation, Reserve, Stats, Tcr, Translation, Vtcr, WalkItem,
+    push_pa_run,
 };

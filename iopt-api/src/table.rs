@@ -119,6 +119,32 @@ pub enum WalkItem {
     },
 }
 
+/// A run of leaves an unmap removed whose output addresses are contiguous: what iommufd asks
+/// back from an unmap so it can unpin exactly those pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PaRun {
+    /// First IOVA of the run.
+    pub iova: Iova,
+    /// Output address of its first byte.
+    pub pa: PhysAddr,
+    /// Bytes in the run.
+    pub len: u64,
+}
+
+/// Appends a removed leaf to `runs`, extending the last run when both the IOVA and the output
+/// address continue it.
+pub fn push_pa_run(runs: &mut alloc::vec::Vec<PaRun>, iova: Iova, pa: PhysAddr, len: u64) {
+    if let Some(last) = runs.last_mut() {
+        if last.iova.checked_add(last.len) == Some(iova)
+            && last.pa.checked_add(last.len) == Some(pa)
+        {
+            last.len += len;
+            return;
+        }
+    }
+    runs.push(PaRun { iova, pa, len });
+}
+
 /// Counters every backend keeps, so the designs are compared on the same numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Stats {
@@ -207,6 +233,48 @@ pub trait IoPageTable: Send + Sync {
         count: u64,
         gather: &mut Gather,
     ) -> Result<u64, UnmapError>;
+
+    /// Unmaps as [`unmap`](IoPageTable::unmap) does and appends to `removed` the output
+    /// address runs of every leaf it cleared, in IOVA order, contiguous runs merged (iommufd's
+    /// request: unpin exactly what was unmapped). Nothing is appended on error.
+    ///
+    /// The default finds the leaves with [`walk`](IoPageTable::walk); engine-backed tables
+    /// walk only the range. The plain `unmap` pays nothing for this.
+    ///
+    /// # Errors
+    ///
+    /// As [`unmap`](IoPageTable::unmap).
+    fn unmap_collect(
+        &self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+        gather: &mut Gather,
+        removed: &mut alloc::vec::Vec<PaRun>,
+    ) -> Result<u64, UnmapError> {
+        let start = iova.get();
+        let end = count
+            .checked_mul(size.get())
+            .and_then(|l| start.checked_add(l));
+        let mut found = alloc::vec::Vec::new();
+        self.walk(&mut |item| {
+            if let WalkItem::Leaf {
+                iova: at,
+                size: s,
+                pa,
+                ..
+            } = item
+            {
+                let inside = at.get() >= start && end.is_none_or(|e| at.get() < e);
+                if inside {
+                    push_pa_run(&mut found, at, pa, s.get());
+                }
+            }
+        });
+        let bytes = self.unmap(iova, size, count, gather)?;
+        removed.extend(found);
+        Ok(bytes)
+    }
 
     /// Translates `iova` the way software sees the table (Linux's `iova_to_phys`), or `None`
     /// when nothing maps it or it lies outside the input range.

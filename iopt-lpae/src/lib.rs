@@ -42,6 +42,7 @@ extern crate alloc;
 #[cfg(any(feature = "std", test))]
 extern crate std;
 
+mod collect;
 pub mod debug;
 pub mod desc;
 pub mod dirty;

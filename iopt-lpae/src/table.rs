@@ -232,6 +232,18 @@ macro_rules! impl_io_page_table_on_engine {
                 self.engine.unmap_run(run, gather)
             }
 
+            fn unmap_collect(
+                &self,
+                iova: ::iopt_api::Iova,
+                size: ::iopt_api::PageSize,
+                count: u64,
+                gather: &mut ::iopt_api::Gather,
+                removed: &mut ::alloc::vec::Vec<::iopt_api::PaRun>,
+            ) -> Result<u64, ::iopt_api::UnmapError> {
+                let run = self.engine.validate_unmap(iova, size, count)?;
+                self.engine.unmap_collect(run, gather, removed)
+            }
+
             fn iova_to_phys(&self, iova: ::iopt_api::Iova) -> Option<::iopt_api::Translation> {
                 self.engine.lookup(iova)
             }

@@ -638,3 +638,123 @@ fn scatter_list_maps_like_the_iommu_core_and_all_or_nothing() {
     ));
     assert_eq!((dump(&t), mem.live_set()), before);
 }
+
+#[test]
+fn unmap_collect_hands_back_the_removed_output_runs() {
+    use iopt_api::PaRun;
+    let mem = SimMemory::new();
+    let t = LpaeTable::new(s1(48, 48, Quirks::empty()), &mem).unwrap();
+    // Three 4K pages contiguous in PA, one elsewhere, then a 2M block.
+    t.map(
+        Iova::new(0x20_0000),
+        PhysAddr::new(0x8000_0000),
+        PageSize::SZ_4K,
+        3,
+        RW,
+    )
+    .unwrap();
+    t.map(
+        Iova::new(0x20_3000),
+        PhysAddr::new(0x9000_0000),
+        PageSize::SZ_4K,
+        1,
+        RW,
+    )
+    .unwrap();
+    t.map(
+        Iova::new(0x40_0000),
+        PhysAddr::new(0xa000_0000),
+        PageSize::SZ_2M,
+        1,
+        RW,
+    )
+    .unwrap();
+    let mut removed = Vec::new();
+    assert_eq!(
+        t.unmap_collect(
+            Iova::new(0x20_0000),
+            PageSize::SZ_4K,
+            4,
+            &mut Gather::new(),
+            &mut removed
+        ),
+        Ok(0x4000)
+    );
+    assert_eq!(
+        removed,
+        vec![
+            PaRun {
+                iova: Iova::new(0x20_0000),
+                pa: PhysAddr::new(0x8000_0000),
+                len: 0x3000
+            },
+            PaRun {
+                iova: Iova::new(0x20_3000),
+                pa: PhysAddr::new(0x9000_0000),
+                len: 0x1000
+            },
+        ]
+    );
+    // Refused: nothing appended, nothing changed.
+    let before = (dump(&t), mem.live_set());
+    assert!(
+        t.unmap_collect(
+            Iova::new(0x20_0000),
+            PageSize::SZ_4K,
+            1,
+            &mut Gather::new(),
+            &mut removed
+        )
+        .is_err()
+    );
+    assert_eq!(removed.len(), 2);
+    assert_eq!((dump(&t), mem.live_set()), before);
+    // A covering unmap of a table hands back every leaf below it.
+    t.map(
+        Iova::new(0x60_0000),
+        PhysAddr::new(0xb000_0000),
+        PageSize::SZ_4K,
+        2,
+        RW,
+    )
+    .unwrap();
+    t.map(
+        Iova::new(0x60_5000),
+        PhysAddr::new(0xb000_2000),
+        PageSize::SZ_4K,
+        1,
+        RW,
+    )
+    .unwrap();
+    removed.clear();
+    assert_eq!(
+        t.unmap_collect(
+            Iova::new(0x40_0000),
+            PageSize::SZ_2M,
+            2,
+            &mut Gather::new(),
+            &mut removed
+        ),
+        Ok(4 << 20)
+    );
+    assert_eq!(
+        removed,
+        vec![
+            PaRun {
+                iova: Iova::new(0x40_0000),
+                pa: PhysAddr::new(0xa000_0000),
+                len: 2 << 20
+            },
+            PaRun {
+                iova: Iova::new(0x60_0000),
+                pa: PhysAddr::new(0xb000_0000),
+                len: 0x2000
+            },
+            PaRun {
+                iova: Iova::new(0x60_5000),
+                pa: PhysAddr::new(0xb000_2000),
+                len: 0x1000
+            },
+        ]
+    );
+}

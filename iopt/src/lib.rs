@@ -63,6 +63,8 @@
 
 #![no_std]
 
+extern crate alloc;
+
 #[cfg(not(any(feature = "alloc-ops", feature = "prealloc")))]
 compile_error!("iopt needs a backend: enable the `alloc-ops` or the `prealloc` feature (or both)");
 
@@ -203,6 +205,17 @@ impl<A: TableAlloc, F: FlushOps> IoPageTable for Table<A, F> {
         gather: &mut Gather,
     ) -> Result<u64, UnmapError> {
         dispatch!(self, t => t.unmap(iova, size, count, gather))
+    }
+
+    fn unmap_collect(
+        &self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+        gather: &mut Gather,
+        removed: &mut alloc::vec::Vec<PaRun>,
+    ) -> Result<u64, UnmapError> {
+        dispatch!(self, t => t.unmap_collect(iova, size, count, gather, removed))
     }
 
     fn iova_to_phys(&self, iova: Iova) -> Option<Translation> {
