@@ -336,6 +336,23 @@ pub struct Config {
     start_level: u32,
     pgd_bits: u32,
     concat_tables: usize,
+    /// The level a leaf of size `1 << shift` sits at, or `NO_LEVEL` (computed once; map and
+    /// unmap look it up on every call).
+    leaf_levels: [u8; 64],
+}
+
+const NO_LEVEL: u8 = u8::MAX;
+
+/// For each size shift, the level whose block that size is, among the allowed sizes.
+fn leaf_levels(sizes: u64, start_level: u32, bpl: u32) -> [u8; 64] {
+    let mut out = [NO_LEVEL; 64];
+    for level in start_level..4 {
+        let shift = (4 - level) * bpl + 3;
+        if shift < 64 && sizes & (1 << shift) != 0 {
+            out[shift as usize] = level as u8;
+        }
+    }
+    out
 }
 
 impl Config {
@@ -446,6 +463,7 @@ impl Config {
             start_level,
             pgd_bits,
             concat_tables,
+            leaf_levels: leaf_levels(restricted, start_level, bpl),
         })
     }
 
@@ -569,11 +587,12 @@ impl Config {
 
     /// Returns the level at which a leaf of `size` sits, if `size` is an allowed page size.
     #[must_use]
+    #[inline]
     pub fn leaf_level(&self, size: PageSize) -> Option<u32> {
-        if !self.pgsize_bitmap.contains(size) {
-            return None;
+        match self.leaf_levels[size.shift() as usize & 63] {
+            NO_LEVEL => None,
+            l => Some(u32::from(l)),
         }
-        (self.start_level..4).find(|&l| self.block_size(l) == size.get())
     }
 
     /// Returns whether IOVAs have every bit above IAS set (the TTBR1 upper half).

@@ -221,11 +221,16 @@ pub struct Engine<A: TableAlloc, F: FlushOps> {
     local_mask: u64,
     /// Refcounting policy and deferred-free state (see [`crate::refcount`]).
     pub(crate) rc: crate::refcount::RcState,
-    /// The leaf table the last map or unmap used (Linux policy only).
-    cursor: LeafCursor,
+    /// The leaf tables recent operations used, one slot per hash of the region, each on its
+    /// own cache line so threads working in different regions do not contend (Linux policy
+    /// only).
+    cursors: [LeafCursor; CURSOR_SLOTS],
     /// Bumped before any table page is freed: a cursor taken under an older value is stale.
     unlinks: AtomicU64,
 }
+
+/// Cursor slots; a power of two.
+const CURSOR_SLOTS: usize = 16;
 
 /// The leaf table the last operation descended to, so that the next one in the same region
 /// skips the descent. A seqlock over three words; `epoch` is the engine's unlink count when the
@@ -233,6 +238,7 @@ pub struct Engine<A: TableAlloc, F: FlushOps> {
 /// the Linux policy a table is only unlinked by an unmap or block map covering it, which an
 /// operation inside it can only race by overlapping it, a caller bug.)
 #[derive(Debug, Default)]
+#[repr(align(64))]
 struct LeafCursor {
     seq: AtomicU64,
     key: AtomicU64,
@@ -265,7 +271,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             counters,
             local_mask,
             rc: crate::refcount::RcState::default(),
-            cursor: LeafCursor::default(),
+            cursors: Default::default(),
             unlinks: AtomicU64::new(0),
         })
     }
@@ -337,6 +343,13 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         ((iova >> self.cfg.level_shift(level - 1)) << 2) | u64::from(level & 3)
     }
 
+    /// The cursor slot for a key: neighbouring regions land in different slots.
+    #[inline]
+    fn cursor_slot(&self, key: u64) -> &LeafCursor {
+        let h = (key >> 2).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
+        &self.cursors[(h as usize) & (CURSOR_SLOTS - 1)]
+    }
+
     /// The cached leaf table at `level` for `iova`, if the cursor holds it and no table was
     /// freed since it was cached.
     #[inline]
@@ -344,14 +357,15 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if level <= self.cfg.start_level() || self.rc.counting() {
             return None;
         }
-        let c = &self.cursor;
+        let want = self.cursor_key(level, iova);
+        let c = self.cursor_slot(want);
         let s1 = c.seq.load(Ordering::Acquire);
         let key = c.key.load(Ordering::Acquire);
         let pa = c.table.load(Ordering::Acquire);
         let epoch = c.epoch.load(Ordering::Acquire);
         if s1 & 1 != 0
             || c.seq.load(Ordering::Acquire) != s1
-            || key != self.cursor_key(level, iova)
+            || key != want
             || epoch != self.unlinks.load(Ordering::Acquire)
         {
             return None;
@@ -367,8 +381,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if level <= self.cfg.start_level() || self.rc.counting() {
             return;
         }
-        let c = &self.cursor;
         let key = self.cursor_key(level, iova);
+        let c = self.cursor_slot(key);
         let s = c.seq.load(Ordering::Acquire);
         if s & 1 != 0
             || (c.key.load(Ordering::Relaxed) == key
