@@ -1,0 +1,283 @@
+//! Reservations: a map inside a reservation against a map into present tables, release,
+//! `pages_needed`, and a VM_BIND-like bind loop.
+
+use criterion::measurement::WallTime;
+use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
+#[cfg(feature = "prealloc")]
+use iopt_benches::Prealloc;
+use iopt_benches::work::{self, Bind};
+use iopt_benches::{AllocOps, BASE_IOVA, Backend, Peer, Profile, Reserving, SZ_2M, SZ_4K, pa_of};
+use std::collections::VecDeque;
+use std::hint::black_box;
+
+type Group<'a> = BenchmarkGroup<'a, WallTime>;
+
+/// Maps `n` pages from `BASE_IOVA`: `n` single-page calls, or one call.
+fn map_pages<B: Backend>(t: &mut B, n: u64, single: bool) {
+    if single {
+        for i in 0..n {
+            let iova = BASE_IOVA + i * SZ_4K;
+            t.map(black_box(iova), pa_of(iova), SZ_4K, 1);
+        }
+    } else {
+        t.map(black_box(BASE_IOVA), pa_of(BASE_IOVA), SZ_4K, n);
+    }
+}
+
+fn map_pages_reserved<B: Reserving>(t: &mut B, r: &B::Res, n: u64, single: bool) {
+    if single {
+        for i in 0..n {
+            let iova = BASE_IOVA + i * SZ_4K;
+            t.map_reserved(r, black_box(iova), pa_of(iova), SZ_4K, 1);
+        }
+    } else {
+        t.map_reserved(r, black_box(BASE_IOVA), pa_of(BASE_IOVA), SZ_4K, n);
+    }
+}
+
+fn present<B: Backend>(n: u64) -> B {
+    let mut t = B::fresh();
+    t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_4K, n);
+    t.clear_keep_tables(BASE_IOVA, n);
+    t
+}
+
+fn variant(name: &str, what: &str) -> String {
+    format!("{name}/{what}")
+}
+
+fn plain<B: Backend>(g: &mut Group<'_>, n: u64, single: bool) {
+    let p = if single { "single" } else { "bulk" };
+    g.bench_function(BenchmarkId::new(variant(B::NAME, "present"), p), |b| {
+        b.iter_batched(
+            || present::<B>(n),
+            |mut t| {
+                map_pages(&mut t, n, single);
+                t
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    g.bench_function(BenchmarkId::new(variant(B::NAME, "new"), p), |b| {
+        b.iter_batched(
+            B::fresh,
+            |mut t| {
+                map_pages(&mut t, n, single);
+                t
+            },
+            BatchSize::PerIteration,
+        );
+    });
+}
+
+fn reserved<B: Reserving>(g: &mut Group<'_>, n: u64, single: bool) {
+    let param = if single { "single" } else { "bulk" };
+    let len = n * SZ_4K;
+    g.bench_function(BenchmarkId::new(variant(B::NAME, "reserved"), param), |b| {
+        b.iter_batched(
+            || {
+                let mut table = B::fresh();
+                let res = table.reserve(BASE_IOVA, len, SZ_4K);
+                (table, res)
+            },
+            |(mut t, r)| {
+                map_pages_reserved(&mut t, &r, n, single);
+                (t, r)
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    g.bench_function(
+        BenchmarkId::new(variant(B::NAME, "reserve+map"), param),
+        |b| {
+            b.iter_batched(
+                B::fresh,
+                |mut t| {
+                    let r = t.reserve(black_box(BASE_IOVA), len, SZ_4K);
+                    map_pages_reserved(&mut t, &r, n, single);
+                    (t, r)
+                },
+                BatchSize::PerIteration,
+            );
+        },
+    );
+}
+
+/// `k` reservations of 2 MiB each, in distinct 2 MiB regions of one 1 GiB window.
+fn reserve_k<B: Reserving>(k: u64, map: bool) -> (B, Vec<B::Res>) {
+    let mut t = B::fresh();
+    let mut rs = Vec::new();
+    for i in 0..k {
+        let iova = BASE_IOVA + i * SZ_2M;
+        let r = t.reserve(iova, SZ_2M, SZ_4K);
+        if map {
+            t.map_reserved(&r, iova, pa_of(iova), SZ_4K, 512);
+            t.unmap(iova, SZ_4K, 512);
+        }
+        rs.push(r);
+    }
+    (t, rs)
+}
+
+fn release<B: Reserving>(g: &mut Group<'_>, k: u64) {
+    for (what, map) in [("unused", false), ("mapped+unmapped", true)] {
+        g.bench_function(BenchmarkId::new(B::NAME, what), |b| {
+            b.iter_batched(
+                || reserve_k::<B>(k, map),
+                |(mut t, rs)| {
+                    for r in rs {
+                        t.release(black_box(r));
+                    }
+                    t
+                },
+                BatchSize::PerIteration,
+            );
+        });
+    }
+}
+
+fn pages_needed<B: Reserving>(g: &mut Group<'_>) {
+    // A 1 GiB window where every other 2 MiB region holds a leaf table.
+    let mut t = B::fresh();
+    for i in (0..512).step_by(2) {
+        let iova = BASE_IOVA + i * SZ_2M;
+        t.map(iova, pa_of(iova), SZ_4K, 1);
+    }
+    for (what, iova, len) in [
+        ("2m_present", BASE_IOVA, SZ_2M),
+        ("2m_missing", BASE_IOVA + SZ_2M, SZ_2M),
+        ("64m", BASE_IOVA, 64 << 20),
+        ("1g", BASE_IOVA, 1 << 30),
+        ("1g_empty", BASE_IOVA + (8 << 30), 1 << 30),
+    ] {
+        g.bench_function(BenchmarkId::new(B::NAME, what), |b| {
+            b.iter(|| t.pages_needed(black_box(iova), len));
+        });
+    }
+}
+
+const QUEUE_DEPTH: usize = 8;
+
+fn unbind_all<B: Backend>(t: &mut B, binds: &[Bind]) {
+    for bind in binds {
+        t.unmap(bind.iova, bind.size, bind.count);
+    }
+}
+
+/// Binds queued `QUEUE_DEPTH` deep: reserve at submit, map inside the reservation at execute;
+/// Design 1 releases at completion and unbinds with `unmap`, Design 2 keeps the reservation
+/// until the unbind, which is its release. Then every bind is unbound.
+fn vm_bind_reserved<B: Reserving>(g: &mut Group<'_>, binds: &[Bind]) {
+    g.bench_function(
+        BenchmarkId::new(variant(B::NAME, "reserved"), binds.len()),
+        |b| {
+            b.iter_batched(
+                B::fresh,
+                |mut t| {
+                    let mut queue = VecDeque::with_capacity(QUEUE_DEPTH);
+                    let mut held = Vec::new();
+                    let mut execute = |t: &mut B, bind: &Bind, r: B::Res| {
+                        t.map_reserved(&r, bind.iova, bind.pa(), bind.size, bind.count);
+                        if B::RELEASE_UNMAPS {
+                            held.push(r);
+                        } else {
+                            t.release(r);
+                        }
+                    };
+                    for bind in binds {
+                        let bind = black_box(bind);
+                        let leaf = bind.size;
+                        let r = t.reserve(bind.iova, bind.len(), leaf);
+                        queue.push_back((bind, r));
+                        if queue.len() == QUEUE_DEPTH {
+                            let (bind, r) = queue.pop_front().expect("queued");
+                            execute(&mut t, bind, r);
+                        }
+                    }
+                    while let Some((bind, r)) = queue.pop_front() {
+                        execute(&mut t, bind, r);
+                    }
+                    if B::RELEASE_UNMAPS {
+                        for r in held {
+                            t.release(r);
+                        }
+                    } else {
+                        unbind_all(&mut t, binds);
+                    }
+                    t
+                },
+                BatchSize::PerIteration,
+            );
+        },
+    );
+}
+
+/// The same binds mapped synchronously, without reservations.
+fn vm_bind_sync<B: Backend>(g: &mut Group<'_>, binds: &[Bind], name: &str) {
+    g.bench_function(BenchmarkId::new(name, binds.len()), |b| {
+        b.iter_batched(
+            B::fresh,
+            |mut t| {
+                for bind in binds {
+                    let bind = black_box(bind);
+                    t.map(bind.iova, bind.pa(), bind.size, bind.count);
+                }
+                unbind_all(&mut t, binds);
+                t
+            },
+            BatchSize::PerIteration,
+        );
+    });
+}
+
+fn bench(c: &mut Criterion) {
+    let profile = Profile::detect();
+    let n = profile.reserve_pages();
+
+    let mut g = c.benchmark_group("reserved_map");
+    g.throughput(Throughput::Elements(n));
+    for single in [true, false] {
+        plain::<AllocOps>(&mut g, n, single);
+        #[cfg(feature = "prealloc")]
+        plain::<Prealloc>(&mut g, n, single);
+        reserved::<AllocOps>(&mut g, n, single);
+        #[cfg(feature = "prealloc")]
+        reserved::<Prealloc>(&mut g, n, single);
+        plain::<Peer>(&mut g, n, single);
+    }
+    g.finish();
+
+    let k = if profile.is_smoke() { 8 } else { 64 };
+    let mut g = c.benchmark_group("release");
+    g.throughput(Throughput::Elements(k));
+    release::<AllocOps>(&mut g, k);
+    #[cfg(feature = "prealloc")]
+    release::<Prealloc>(&mut g, k);
+    g.finish();
+
+    let mut g = c.benchmark_group("pages_needed");
+    g.throughput(Throughput::Elements(1));
+    pages_needed::<AllocOps>(&mut g);
+    #[cfg(feature = "prealloc")]
+    pages_needed::<Prealloc>(&mut g);
+    g.finish();
+
+    let binds = work::vm_bind_trace(profile.binds(), 0xB1D);
+    let mut g = c.benchmark_group("vm_bind");
+    g.throughput(Throughput::Elements(binds.len() as u64));
+    vm_bind_reserved::<AllocOps>(&mut g, &binds);
+    #[cfg(feature = "prealloc")]
+    vm_bind_reserved::<Prealloc>(&mut g, &binds);
+    vm_bind_sync::<AllocOps>(&mut g, &binds, "alloc_ops/sync");
+    #[cfg(feature = "prealloc")]
+    vm_bind_sync::<Prealloc>(&mut g, &binds, "prealloc/sync");
+    vm_bind_sync::<Peer>(&mut g, &binds, "aarch64-paging");
+    g.finish();
+}
+
+criterion::criterion_group! {
+    name = benches;
+    config = iopt_benches::criterion_config();
+    targets = bench
+}
+criterion::criterion_main!(benches);

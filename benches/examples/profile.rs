@@ -1,0 +1,126 @@
+//! A fixed workload for instruction-level profiling (callgrind), one phase per run:
+//!
+//! ```text
+//! cargo build --profile bench -p iopt-benches --example profile
+//! valgrind --tool=callgrind --toggle-collect='profile::phase*' \
+//!     target/release/examples/profile map_present alloc_ops
+//! ```
+//!
+//! Phases: `map_new`, `map_present`, `unmap`, `lookup`, `bulk_map`, `bulk_map_present`,
+//! `bulk_unmap`, `map_2m`, `unmap_2m`; backends: `alloc_ops`, `prealloc`, `aarch64-paging`. Only the `phase_*` function does the measured work, so with
+//! `--toggle-collect` the instruction count divided by the printed operation count is the cost
+//! of one operation.
+
+#[cfg(feature = "prealloc")]
+use iopt_benches::Prealloc;
+use iopt_benches::{AllocOps, BASE_IOVA, Backend, Peer, SZ_2M, SZ_4K, pa_of, work};
+use std::hint::black_box;
+
+const PAGES: u64 = 16_384;
+const BLOCKS: u64 = 512;
+
+#[inline(never)]
+fn phase_map<B: Backend>(t: &mut B) {
+    for i in 0..PAGES {
+        let iova = BASE_IOVA + i * SZ_4K;
+        t.map(black_box(iova), pa_of(iova), SZ_4K, 1);
+    }
+}
+
+#[inline(never)]
+fn phase_unmap<B: Backend>(t: &mut B) {
+    for i in 0..PAGES {
+        t.unmap(black_box(BASE_IOVA + i * SZ_4K), SZ_4K, 1);
+    }
+}
+
+#[inline(never)]
+fn phase_lookup<B: Backend>(t: &B, iovas: &[u64]) {
+    for &v in iovas {
+        black_box(t.lookup(black_box(v)));
+    }
+}
+
+#[inline(never)]
+fn phase_bulk_map<B: Backend>(t: &mut B) {
+    t.map(black_box(BASE_IOVA), pa_of(BASE_IOVA), SZ_4K, PAGES);
+}
+
+#[inline(never)]
+fn phase_map_2m<B: Backend>(t: &mut B) {
+    for i in 0..BLOCKS {
+        let iova = BASE_IOVA + i * SZ_2M;
+        t.map(black_box(iova), pa_of(iova), SZ_2M, 1);
+    }
+}
+
+#[inline(never)]
+fn phase_unmap_2m<B: Backend>(t: &mut B) {
+    for i in 0..BLOCKS {
+        t.unmap(black_box(BASE_IOVA + i * SZ_2M), SZ_2M, 1);
+    }
+}
+
+#[inline(never)]
+fn phase_bulk_unmap<B: Backend>(t: &mut B) {
+    t.unmap(black_box(BASE_IOVA), SZ_4K, PAGES);
+}
+
+fn run<B: Backend>(phase: &str) -> u64 {
+    let mut t = B::fresh();
+    match phase {
+        "map_new" => phase_map(&mut t),
+        "map_present" => {
+            t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_4K, PAGES);
+            t.clear_keep_tables(BASE_IOVA, PAGES);
+            phase_map(&mut t);
+        }
+        "unmap" => {
+            t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_4K, PAGES);
+            phase_unmap(&mut t);
+        }
+        "lookup" => {
+            t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_4K, PAGES);
+            let iovas = work::spread(PAGES as usize, BASE_IOVA, PAGES, 7);
+            phase_lookup(&t, &iovas);
+        }
+        "bulk_map" => phase_bulk_map(&mut t),
+        "bulk_map_present" => {
+            t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_4K, PAGES);
+            t.clear_keep_tables(BASE_IOVA, PAGES);
+            phase_bulk_map(&mut t);
+        }
+        "map_2m" => {
+            phase_map_2m(&mut t);
+            black_box(&t);
+            return BLOCKS;
+        }
+        "unmap_2m" => {
+            t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_2M, BLOCKS);
+            phase_unmap_2m(&mut t);
+            black_box(&t);
+            return BLOCKS;
+        }
+        "bulk_unmap" => {
+            t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_4K, PAGES);
+            phase_bulk_unmap(&mut t);
+        }
+        other => panic!("unknown phase {other}"),
+    }
+    black_box(&t);
+    PAGES
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let phase = args.get(1).map_or("map_present", String::as_str);
+    let backend = args.get(2).map_or("alloc_ops", String::as_str);
+    let ops = match backend {
+        "alloc_ops" => run::<AllocOps>(phase),
+        "aarch64-paging" => run::<Peer>(phase),
+        #[cfg(feature = "prealloc")]
+        "prealloc" => run::<Prealloc>(phase),
+        other => panic!("unknown backend {other}"),
+    };
+    println!("{phase} {backend}: {ops} operations");
+}

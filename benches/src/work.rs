@@ -1,0 +1,182 @@
+//! Deterministic workloads: the random map/unmap mix and the VM_BIND trace.
+
+use crate::{BASE_IOVA, SZ_1G, SZ_2M, SZ_4K, pa_of};
+
+/// A small deterministic generator (xorshift64*), so every backend replays the same ops.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a non-zero seed.
+    #[must_use]
+    pub fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A value in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// One map or unmap of `count` leaves of `size` at `iova` (output `pa_of(iova)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Op {
+    /// Map (`true`) or unmap.
+    pub map: bool,
+    /// First IOVA.
+    pub iova: u64,
+    /// Leaf size: 4K, or 2M for a whole block.
+    pub size: u64,
+    /// Leaves.
+    pub count: u64,
+}
+
+impl Op {
+    /// Bytes covered.
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        self.size * self.count
+    }
+
+    /// Whether it covers nothing (never, for generated ops).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// The window of the random mix: 64 GiB.
+pub const RANDOM_WINDOW: u64 = 64 * SZ_1G;
+
+/// `n` random maps and unmaps in a 64 GiB window, starting from an empty table: each op picks
+/// one of the window's 32768 2 MiB slots; a free slot gets a map of `4K << k` bytes (`k` uniform
+/// in 0..=9, so 4K..2M; 2M as one block), an occupied one is unmapped exactly as it was mapped.
+#[must_use]
+pub fn random_ops(n: usize, seed: u64) -> Vec<Op> {
+    let slots = RANDOM_WINDOW / SZ_2M;
+    let mut used: Vec<Option<Op>> = vec![None; slots as usize];
+    let mut rng = Rng::new(seed);
+    let mut ops = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = rng.below(slots) as usize;
+        if let Some(op) = used[s].take() {
+            ops.push(Op { map: false, ..op });
+        } else {
+            let len = SZ_4K << rng.below(10);
+            let (size, count) = if len == SZ_2M {
+                (SZ_2M, 1)
+            } else {
+                (SZ_4K, len / SZ_4K)
+            };
+            let op = Op {
+                map: true,
+                iova: BASE_IOVA + s as u64 * SZ_2M,
+                size,
+                count,
+            };
+            used[s] = Some(op);
+            ops.push(op);
+        }
+    }
+    ops
+}
+
+/// One VM_BIND map operation (it is unbound later with the same size and count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bind {
+    /// First IOVA.
+    pub iova: u64,
+    /// Leaf size: 4K or 2M.
+    pub size: u64,
+    /// Leaves.
+    pub count: u64,
+}
+
+impl Bind {
+    /// Bytes bound.
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        self.size * self.count
+    }
+
+    /// Whether it binds nothing (never, for generated binds).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Output address.
+    #[must_use]
+    pub fn pa(&self) -> u64 {
+        pa_of(self.iova)
+    }
+}
+
+/// A GPU-like bind trace of `n` binds over disjoint IOVAs: 50 % sparse-texture tiles of 4K..64K
+/// packed into shared 2 MiB regions, 35 % buffers of 64K..2M in 4K pages, 15 % large buffers of
+/// 2M..32M in 2M blocks.
+#[must_use]
+pub fn vm_bind_trace(n: usize, seed: u64) -> Vec<Bind> {
+    let mut rng = Rng::new(seed);
+    let mut sparse = BASE_IOVA;
+    let mut buffers = BASE_IOVA + 64 * SZ_1G;
+    let mut large = BASE_IOVA + 128 * SZ_1G;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let r = rng.below(100);
+        let bind = if r < 50 {
+            let count = 1 + rng.below(16);
+            // Tiles stay inside one 2 MiB region.
+            if (sparse % SZ_2M) + count * SZ_4K > SZ_2M {
+                sparse = sparse.next_multiple_of(SZ_2M);
+            }
+            let b = Bind {
+                iova: sparse,
+                size: SZ_4K,
+                count,
+            };
+            sparse += count * SZ_4K;
+            b
+        } else if r < 85 {
+            let count = 16 + rng.below(497);
+            let b = Bind {
+                iova: buffers,
+                size: SZ_4K,
+                count,
+            };
+            buffers = (buffers + count * SZ_4K).next_multiple_of(SZ_2M);
+            b
+        } else {
+            let count = 1 + rng.below(16);
+            let b = Bind {
+                iova: large,
+                size: SZ_2M,
+                count,
+            };
+            large += count * SZ_2M;
+            b
+        };
+        out.push(bind);
+    }
+    out
+}
+
+/// `n` IOVAs of 4K pages spread pseudo-randomly over `[base, base + pages * 4K)`.
+#[must_use]
+pub fn spread(n: usize, base: u64, pages: u64, seed: u64) -> Vec<u64> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| base + rng.below(pages) * SZ_4K + 0x123)
+        .collect()
+}
