@@ -826,10 +826,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             }
         }
         if !replace {
-            for (k, e) in slots.iter().enumerate() {
-                let out = PhysAddr::new(pa + k as u64 * size);
-                e.store(bits | leaf_type | desc::pack_pa(out), Ordering::Release);
-            }
+            write_leaves(slots, bits | leaf_type, pa, size, Ordering::Release);
             return Ok(());
         }
         for (k, e) in slots.iter().enumerate() {
@@ -883,10 +880,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         }
         let first = cfg.index(iova, target);
         let leaves = &chain[need - 1].entries[first..first + n as usize];
-        for (k, e) in leaves.iter().enumerate() {
-            let out = PhysAddr::new(pa + k as u64 * size);
-            e.store(bits | leaf_type | desc::pack_pa(out), Ordering::Relaxed);
-        }
+        write_leaves(leaves, bits | leaf_type, pa, size, Ordering::Relaxed);
         let new = desc::encode_table(cfg, pages[0]);
         if slot
             .compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire)
@@ -1183,6 +1177,28 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Writes consecutive leaves mapping `pa`, `pa + size`, ... into `slots`. Below 2^48 the packed
+/// address grows by `size` from one descriptor to the next, so each is one add from the last;
+/// above, PA\[51:48\] folds into bits \[15:12\] and each is packed afresh.
+#[inline]
+fn write_leaves(slots: &[AtomicU64], attrs: u64, pa: u64, size: u64, order: Ordering) {
+    let end = pa + size * slots.len() as u64;
+    if end <= 1 << 48 {
+        let mut d = attrs | desc::pack_pa(PhysAddr::new(pa));
+        for e in slots {
+            e.store(d, order);
+            d += size;
+        }
+    } else {
+        for (k, e) in slots.iter().enumerate() {
+            e.store(
+                attrs | desc::pack_pa(PhysAddr::new(pa + k as u64 * size)),
+                order,
+            );
         }
     }
 }
