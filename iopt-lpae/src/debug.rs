@@ -29,6 +29,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// empty entry (Linux's `pgtable_walk`). Empty outside the input range.
     #[must_use]
     pub fn walk_path(&self, iova: Iova) -> Vec<WalkStep> {
+        let _guard = self.enter();
         let cfg = self.config();
         let mut out = Vec::new();
         if !cfg.iova_in_range(iova) {

@@ -173,6 +173,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         sink: &mut dyn DirtySink,
         gather: &mut Gather,
     ) -> Result<(), DirtyError> {
+        let _guard = self.enter();
         let cfg = self.config();
         if cfg.format() != Format::Arm64S1 {
             return Err(DirtyError::Unsupported {

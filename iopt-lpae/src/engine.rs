@@ -607,6 +607,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// [`MapError::InvalidPageSize`] or [`MapError::Misaligned`] for a bad leaf size,
     /// [`MapError::IovaOutOfRange`] for a range outside the table.
     pub fn pages_needed(&self, range: IovaRange, leaf: PageSize) -> Result<usize, MapError> {
+        let _guard = self.enter();
         let level = self
             .cfg
             .leaf_level(leaf)
