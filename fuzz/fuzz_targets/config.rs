@@ -1,0 +1,8 @@
+//! Fuzz target `config`: a thin shim over `iopt_checkers::config::check_bytes`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Err(failure) = iopt_checkers::config::check_bytes(data) {
+        panic!("{failure}");
+    }
+});
