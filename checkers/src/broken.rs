@@ -242,6 +242,9 @@ impl TableAlloc for LeakyAlloc {
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
         self.0.table(pa)
     }
+    fn clean(&self, pa: PhysAddr, bytes: u64) {
+        self.0.clean(pa, bytes);
+    }
 }
 
 /// Flush callbacks that swallow `flush_walk`.

@@ -433,7 +433,7 @@ pub fn check_with(case: &ConfigCase, build: &Build) -> Outcome {
     if !p.is_empty() {
         return Err(bad(p.join("; "), format!("{dump}\nconfig: {cfg:?}")));
     }
-    let alloc = Hooked::new();
+    let alloc = Hooked::for_config(&cfg);
     let mem = std::sync::Arc::clone(&alloc.mem);
     let table = build(cfg, alloc)
         .map_err(|e| bad(format!("building the table failed: {e:?}"), dump.clone()))?;

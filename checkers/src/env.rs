@@ -311,6 +311,21 @@ impl Hooked {
             dev: Device::new(),
         }
     }
+
+    /// Fresh memory as `cfg`'s walker sees it (non-coherent when `cfg` says so: the device
+    /// then reads only what the table cleaned) and a fresh device.
+    #[must_use]
+    pub fn for_config(cfg: &Config) -> Self {
+        let mem = if cfg.coherent_walk() {
+            SimMemory::new()
+        } else {
+            SimMemory::non_coherent()
+        };
+        Self {
+            mem: Arc::new(mem),
+            dev: Device::new(),
+        }
+    }
 }
 
 impl Default for Hooked {
@@ -347,5 +362,9 @@ impl TableAlloc for Hooked {
 
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
         self.mem.table(pa)
+    }
+
+    fn clean(&self, pa: PhysAddr, bytes: u64) {
+        self.mem.clean(pa, bytes);
     }
 }

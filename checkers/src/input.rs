@@ -109,6 +109,21 @@ pub fn setups() -> Vec<Setup> {
             ),
             64 << 30,
         ),
+        mk(
+            "arm64-s1 4K 48/48 non-coherent OUTER_WBWA",
+            cfg(ConfigInput::new(Format::Arm64S1, g4, 48, 48)
+                .with_coherent_walk(false)
+                .with_quirks(Quirks::OUTER_WBWA)),
+            512 << 30,
+        ),
+        mk(
+            "mali 4K|2M 48/40 non-coherent",
+            cfg(
+                ConfigInput::new(Format::Mali, PageSizes::from_bits(0x20_1000), 48, 40)
+                    .with_coherent_walk(false),
+            ),
+            512 << 30,
+        ),
     ]
 }
 

@@ -382,7 +382,7 @@ impl Lane {
         setup: Setup,
         inject: Option<(u64, bool)>,
     ) -> Result<Self, Failure> {
-        let alloc = Hooked::new();
+        let alloc = Hooked::for_config(&setup.cfg);
         let mut lane = Self {
             name: spec.name.clone(),
             design: spec.design,
@@ -949,6 +949,14 @@ impl Lane {
         };
         self.alloc.dev.audit(&sc.linked(), &now, &self.gather);
         problems.extend(self.alloc.dev.take_violations());
+
+        // A non-coherent walker sees only cleaned lines: every write must have been cleaned.
+        if let Some((pa, cpu, dev)) = sc.tables.iter().find_map(|x| mem.first_stale(x.pa)) {
+            problems.push(format!(
+                "the walker cannot see the write at {pa:?}: the CPU holds {cpu:#x}, memory \
+                 {dev:#x} (a descriptor write without a clean)"
+            ));
+        }
 
         // The software walk reports exactly what memory holds.
         let mut walk = Vec::new();

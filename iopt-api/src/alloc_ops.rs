@@ -28,9 +28,11 @@ impl TableMeta {
     }
 }
 
-/// A live table page as the allocator exposes it: its entries and its metadata.
+/// A live table page as the allocator exposes it: its address, its entries and its metadata.
 #[derive(Debug, Clone, Copy)]
 pub struct TableRef<'a> {
+    /// The page's physical address (what descriptors and [`TableAlloc::clean`] use).
+    pub pa: PhysAddr,
     /// The descriptors: `size / 8` of them.
     pub entries: &'a [AtomicU64],
     /// The page's software metadata.
@@ -47,7 +49,11 @@ pub struct TableRef<'a> {
 ///   hardware may still walk (it issues the walk flush first);
 /// - [`table`](TableAlloc::table) resolves a physical address handed out by `alloc` to the
 ///   page's entries, or `None` for any other address (the table then reports corruption
-///   instead of following a wild pointer).
+///   instead of following a wild pointer);
+/// - [`clean`](TableAlloc::clean) makes CPU writes visible to a walker that does not snoop
+///   the CPU's caches. Tables call it only when
+///   [`Config::coherent_walk`](crate::Config::coherent_walk) is false: after every descriptor
+///   write, over exactly the bytes written (a new table page as a whole, before it is linked).
 ///
 /// Every method takes `&self`: tables call it concurrently from several threads.
 pub trait TableAlloc: Send + Sync {
@@ -105,6 +111,14 @@ pub trait TableAlloc: Send + Sync {
 
     /// Resolves a live page's physical address to its memory.
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>>;
+
+    /// Makes the CPU's writes to the `bytes` bytes at `pa` (inside one live page) visible to
+    /// a non-coherent table walker before the call returns: Linux's
+    /// `dma_sync_single_for_device(.., DMA_TO_DEVICE)`, on Arm a `DC CVAC` per cache line
+    /// followed by a `DSB`. The default does nothing, which is right for coherent walkers only.
+    fn clean(&self, pa: PhysAddr, bytes: u64) {
+        let _ = (pa, bytes);
+    }
 }
 
 impl<T: TableAlloc + ?Sized> TableAlloc for &T {
@@ -133,6 +147,10 @@ impl<T: TableAlloc + ?Sized> TableAlloc for &T {
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
         (**self).table(pa)
     }
+    #[inline]
+    fn clean(&self, pa: PhysAddr, bytes: u64) {
+        (**self).clean(pa, bytes);
+    }
 }
 
 impl<T: TableAlloc + ?Sized> TableAlloc for alloc::sync::Arc<T> {
@@ -160,5 +178,9 @@ impl<T: TableAlloc + ?Sized> TableAlloc for alloc::sync::Arc<T> {
     #[inline]
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
         (**self).table(pa)
+    }
+    #[inline]
+    fn clean(&self, pa: PhysAddr, bytes: u64) {
+        (**self).clean(pa, bytes);
     }
 }

@@ -176,6 +176,10 @@ pub struct Stats {
     pub install_races_lost: u64,
     /// Tables freed because an unmap or release left them empty.
     pub empty_tables_freed: u64,
+    /// Calls to [`TableAlloc::clean`](crate::TableAlloc::clean) (non-coherent walkers only).
+    pub cache_cleans: u64,
+    /// Bytes those calls cleaned.
+    pub bytes_cleaned: u64,
 }
 
 /// An ARM LPAE IO page table: the operations of Linux's `io_pgtable_ops`, typed.

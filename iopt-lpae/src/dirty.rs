@@ -107,6 +107,8 @@ impl DirtySink for DirtyBitmap {
 /// A leaf found by the range walk: where its descriptor lives and what it maps.
 struct LeafAt<'a> {
     slot: &'a core::sync::atomic::AtomicU64,
+    table: iopt_api::TableRef<'a>,
+    idx: usize,
     start: u64,
     size: u64,
 }
@@ -129,14 +131,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 iova: ext(iova),
                 pa,
             })?;
-            let slot =
-                table
-                    .entries
-                    .get(cfg.index(iova, level))
-                    .ok_or(DirtyError::BrokenTable {
-                        iova: ext(iova),
-                        pa,
-                    })?;
+            let idx = cfg.index(iova, level);
+            let slot = table.entries.get(idx).ok_or(DirtyError::BrokenTable {
+                iova: ext(iova),
+                pa,
+            })?;
             let d = slot.load(Ordering::Acquire);
             match desc::kind(cfg.format(), level, d) {
                 Kind::Invalid => return Err(DirtyError::NotMapped { iova: ext(iova) }),
@@ -148,6 +147,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     let size = cfg.block_size(level);
                     return Ok(LeafAt {
                         slot,
+                        table,
+                        idx,
                         start: iova & !(size - 1),
                         size,
                     });
@@ -211,6 +212,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 gather.add(iova, leaf.size);
                 if !flags.contains(DirtyFlags::NO_CLEAR) {
                     leaf.slot.fetch_or(desc::AP_RDONLY, Ordering::AcqRel);
+                    self.sync_entries(leaf.table, leaf.idx, 1);
                 }
             }
             match (leaf.start + leaf.size).checked_sub(1) {

@@ -77,6 +77,10 @@ pub struct Counters {
     pub install_races_lost: AtomicU64,
     /// Tables freed for being empty.
     pub empty_tables_freed: AtomicU64,
+    /// Cache cleans issued for a non-coherent walker.
+    pub cache_cleans: AtomicU64,
+    /// Bytes those cleans covered.
+    pub bytes_cleaned: AtomicU64,
 }
 
 impl Counters {
@@ -99,6 +103,8 @@ impl Counters {
             reserved_outstanding: r(&self.reserved_outstanding),
             install_races_lost: r(&self.install_races_lost),
             empty_tables_freed: r(&self.empty_tables_freed),
+            cache_cleans: r(&self.cache_cleans),
+            bytes_cleaned: r(&self.bytes_cleaned),
         }
     }
 
@@ -255,6 +261,14 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     pub fn new(cfg: Config, alloc: A, flush: F) -> Result<Self, iopt_api::AllocError> {
         let root = alloc.alloc(cfg.pgd_bytes())?;
         let counters = Counters::default();
+        if !cfg.coherent_walk() {
+            // The zeroed root must reach memory before the registers point a walker at it.
+            alloc.clean(root, cfg.pgd_bytes());
+            counters.cache_cleans.store(1, Ordering::Relaxed);
+            counters
+                .bytes_cleaned
+                .store(cfg.pgd_bytes(), Ordering::Relaxed);
+        }
         counters.alloc_calls.store(1, Ordering::Relaxed);
         counters.pages_allocated.store(1, Ordering::Relaxed);
         counters.add_live(1);
@@ -741,17 +755,15 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             let mut table_pa = self.root;
             let mut level = cfg.start_level();
             while level < target {
-                let slot =
-                    table
-                        .entries
-                        .get(cfg.index(iova, level))
-                        .ok_or(MapError::BrokenTable {
-                            iova: self.external(iova),
-                            pa: self.root,
-                        })?;
+                let idx = cfg.index(iova, level);
+                let slot = table.entries.get(idx).ok_or(MapError::BrokenTable {
+                    iova: self.external(iova),
+                    pa: self.root,
+                })?;
                 let e = slot.load(Ordering::Acquire);
                 match self.kind(level, e) {
                     Kind::Table => {
+                        self.sync_seen(table, idx, e);
                         table_pa = desc::unpack_pa(e, granule);
                         table = self.alloc.table(table_pa).ok_or(MapError::BrokenTable {
                             iova: self.external(iova),
@@ -765,7 +777,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         });
                     }
                     Kind::Invalid => {
-                        if self.publish_chain(slot, iova, pa, level, target, n, bits, src, epoch)? {
+                        if self.publish_chain(
+                            table, idx, iova, pa, level, target, n, bits, src, epoch,
+                        )? {
                             return Ok(());
                         }
                         continue 'descend;
@@ -828,11 +842,13 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         }
         if !replace {
             write_leaves(slots, bits | leaf_type, pa, size, Ordering::Release);
+            self.sync_entries(table, first, n as usize);
             return Ok(());
         }
         for (k, e) in slots.iter().enumerate() {
             let out = PhysAddr::new(pa + k as u64 * size);
             let old = e.swap(bits | leaf_type | desc::pack_pa(out), Ordering::AcqRel);
+            self.sync_entries(table, first + k, 1);
             if self.kind(target, old) == Kind::Table {
                 self.retire_subtree(old, target + 1, self.external(iova + k as u64 * size), size);
             }
@@ -840,7 +856,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         Ok(())
     }
 
-    /// Builds the path below the empty entry `slot` (at `level`) privately: tables for levels
+    /// Builds the path below the empty entry `idx` of `parent` (at `level`) privately: tables for levels
     /// `level + 1 ..= target`, linked, with the `n` leaves written into the last one; then
     /// publishes it with one compare-exchange. Returns `false` when another thread installed a
     /// table there first: the pages are then zeroed and given back, and the caller descends
@@ -848,7 +864,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     #[allow(clippy::too_many_arguments)]
     fn publish_chain<S: PageSource>(
         &self,
-        slot: &AtomicU64,
+        parent: TableRef<'_>,
+        idx: usize,
         iova: u64,
         pa: u64,
         level: u32,
@@ -877,16 +894,20 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         }
         for i in 0..need - 1 {
             let idx = cfg.index(iova, level + 1 + i as u32);
-            chain[i].entries[idx].store(desc::encode_table(cfg, pages[i + 1]), Ordering::Relaxed);
+            chain[i].entries[idx].store(self.private_link(pages[i + 1]), Ordering::Relaxed);
         }
         let first = cfg.index(iova, target);
         let leaves = &chain[need - 1].entries[first..first + n as usize];
         write_leaves(leaves, bits | leaf_type, pa, size, Ordering::Relaxed);
+        for &t in &chain {
+            self.sync_table(t);
+        }
         let new = desc::encode_table(cfg, pages[0]);
-        if slot
+        if parent.entries[idx]
             .compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
+            self.sync_installed(parent, idx, new);
             self.counters.add_live(need as u64);
             self.cursor_set(target, iova, pages[need - 1], epoch);
             return Ok(true);
@@ -1033,10 +1054,15 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             let at = self.external(iova + k as u64 * size);
             match self.kind(r.level, old) {
                 Kind::Leaf => self.flush.add_page(gather, at, size),
-                Kind::Table => self.retire_subtree(old, r.level + 1, at, size),
+                Kind::Table => {
+                    // The walker must stop seeing the table before its flush and free.
+                    self.sync_entries(table, first + k, 1);
+                    self.retire_subtree(old, r.level + 1, at, size);
+                }
                 Kind::Invalid => {}
             }
         }
+        self.sync_entries(table, first, n as usize);
     }
 
     /// Descends to the leaf table of `iova` for an unmap at `r.level` and caches it in the

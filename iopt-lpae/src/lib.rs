@@ -51,8 +51,9 @@ pub mod oracle;
 pub mod refcount;
 pub mod regs;
 mod sim;
+mod sync;
 mod table;
 
 pub use engine::{Counters, Engine, OnDemand, PageSource, Run, Stash};
-pub use sim::{SimLayout, SimMemory, SimStats};
+pub use sim::{CACHE_LINE, STALE_DESCRIPTOR, SimLayout, SimMemory, SimStats};
 pub use table::{LpaeTable, split_range, split_sg};

@@ -499,6 +499,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let cfg = self.config();
         let old = parent.t.entries[idx].swap(0, SC);
         debug_assert_eq!(self.kind_of(parent.level, old), Kind::Table);
+        self.sync_entries(parent.t, idx, 1);
         let span = cfg.block_size(parent.level);
         self.flush_ops().flush_walk(
             self.ext(iova_in_slot & !(span - 1)),
@@ -509,25 +510,33 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     /// Lowers the live count of `path[i]` by `n` and frees it, and the ancestors it leaves
     /// empty, if that emptied it.
-    fn drop_live(&self, path: &[Frame<'_>], i: usize, n: u32, iova: u64, dead: &mut Vec<PhysAddr>) {
+    /// Returns whether `path[i]` was freed (it is then unlinked).
+    fn drop_live(
+        &self,
+        path: &[Frame<'_>],
+        i: usize,
+        n: u32,
+        iova: u64,
+        dead: &mut Vec<PhysAddr>,
+    ) -> bool {
         if n == 0 {
-            return;
+            return false;
         }
         let before = path[i].t.meta.live_entries.fetch_sub(n, SC);
         debug_assert!(before >= n && before != DEAD);
-        if before == n {
-            self.cascade(path, i, iova, dead);
-        }
+        before == n && self.cascade(path, i, iova, dead)
     }
 
     /// `path[i]`'s count just reached 0: claim it and every ancestor holding nothing else,
-    /// unlink the topmost, and continue above if that empties its parent.
-    fn cascade(&self, path: &[Frame<'_>], mut i: usize, iova: u64, dead: &mut Vec<PhysAddr>) {
+    /// unlink the topmost, and continue above if that empties its parent. Returns whether
+    /// `path[i]` itself was claimed.
+    fn cascade(&self, path: &[Frame<'_>], i: usize, iova: u64, dead: &mut Vec<PhysAddr>) -> bool {
+        if i == 0 || !try_claim(path[i].t.meta, 0) {
+            return false;
+        }
         let cfg = self.config();
+        let mut i = i;
         loop {
-            if i == 0 || !try_claim(path[i].t.meta, 0) {
-                return;
-            }
             let mut top = i;
             self.note_dead(path[top].pa, dead);
             while top > 1 && try_claim(path[top - 1].t.meta, 1) {
@@ -537,9 +546,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             let parent = path[top - 1];
             self.unlink(parent, cfg.index(iova, parent.level), iova);
             if parent.t.meta.live_entries.fetch_sub(1, SC) != 1 {
-                return;
+                return true;
             }
             i = top - 1;
+            if i == 0 || !try_claim(path[i].t.meta, 0) {
+                return true;
+            }
         }
     }
 
@@ -652,17 +664,15 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             let mut level = cfg.start_level();
             while level < target {
                 let cur = path.last();
-                let slot =
-                    cur.t
-                        .entries
-                        .get(cfg.index(iova, level))
-                        .ok_or(MapError::BrokenTable {
-                            iova: self.ext(iova),
-                            pa: cur.pa,
-                        })?;
+                let idx = cfg.index(iova, level);
+                let slot = cur.t.entries.get(idx).ok_or(MapError::BrokenTable {
+                    iova: self.ext(iova),
+                    pa: cur.pa,
+                })?;
                 let e = slot.load(SC);
                 match self.kind_of(level, e) {
                     Kind::Table => {
+                        self.sync_seen(cur.t, idx, e);
                         let (t, pa) = self.table_of(e).ok_or(MapError::BrokenTable {
                             iova: self.ext(iova),
                             pa: desc::unpack_pa(e, cfg.granule()),
@@ -676,7 +686,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         });
                     }
                     Kind::Invalid => {
-                        if self.install_chain(&mut path, slot, iova, target, n, src, dead)? {
+                        if self.install_chain(&mut path, idx, iova, target, n, src, dead)? {
                             return Ok(Prepared {
                                 path,
                                 iova,
@@ -776,14 +786,14 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         }
     }
 
-    /// Installs the tables from below `path`'s last table down to `target` at the empty
-    /// `slot`, the leaf table pinned for `n` leaves. `Ok(false)`: lost a race or met a dying
+    /// Installs the tables from below `path`'s last table down to `target` at its empty entry
+    /// `idx`, the leaf table pinned for `n` leaves. `Ok(false)`: lost a race or met a dying
     /// table, walk again.
     #[allow(clippy::too_many_arguments)]
     fn install_chain<'a, S: PageSource>(
         &'a self,
         path: &mut Path<'a>,
-        slot: &AtomicU64,
+        idx: usize,
         iova: u64,
         target: u32,
         n: u64,
@@ -792,6 +802,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     ) -> Result<bool, MapError> {
         let cfg = self.config();
         let cur = path.last();
+        let slot = &cur.t.entries[idx];
         let level = cur.level;
         let need = (target - level) as usize;
         let mut pages = Vec::with_capacity(need);
@@ -810,7 +821,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         for (i, t) in chain.iter().enumerate() {
             if i + 1 < need {
                 t.entries[cfg.index(iova, level + 1 + i as u32)]
-                    .store(desc::encode_table(cfg, pages[i + 1]), Ordering::Relaxed);
+                    .store(self.private_link(pages[i + 1]), Ordering::Relaxed);
                 t.meta.live_entries.store(1, Ordering::Relaxed);
             } else {
                 t.meta.live_entries.store(n as u32, Ordering::Relaxed);
@@ -829,10 +840,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             src.give_back(&pages);
             return Ok(false);
         }
-        if slot
-            .compare_exchange(0, desc::encode_table(cfg, pages[0]), SC, SC)
-            .is_err()
-        {
+        // The leaves come later (commit); everything else in the chain is written now.
+        for &t in &chain {
+            self.sync_table(t);
+        }
+        let new = desc::encode_table(cfg, pages[0]);
+        if slot.compare_exchange(0, new, SC, SC).is_err() {
             reset(&chain);
             src.give_back(&pages);
             self.counters()
@@ -841,6 +854,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             self.drop_live(path.frames(), path.top(), 1, iova, dead);
             return Ok(false);
         }
+        self.sync_installed(cur.t, idx, new);
         self.counters().add_live(need as u64);
         for (i, t) in chain.into_iter().enumerate() {
             path.push(Frame {
@@ -869,6 +883,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 None => e.store(d, SC),
                 Some(&(_, table)) => {
                     e.swap(d, SC);
+                    self.sync_entries(t, first + k, 1);
                     self.flush_ops().flush_walk(
                         self.ext(p.iova + k as u64 * size),
                         size,
@@ -878,6 +893,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 }
             }
         }
+        self.sync_entries(t, first, p.n as usize);
     }
 
     /// Undoes a prepared segment: releases its claims and pins (freeing what that empties).
@@ -998,6 +1014,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     Kind::Table => {
                         // Linux semantics: an unmap at block size removes the table and all
                         // it holds; it is freed after the walk flush (and the grace period).
+                        self.sync_entries(t, first + k, 1);
                         self.flush_ops().flush_walk(at, size, cfg.granule().size());
                         self.collect_tables(old, r.level + 1, &mut dead);
                         removed += 1;
@@ -1005,7 +1022,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     Kind::Invalid => {}
                 }
             }
-            self.drop_live(path.frames(), path.top(), removed, iova, &mut dead);
+            // A table this empties is unlinked (that clean suffices); one that survives must
+            // show the walker its cleared entries.
+            if !self.drop_live(path.frames(), path.top(), removed, iova, &mut dead) {
+                self.sync_entries(t, first, n as usize);
+            }
             iova += n * size;
             left -= n;
         }
@@ -1266,7 +1287,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             if !self.needs_child(w, f.level, s) {
                 return true;
             }
-            let Some(slot) = f.t.entries.get(cfg.index(at, f.level)) else {
+            let idx = cfg.index(at, f.level);
+            let Some(slot) = f.t.entries.get(idx) else {
                 result = Err(ReserveError::BlockInTheWay { iova: self.ext(at) });
                 return false;
             };
@@ -1287,6 +1309,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                             core::hint::spin_loop();
                             continue;
                         }
+                        self.sync_seen(f.t, idx, e);
                         sub.meta.reservations.fetch_add(1, SC);
                         sub.meta.live_entries.fetch_sub(1, SC);
                         taken.push(spa);
@@ -1311,11 +1334,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         // `f` is the root or held by this reservation: never dead.
                         let pinned = pin(f.t.meta, 1);
                         debug_assert!(pinned);
-                        if pinned
-                            && slot
-                                .compare_exchange(0, desc::encode_table(cfg, top), SC, SC)
-                                .is_ok()
-                        {
+                        for &(_, t) in &built {
+                            self.sync_table(t);
+                        }
+                        let new = desc::encode_table(cfg, top);
+                        if pinned && slot.compare_exchange(0, new, SC, SC).is_ok() {
+                            self.sync_installed(f.t, idx, new);
                             let c = self.counters();
                             c.add_live(built.len() as u64);
                             c.pages_consumed
@@ -1370,8 +1394,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             }
             match self.build(w, level + 1, at, next, src, built) {
                 Ok(c) => {
-                    t.entries[cfg.index(at, level)]
-                        .store(desc::encode_table(cfg, c), Ordering::Relaxed);
+                    t.entries[cfg.index(at, level)].store(self.private_link(c), Ordering::Relaxed);
                     t.meta.live_entries.fetch_add(1, Ordering::Relaxed);
                     true
                 }
@@ -1453,6 +1476,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let cfg = self.config();
         let bs = cfg.block_size(f.level);
         let mut cleared = 0u32;
+        // First and last entry cleared (slots come in ascending order).
+        let mut span: Option<(usize, usize)> = None;
         let mut kids: Vec<(usize, u64)> = Vec::new();
         self.slots(f.level, a, b, |s, at, next| {
             let idx = cfg.index(at, f.level);
@@ -1465,6 +1490,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     if let (Some(g), Some(w)) = (gather.as_deref_mut(), w) {
                         if s >= w.start && s + bs <= w.end {
                             slot.swap(0, SC);
+                            span = Some(span.map_or((idx, idx), |(lo, _)| (lo, idx)));
                             self.flush_ops().add_page(g, self.ext(s), bs);
                             cleared += 1;
                         }
@@ -1496,6 +1522,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let is_root = f.pa == self.root();
         let k = kids.len() as u32;
         if !is_root && try_claim(f.t.meta, k) {
+            // Unlinked by the caller: that clean hides the cleared leaves too.
             self.note_dead(f.pa, dead);
             return true;
         }
@@ -1509,6 +1536,10 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         {
             self.note_dead(f.pa, dead);
             return true;
+        }
+        // It stays linked: the walker must see its cleared leaves.
+        if let Some((lo, hi)) = span {
+            self.sync_entries(f.t, lo, hi - lo + 1);
         }
         false
     }

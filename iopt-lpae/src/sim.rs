@@ -9,6 +9,14 @@
 //!
 //! It counts what a leak check needs (live pages, peak, calls) and injects failures: make the
 //! k-th page allocation fail, so tests can prove every error path leaves nothing behind.
+//!
+//! **Non-coherent mode** ([`SimMemory::non_coherent`]) models a walker that does not snoop the
+//! CPU's caches: every page has a second, *device* view, which the device-side accessors
+//! ([`read_u64`](SimMemory::read_u64), and so the [oracle](crate::oracle)) read. CPU writes
+//! reach it only through [`clean`](TableAlloc::clean), a 64-byte line at a time; a freshly
+//! allocated page's device view holds [`STALE_DESCRIPTOR`] until cleaned, and a freed page's keeps
+//! whatever it last held. A descriptor write the table forgets to clean is therefore a
+//! translation fault (or a stale translation) in a test, not a silent pass.
 //! Lookup of a page by address is lock-free (a region scan, one chunk pointer and the page's
 //! live flag); allocation and freeing take a short spin lock.
 
@@ -20,6 +28,11 @@ use once_cell::race::OnceBox;
 
 /// Bytes of table memory a chunk of a region holds.
 const CHUNK_BYTES: u64 = 1 << 16;
+/// Bytes of a cache line: the unit [`TableAlloc::clean`] publishes in non-coherent mode.
+pub const CACHE_LINE: u64 = 64;
+/// What a non-coherent device sees in a page nobody cleaned since it was allocated: a table
+/// descriptor pointing at an address no table lives at, so a walk through it faults.
+pub const STALE_DESCRIPTOR: u64 = 0x0000_0dea_dbee_f003;
 const MAX_REGIONS: usize = 8;
 
 /// Layout of a [`SimMemory`].
@@ -46,6 +59,8 @@ impl Default for SimLayout {
 #[derive(Debug)]
 struct Chunk {
     entries: Box<[AtomicU64]>,
+    /// The device's view of `entries` (empty for a coherent memory).
+    device: Box<[AtomicU64]>,
     meta: Box<[TableMeta]>,
     live: Box<[AtomicBool]>,
 }
@@ -54,6 +69,8 @@ struct Chunk {
 #[derive(Clone, Copy)]
 struct Page<'a> {
     entries: &'a [AtomicU64],
+    /// Empty for a coherent memory.
+    device: &'a [AtomicU64],
     meta: &'a TableMeta,
     live: &'a AtomicBool,
 }
@@ -106,18 +123,22 @@ impl Region {
         Self::slice(chunk, index & (self.per_chunk - 1), self.entries)
     }
 
-    fn page_init(&self, index: usize) -> Option<Page<'_>> {
+    fn page_init(&self, index: usize, non_coherent: bool) -> Option<Page<'_>> {
         let per_chunk = self.per_chunk;
         let entries = self.entries;
         let chunk = self.chunks.get(index / per_chunk)?.get_or_init(|| {
             let mut e = Vec::with_capacity(per_chunk * entries);
             e.resize_with(per_chunk * entries, || AtomicU64::new(0));
+            let device_len = if non_coherent { per_chunk * entries } else { 0 };
+            let mut d = Vec::with_capacity(device_len);
+            d.resize_with(device_len, || AtomicU64::new(STALE_DESCRIPTOR));
             let mut m = Vec::with_capacity(per_chunk);
             m.resize_with(per_chunk, TableMeta::default);
             let mut l = Vec::with_capacity(per_chunk);
             l.resize_with(per_chunk, || AtomicBool::new(false));
             Box::new(Chunk {
                 entries: e.into_boxed_slice(),
+                device: d.into_boxed_slice(),
                 meta: m.into_boxed_slice(),
                 live: l.into_boxed_slice(),
             })
@@ -127,8 +148,14 @@ impl Region {
 
     #[inline]
     fn slice(chunk: &Chunk, i: usize, entries: usize) -> Option<Page<'_>> {
+        let device = if chunk.device.is_empty() {
+            &[]
+        } else {
+            chunk.device.get(i * entries..(i + 1) * entries)?
+        };
         Some(Page {
             entries: chunk.entries.get(i * entries..(i + 1) * entries)?,
+            device,
             meta: chunk.meta.get(i)?,
             live: chunk.live.get(i)?,
         })
@@ -175,6 +202,12 @@ pub struct SimStats {
     pub injected_failures: u64,
     /// Frees of an address that was not live (a double free or a foreign page).
     pub bad_frees: u64,
+    /// Calls to `clean`.
+    pub cleans: u64,
+    /// Bytes those calls asked to clean.
+    pub bytes_cleaned: u64,
+    /// Cleans of a range that is not inside one live page.
+    pub bad_cleans: u64,
 }
 
 /// Simulated physical memory for table pages: each page size in its own region of physical
@@ -199,6 +232,8 @@ pub struct SimStats {
 #[derive(Debug)]
 pub struct SimMemory {
     layout: SimLayout,
+    /// Whether pages have a device view that only `clean` updates.
+    non_coherent: bool,
     /// log2 of the region span.
     span_shift: u32,
     regions: [OnceBox<Region>; MAX_REGIONS],
@@ -220,6 +255,9 @@ pub struct SimMemory {
     pages_freed: AtomicU64,
     injected: AtomicU64,
     bad_frees: AtomicU64,
+    cleans: AtomicU64,
+    bytes_cleaned: AtomicU64,
+    bad_cleans: AtomicU64,
 }
 
 impl Default for SimMemory {
@@ -235,6 +273,43 @@ impl SimMemory {
         Self::with_layout(SimLayout::default())
     }
 
+    /// Creates an empty memory whose device does not snoop the CPU's caches (see the module
+    /// docs): the device sees only what [`clean`](TableAlloc::clean) published.
+    ///
+    /// ```
+    /// use iopt_api::{PhysAddr, TableAlloc};
+    /// use iopt_lpae::{SimMemory, STALE_DESCRIPTOR};
+    /// use core::sync::atomic::Ordering;
+    /// let mem = SimMemory::non_coherent();
+    /// let pa = mem.alloc(4096)?;
+    /// assert_eq!(mem.read_u64(pa), Some(STALE_DESCRIPTOR)); // never cleaned
+    /// mem.table(pa).unwrap().entries[1].store(0x4003, Ordering::Relaxed);
+    /// mem.clean(pa, 4096);
+    /// assert_eq!(mem.read_u64(PhysAddr::new(pa.get() + 8)), Some(0x4003));
+    /// mem.table(pa).unwrap().entries[1].store(0, Ordering::Relaxed);
+    /// assert_eq!(mem.read_u64(PhysAddr::new(pa.get() + 8)), Some(0x4003)); // still cached
+    /// assert!(mem.first_stale(pa).is_some());
+    /// # Ok::<(), iopt_api::AllocError>(())
+    /// ```
+    #[must_use]
+    pub fn non_coherent() -> Self {
+        Self::non_coherent_with_layout(SimLayout::default())
+    }
+
+    /// [`non_coherent`](Self::non_coherent) with `layout`.
+    #[must_use]
+    pub fn non_coherent_with_layout(layout: SimLayout) -> Self {
+        let mut mem = Self::with_layout(layout);
+        mem.non_coherent = true;
+        mem
+    }
+
+    /// Returns whether the device sees only cleaned lines.
+    #[must_use]
+    pub fn is_non_coherent(&self) -> bool {
+        self.non_coherent
+    }
+
     /// Creates an empty memory with `layout`.
     #[must_use]
     pub fn with_layout(layout: SimLayout) -> Self {
@@ -245,6 +320,7 @@ impl SimMemory {
         };
         Self {
             layout,
+            non_coherent: false,
             span_shift: span.trailing_zeros(),
             regions: Default::default(),
             state: spin::Mutex::new(FreeState::default()),
@@ -262,6 +338,9 @@ impl SimMemory {
             pages_freed: AtomicU64::new(0),
             injected: AtomicU64::new(0),
             bad_frees: AtomicU64::new(0),
+            cleans: AtomicU64::new(0),
+            bytes_cleaned: AtomicU64::new(0),
+            bad_cleans: AtomicU64::new(0),
         }
     }
 
@@ -308,6 +387,9 @@ impl SimMemory {
             pages_freed: r(&self.pages_freed),
             injected_failures: r(&self.injected),
             bad_frees: r(&self.bad_frees),
+            cleans: r(&self.cleans),
+            bytes_cleaned: r(&self.bytes_cleaned),
+            bad_cleans: r(&self.bad_cleans),
         }
     }
 
@@ -334,31 +416,68 @@ impl SimMemory {
         out
     }
 
-    /// Reads the 64-bit word at `pa`, as a device would: `None` if no live page holds it.
+    /// Reads the 64-bit word at `pa`, as a device would: `None` if no live page holds it. In
+    /// non-coherent mode this is the device view: what was last cleaned.
     #[must_use]
     pub fn read_u64(&self, pa: PhysAddr) -> Option<u64> {
-        let (region, index) = self.locate(pa.get() & !7)?;
-        let page = region.page(index)?;
-        if !page.live.load(Ordering::Acquire) {
-            return None;
-        }
-        let off = (pa.get() - region.base - index as u64 * region.stride) / 8;
-        let word = page.entries.get(usize::try_from(off).ok()?)?;
-        Some(word.load(Ordering::Acquire))
+        let (page, off) = self.word_at(pa)?;
+        let view = if self.non_coherent {
+            page.device
+        } else {
+            page.entries
+        };
+        Some(view.get(off)?.load(Ordering::Acquire))
     }
 
     /// Atomically ANDs `mask` into the 64-bit word at `pa` (a device's hardware update of a
-    /// descriptor) and returns the old value: `None` if no live page holds it.
+    /// descriptor) and returns the old value: `None` if no live page holds it. In non-coherent
+    /// mode the device view is updated and returned, and the CPU view is updated too (as if
+    /// the CPU invalidated the line before its next read).
     #[must_use]
     pub fn fetch_and_u64(&self, pa: PhysAddr, mask: u64) -> Option<u64> {
+        let (page, off) = self.word_at(pa)?;
+        let cpu = page.entries.get(off)?;
+        if self.non_coherent {
+            let old = page.device.get(off)?.fetch_and(mask, Ordering::AcqRel);
+            cpu.fetch_and(mask, Ordering::AcqRel);
+            return Some(old);
+        }
+        Some(cpu.fetch_and(mask, Ordering::AcqRel))
+    }
+
+    /// The live page holding the 8-byte word at `pa` (rounded down) and the word's index.
+    fn word_at(&self, pa: PhysAddr) -> Option<(Page<'_>, usize)> {
         let (region, index) = self.locate(pa.get() & !7)?;
         let page = region.page(index)?;
         if !page.live.load(Ordering::Acquire) {
             return None;
         }
         let off = (pa.get() - region.base - index as u64 * region.stride) / 8;
-        let word = page.entries.get(usize::try_from(off).ok()?)?;
-        Some(word.fetch_and(mask, Ordering::AcqRel))
+        Some((page, usize::try_from(off).ok()?))
+    }
+
+    /// In non-coherent mode, the first word of the live page at `page` whose device view
+    /// differs from the CPU view (ignoring the software bit [`SW_SYNC`](crate::desc::SW_SYNC),
+    /// which tables set after cleaning and hardware ignores), as `(address, cpu, device)`: a
+    /// write nobody cleaned. Check the pages a walker can reach (pages still in a pool are
+    /// cleaned when they become tables). `None` when the page is clean or not live, and always
+    /// for a coherent memory.
+    #[must_use]
+    pub fn first_stale(&self, page: PhysAddr) -> Option<(PhysAddr, u64, u64)> {
+        if !self.non_coherent {
+            return None;
+        }
+        let (p, off) = self.word_at(page)?;
+        let base = page.get() - off as u64 * 8;
+        p.entries
+            .iter()
+            .zip(p.device)
+            .enumerate()
+            .find_map(|(w, (cpu, dev))| {
+                let (cpu, dev) = (cpu.load(Ordering::Acquire), dev.load(Ordering::Acquire));
+                ((cpu ^ dev) & !crate::desc::SW_SYNC != 0)
+                    .then(|| (PhysAddr::new(base + w as u64 * 8), cpu, dev))
+            })
     }
 
     /// Finds the region and page index holding `pa`: region `i` starts at `base + i × span`,
@@ -434,9 +553,13 @@ impl SimMemory {
             }
         }
         for i in picked {
-            let Some(page) = region.page_init(i) else {
+            let Some(page) = region.page_init(i, self.non_coherent) else {
                 return Err(AllocError::OutOfMemory { size, count });
             };
+            // Whatever the memory held before is what the device sees until a clean.
+            for d in page.device {
+                d.store(STALE_DESCRIPTOR, Ordering::Relaxed);
+            }
             page.live.store(true, Ordering::Release);
             out.push(PhysAddr::new(region.base + i as u64 * region.stride));
         }
@@ -511,6 +634,33 @@ impl TableAlloc for SimMemory {
         }
     }
 
+    fn clean(&self, pa: PhysAddr, bytes: u64) {
+        self.cleans.fetch_add(1, Ordering::Relaxed);
+        self.bytes_cleaned.fetch_add(bytes, Ordering::Relaxed);
+        let Some((page, off)) = self.word_at(pa) else {
+            self.bad_cleans.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let words = page.entries.len() as u64;
+        let end = (off as u64 * 8).checked_add(bytes);
+        if bytes == 0 || end.is_none_or(|e| e > words * 8) {
+            self.bad_cleans.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if !self.non_coherent {
+            return;
+        }
+        // Whole lines: a clean publishes every word of each line it touches.
+        let first = (off as u64 * 8) & !(CACHE_LINE - 1);
+        let last = (off as u64 * 8 + bytes)
+            .next_multiple_of(CACHE_LINE)
+            .min(words * 8);
+        let range = usize::try_from(first / 8).unwrap_or(0)..usize::try_from(last / 8).unwrap_or(0);
+        for (cpu, dev) in page.entries[range.clone()].iter().zip(&page.device[range]) {
+            dev.store(cpu.load(Ordering::Acquire), Ordering::Release);
+        }
+    }
+
     #[inline]
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
         let (region, index) = self.locate(pa.get())?;
@@ -522,6 +672,7 @@ impl TableAlloc for SimMemory {
             return None;
         }
         Some(TableRef {
+            pa,
             entries: page.entries,
             meta: page.meta,
         })

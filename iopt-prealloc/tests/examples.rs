@@ -699,6 +699,9 @@ impl iopt_api::TableAlloc for HookAlloc {
     fn table(&self, pa: iopt_api::PhysAddr) -> Option<iopt_api::TableRef<'_>> {
         self.mem.table(pa)
     }
+    fn clean(&self, pa: iopt_api::PhysAddr, bytes: u64) {
+        self.mem.clean(pa, bytes);
+    }
 }
 
 #[test]
