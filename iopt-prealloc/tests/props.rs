@@ -466,7 +466,13 @@ proptest! {
                     let before = leaves(&lp);
                     let a = lp.unmap(common::iova(iova), size(big), count, &mut g1);
                     let b = pre.unmap(common::iova(iova), size(big), count, &mut g2);
-                    if a.is_ok() && b != a {
+                    // Linux failing later in the run than we do is the same difference.
+                    let later = matches!(
+                        (&a, &b),
+                        (Err(UnmapError::NotMapped { iova: xa }), Err(UnmapError::NotMapped { iova: xb }))
+                            if xb < xa
+                    );
+                    if (a.is_ok() || later) && b != a {
                         // The documented difference: Linux still held an emptied table in a
                         // slot of the run (an unmap at block size "removes" it); ours was freed
                         // when it emptied, so the slot is not mapped. Nothing else may differ.
@@ -475,8 +481,9 @@ proptest! {
                         };
                         let x = x.get();
                         prop_assert!(x % sz == 0 && before.range(x..x + sz).next().is_none(), "{:?}: {:?}", op, b);
-                        // Resynchronise: unmap the slots that did hold leaves.
-                        for k in 0..count {
+                        // Resynchronise: unmap the slots that did hold leaves (when Linux's
+                        // unmap went through; a failed one changed neither table).
+                        for k in (0..count).filter(|_| a.is_ok()) {
                             let s = iova + k * sz;
                             if before.range(s..s + sz).next().is_some() {
                                 prop_assert_eq!(pre.unmap(common::iova(s), size(big), 1, &mut g2), Ok(sz));
