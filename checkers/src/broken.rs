@@ -156,6 +156,20 @@ impl IoPageTable for Tamper {
     fn stats(&self) -> Stats {
         self.inner.stats()
     }
+
+    fn map_sg(&self, iova: Iova, segments: &[(PhysAddr, u64)], prot: Prot) -> Result<(), MapError> {
+        self.inner.map_sg(iova, segments, prot)
+    }
+
+    fn read_and_clear_dirty(
+        &self,
+        range: iopt_api::IovaRange,
+        flags: iopt_api::DirtyFlags,
+        sink: &mut dyn iopt_api::DirtySink,
+        gather: &mut Gather,
+    ) -> Result<(), iopt_api::DirtyError> {
+        self.inner.read_and_clear_dirty(range, flags, sink, gather)
+    }
 }
 
 impl Reserve for Tamper {

@@ -2,6 +2,16 @@
 //! Design 1, Design 2 and the model, with every result, error, translation (software lookup
 //! and hardware-walk oracle) and structural invariant compared after every operation.
 //!
+//! Beside map / map_range / unmap / lookup and the reservation calls, the sequence holds the
+//! rest of Linux's `io_pgtable_ops` and iommufd's requests: `map_sg` (must succeed exactly
+//! when the model, mapping segment by segment, does), `unmap_collect` (the runs returned are
+//! the model's leaves in the range, merged), device writes through the hardware walk (an
+//! SMMU with HTTU: through where the model says writable, a permission or translation fault
+//! elsewhere) and `read_and_clear_dirty` (reports exactly the leaves whose raw descriptors are
+//! dirty, decoded independently, and a second harvest finds nothing). Two configurations are
+//! non-coherent: after every step each reachable table must read the same in the device's
+//! view of memory as in the CPU's.
+//!
 //! Each design is compared with `compare::model::Model` under that design's reservation
 //! semantics (Design 1: worst-case pools, optionally under an in-flight cap; Design 2:
 //! refcounted installation), since the designs deliberately differ there (Design 2's release

@@ -8,7 +8,7 @@
 //! operation passes arbitrary 64-bit values for the validation and overflow paths.
 
 use arbitrary::Arbitrary;
-use iopt_api::{Config, ConfigInput, Format, PageSizes, Prot, Quirks};
+use iopt_api::{Config, ConfigInput, Format, Iova, IovaRange, PageSizes, Prot, Quirks};
 
 /// One configuration of the differential: the table's configuration and the window.
 #[derive(Debug, Clone, Copy)]
@@ -136,6 +136,17 @@ pub struct Addr(pub u16);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Arbitrary)]
 pub struct Count(pub u16);
 
+/// One scatter-list segment of [`Op::MapSg`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Arbitrary)]
+pub struct Seg {
+    /// Output address selector, as [`Op::MapRange`]'s.
+    pub pa: u16,
+    /// Length in smallest pages.
+    pub pages: Count,
+    /// Even: output congruent to the segment's IOVA (blocks possible); odd: skewed.
+    pub skew: u8,
+}
+
 /// One operation of a sequence.
 #[derive(Debug, Clone, PartialEq, Eq, Arbitrary)]
 pub enum Op {
@@ -221,6 +232,43 @@ pub enum Op {
     },
     /// The caller invalidates what the gather holds (`iotlb_sync`).
     Flush,
+    /// `map_sg` of one to four segments back to back from `at`.
+    MapSg {
+        /// Where.
+        at: Addr,
+        /// The segments (the first `n % 4 + 1` are used).
+        segs: [Seg; 4],
+        /// How many segments, less one (mod 4).
+        n: u8,
+        /// `Prot` bits.
+        prot: u8,
+    },
+    /// `unmap_collect`: `unmap` that also returns the output runs it cleared.
+    UnmapCollect {
+        /// Where.
+        at: Addr,
+        /// Page size selector.
+        size: u8,
+        /// How many.
+        count: Count,
+    },
+    /// A device write through the hardware walk at `at` plus a byte offset (an SMMU with
+    /// HTTU marks a DBM leaf dirty).
+    DeviceWrite {
+        /// Where.
+        at: Addr,
+        /// Byte offset in the smallest page.
+        off: u16,
+    },
+    /// `read_and_clear_dirty` over `pages` smallest pages from `at`.
+    ReadDirty {
+        /// Where.
+        at: Addr,
+        /// Length in smallest pages.
+        pages: Count,
+        /// Odd: `NO_CLEAR` (report without cleaning).
+        keep: u8,
+    },
     /// An operation with raw values, for the validation paths.
     Raw {
         /// Which operation (map, unmap, map_range, reserve, lookup).
@@ -330,6 +378,40 @@ pub enum Step {
     },
     /// The caller's flush of the gather.
     Flush,
+    /// `map_sg` of the first `n` segments `(pa, len)`.
+    MapSg {
+        /// IOVA.
+        iova: u64,
+        /// Segments.
+        segs: [(u64, u64); 4],
+        /// Segments used.
+        n: usize,
+        /// Prot.
+        prot: Prot,
+    },
+    /// `unmap_collect`.
+    UnmapCollect {
+        /// IOVA.
+        iova: u64,
+        /// Page size (a power of two).
+        size: u64,
+        /// Pages.
+        count: u64,
+    },
+    /// A device write through the hardware walk.
+    DeviceWrite {
+        /// IOVA.
+        iova: u64,
+    },
+    /// `read_and_clear_dirty` (the range is a valid `IovaRange`).
+    ReadDirty {
+        /// First IOVA.
+        start: u64,
+        /// Bytes.
+        len: u64,
+        /// `NO_CLEAR`.
+        keep: bool,
+    },
 }
 
 impl std::fmt::Display for Step {
@@ -376,6 +458,30 @@ impl std::fmt::Display for Step {
             }
             Step::Release { res } => write!(f, "release(res[{res}])"),
             Step::Flush => f.write_str("flush gather"),
+            Step::MapSg {
+                iova,
+                segs,
+                n,
+                prot,
+            } => {
+                write!(f, "map_sg(iova {iova:#x}, [")?;
+                for (i, (pa, len)) in segs.iter().take(n).enumerate() {
+                    let sep = if i == 0 { "" } else { ", " };
+                    write!(f, "{sep}(pa {pa:#x}, len {len:#x})")?;
+                }
+                write!(f, "], {prot:?})")
+            }
+            Step::UnmapCollect { iova, size, count } => {
+                write!(
+                    f,
+                    "unmap_collect(iova {iova:#x}, size {size:#x}, count {count})"
+                )
+            }
+            Step::DeviceWrite { iova } => write!(f, "device write({iova:#x})"),
+            Step::ReadDirty { start, len, keep } => {
+                let flag = if keep { ", NO_CLEAR" } else { "" };
+                write!(f, "read_and_clear_dirty([{start:#x}, +{len:#x}){flag})")
+            }
         }
     }
 }
@@ -388,10 +494,19 @@ impl Step {
             Step::Map {
                 iova, size, count, ..
             }
-            | Step::Unmap { iova, size, count } => Some((iova, size.saturating_mul(count))),
+            | Step::Unmap { iova, size, count }
+            | Step::UnmapCollect { iova, size, count } => Some((iova, size.saturating_mul(count))),
+            Step::MapSg { iova, segs, n, .. } => Some((
+                iova,
+                segs.iter()
+                    .take(n)
+                    .fold(0u64, |a, &(_, l)| a.saturating_add(l)),
+            )),
             Step::MapRange { iova, len, .. } => Some((iova, len)),
-            Step::Lookup { iova } => Some((iova, 1)),
-            Step::Reserve { start, len, .. } => Some((start, len)),
+            Step::Lookup { iova } | Step::DeviceWrite { iova } => Some((iova, 1)),
+            Step::Reserve { start, len, .. } | Step::ReadDirty { start, len, .. } => {
+                Some((start, len))
+            }
             Step::Release { .. } | Step::Flush => None,
         }
     }
@@ -482,6 +597,20 @@ impl Resolver {
         PA_BASE.wrapping_add(u64::from(sel % 512).wrapping_mul(size))
     }
 
+    /// An output address for a range at `iova`: congruent to it modulo the second page size
+    /// (so blocks fit) when `skew` is even, else skewed by whole small pages.
+    fn range_pa(&self, iova: u64, pa: u16, skew: u8) -> (u64, u64) {
+        let g = self.smallest();
+        let block = self.sizes.get(1).copied().unwrap_or(g);
+        let base = PA_BASE.wrapping_add(u64::from(pa % 256).wrapping_mul(block));
+        let pa = if skew % 2 == 0 {
+            base + (iova & (block - 1))
+        } else {
+            base + u64::from(skew / 2) * g
+        };
+        (pa, block)
+    }
+
     fn prot(p: u8) -> Prot {
         Prot::from_bits_truncate(u32::from(p) & 0x3f)
     }
@@ -496,6 +625,16 @@ impl Resolver {
             } if count > 0 && count < 4096 => self.maps.push((iova, size, count)),
             Step::MapRange { iova, len, .. } => {
                 let g = self.smallest();
+                if len > 0 && len % g == 0 && len / g < 4096 {
+                    self.maps.push((iova, g, len / g));
+                }
+            }
+            Step::MapSg { iova, segs, n, .. } => {
+                let g = self.smallest();
+                let len = segs
+                    .iter()
+                    .take(n)
+                    .fold(0u64, |a, &(_, l)| a.saturating_add(l));
                 if len > 0 && len % g == 0 && len / g < 4096 {
                     self.maps.push((iova, g, len / g));
                 }
@@ -560,13 +699,7 @@ impl Resolver {
                 prot,
             } => {
                 let iova = self.addr(at, g);
-                let block = self.sizes.get(1).copied().unwrap_or(g);
-                let base = PA_BASE.wrapping_add(u64::from(pa % 256).wrapping_mul(block));
-                let pa = if skew % 2 == 0 {
-                    base + (iova & (block - 1))
-                } else {
-                    base + u64::from(skew / 2) * g
-                };
+                let (pa, _) = self.range_pa(iova, pa, skew);
                 Step::MapRange {
                     iova,
                     pa,
@@ -585,6 +718,45 @@ impl Resolver {
             Op::Lookup { at, off } => Step::Lookup {
                 iova: self.addr(at, g) + u64::from(off) % g,
             },
+            Op::MapSg { at, segs, n, prot } => {
+                let iova = self.addr(at, g);
+                let n = usize::from(n % 4) + 1;
+                let mut out = [(0, 0); 4];
+                let mut next = iova;
+                for (o, seg) in out.iter_mut().zip(&segs).take(n) {
+                    let len = Self::count(seg.pages).wrapping_mul(g);
+                    let (pa, _) = self.range_pa(next, seg.pa, seg.skew);
+                    *o = (pa, len);
+                    next = next.wrapping_add(len);
+                }
+                Step::MapSg {
+                    iova,
+                    segs: out,
+                    n,
+                    prot: Self::prot(prot),
+                }
+            }
+            Op::UnmapCollect { at, size, count } => {
+                let size = self.size(size);
+                Step::UnmapCollect {
+                    iova: self.addr(at, size),
+                    size,
+                    count: Self::count(count),
+                }
+            }
+            Op::DeviceWrite { at, off } => Step::DeviceWrite {
+                iova: self.addr(at, g) + u64::from(off) % g,
+            },
+            Op::ReadDirty { at, pages, keep } => {
+                let start = self.addr(at, g);
+                let len = Self::count(pages).clamp(1, 4096) * g;
+                IovaRange::new(Iova::new(start), len, 1).ok()?;
+                Step::ReadDirty {
+                    start,
+                    len,
+                    keep: keep % 2 == 1,
+                }
+            }
             Op::Reserve { at, pages, leaf } => {
                 let start = self.addr(at, g);
                 let len = Self::count(pages).clamp(1, 4096) * g;

@@ -722,6 +722,127 @@ impl Lane {
                 self.alloc.dev.flush_gather(&mut self.gather);
                 (String::new(), Some(String::new()), false, false)
             }
+            Step::MapSg {
+                iova,
+                segs,
+                n,
+                prot,
+            } => {
+                let list: Vec<(PhysAddr, u64)> = segs
+                    .iter()
+                    .take(n)
+                    .map(|&(pa, len)| (PhysAddr::new(pa), len))
+                    .collect();
+                let got = t.map_sg(Iova::new(iova), &list, prot);
+                // The model maps the segments one after the other: the table must succeed
+                // exactly when that does (which error it names first may differ: it plans
+                // the whole list before touching anything, and the snapshot shows nothing
+                // changed).
+                let want = self.model.as_mut().map(|m| {
+                    let mut trial = m.clone();
+                    let mut at = iova;
+                    let mut r = Ok(());
+                    for &(pa, len) in segs.iter().take(n) {
+                        r = model_map_range(&mut trial, at, pa, len, prot);
+                        if r.is_err() {
+                            break;
+                        }
+                        at = at.wrapping_add(len);
+                    }
+                    match (&got, r) {
+                        (Ok(()), Ok(())) => {
+                            *m = trial;
+                            format!("{got:?}")
+                        }
+                        (Err(_), Err(_)) => format!("{got:?}"),
+                        (_, r) => format!("the model, segment by segment: {r:?}"),
+                    }
+                });
+                let oom = got.as_ref().err().is_some_and(map_oom);
+                let g = format!("{got:?}");
+                (g, want, got.is_err(), oom)
+            }
+            Step::UnmapCollect { iova, size, count } => {
+                let Some(ps) = PageSize::new(size) else {
+                    return Ok(());
+                };
+                let mut runs = Vec::new();
+                let got = t.unmap_collect(Iova::new(iova), ps, count, &mut self.gather, &mut runs);
+                let want = self.model.as_mut().map(|m| {
+                    // The runs are the model's leaves inside the range, merged.
+                    let end = iova.saturating_add(size.saturating_mul(count));
+                    let mut expect = Vec::new();
+                    for (&at, l) in m.leaves().range(iova..end) {
+                        if let Some(s) = PageSize::new(l.size) {
+                            iopt_api::push_pa_run(
+                                &mut expect,
+                                Iova::new(at),
+                                PhysAddr::new(l.pa),
+                                s.get(),
+                            );
+                        }
+                    }
+                    let r = m.unmap(iova, size, count);
+                    if r.is_err() {
+                        expect.clear();
+                    }
+                    format!("{r:?} {expect:?}")
+                });
+                let g = format!("{got:?} {runs:?}");
+                (g, want, got.is_err(), false)
+            }
+            Step::DeviceWrite { iova } => {
+                let Some(w) = self.walker else {
+                    return Ok(());
+                };
+                // A write goes through where the table maps it writable (a DBM leaf becomes
+                // dirty), faults for permission where it maps it otherwise, and for
+                // translation where nothing is mapped.
+                let got = match w.device_write(mem.as_ref(), iova) {
+                    Ok(h) => format!("Ok({:#x})", h.pa.get()),
+                    Err(Fault::Translation { .. }) => "translation fault".to_string(),
+                    Err(Fault::Permission { .. }) => "permission fault".to_string(),
+                    Err(f) => format!("{f:?}"),
+                };
+                // The device writes unprivileged: a stage-1 PRIV leaf refuses it.
+                let stage1 = self.setup.cfg.format().is_stage1();
+                let want = match self.expect(t, iova) {
+                    None => "translation fault".to_string(),
+                    Some((pa, _, prot))
+                        if prot.contains(Prot::WRITE) && !(stage1 && prot.contains(Prot::PRIV)) =>
+                    {
+                        format!("Ok({pa:#x})")
+                    }
+                    Some(_) => "permission fault".to_string(),
+                };
+                (got, Some(want), false, false)
+            }
+            Step::ReadDirty { start, len, keep } => {
+                let Ok(range) = IovaRange::new(Iova::new(start), len, 1) else {
+                    return Ok(());
+                };
+                let want = expected_dirty(&self.setup.cfg, &mem, t.root(), range);
+                let flags = if keep {
+                    iopt_api::DirtyFlags::NO_CLEAR
+                } else {
+                    iopt_api::DirtyFlags::empty()
+                };
+                let mut records: Vec<(Iova, u64)> = Vec::new();
+                let got = t.read_and_clear_dirty(range, flags, &mut records, &mut self.gather);
+                let g = format!("{:?}", got.map(|()| records));
+                if got.is_ok() && !keep {
+                    // A second harvest right away finds nothing.
+                    if let Ok(again) = expected_dirty(&self.setup.cfg, &mem, t.root(), range) {
+                        if !again.is_empty() {
+                            return Err(self.fail_on(
+                                Some(t),
+                                format!("after {step}: still dirty: {again:x?}"),
+                            ));
+                        }
+                    }
+                }
+                (g, Some(format!("{want:?}")), got.is_err(), false)
+            }
         };
         self.log.push(format!("#{n} {step} -> {got}"));
         let injected = mem.stats().injected_failures > injected_before;
@@ -1271,6 +1392,53 @@ pub mod bridged {
 /// `compare::model::Model::map` names `range.last() + 1` as the first IOVA outside the
 /// reservation even when the whole run lies beyond the range's end; the first IOVA of the run
 /// outside it is then the run's start, which both designs report.
+/// What `read_and_clear_dirty` over `range` must report, worked out from raw memory: every
+/// leaf overlapping the range whose descriptor has DBM with AP\[2\] clear, as `(first IOVA,
+/// size)` in order; or the error for a format without dirty tracking, a range outside the
+/// input range, or the first unmapped page.
+fn expected_dirty(
+    cfg: &Config,
+    mem: &iopt_lpae::SimMemory,
+    root: PhysAddr,
+    range: IovaRange,
+) -> Result<Vec<(Iova, u64)>, iopt_api::DirtyError> {
+    use iopt_lpae::desc::{AP_RDONLY, DBM};
+    if cfg.format() != iopt_api::Format::Arm64S1 {
+        return Err(iopt_api::DirtyError::Unsupported {
+            format: cfg.format(),
+        });
+    }
+    if !cfg.iova_in_range(range.start()) || !cfg.iova_in_range(range.last()) {
+        return Err(iopt_api::DirtyError::OutOfRange { range });
+    }
+    let sc = scan(cfg, mem, root);
+    let leaves: BTreeMap<u64, (u64, u64)> = sc
+        .leaves
+        .iter()
+        .map(|l| (l.iova, (l.size, l.desc)))
+        .collect();
+    let mut out = Vec::new();
+    let mut at = range.start().get();
+    loop {
+        let Some((&li, &(size, d))) = leaves
+            .range(..=at)
+            .next_back()
+            .filter(|(i, (s, _))| at - **i < *s)
+        else {
+            return Err(iopt_api::DirtyError::NotMapped {
+                iova: Iova::new(at),
+            });
+        };
+        if d & (AP_RDONLY | DBM) == DBM {
+            out.push((Iova::new(li), size));
+        }
+        match (li + size).checked_sub(1) {
+            Some(end) if end < range.last().get() => at = end + 1,
+            _ => return Ok(out),
+        }
+    }
+}
+
 fn fix_outside(want: Result<(), MapError>, iova: u64) -> Result<(), MapError> {
     match want {
         Err(MapError::OutsideReservation { id, range, .. }) if iova > range.last().get() => {

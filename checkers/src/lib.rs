@@ -3,8 +3,10 @@
 //! The checkers behind the fuzz targets in `fuzz/` and this crate's tests, as functions over
 //! typed [`arbitrary::Arbitrary`] inputs (or raw bytes):
 //!
-//! - [`differential`]: a sequence of map / map_range / unmap / lookup / reserve / map_reserved
-//!   / release / flush over a small IOVA window, run on Design 1, Design 2 and the model
+//! - [`differential`]: a sequence of map / map_range / map_sg / unmap / unmap_collect /
+//!   lookup / device write / read_and_clear_dirty / reserve / map_reserved / release / flush
+//!   over a small IOVA window (on coherent and non-coherent walkers), run on Design 1,
+//!   Design 2 and the model
 //!   (`compare::model::Model`); results, errors, translations (software lookup and the
 //!   hardware-walk oracle) and structural invariants must agree after every operation;
 //! - [`faults`]: the same sequence with an allocation failure injected at an arbitrary index:

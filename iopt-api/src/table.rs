@@ -1,7 +1,8 @@
 //! The traits every backend implements, and the values they return.
 
 use crate::{
-    Config, Gather, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, ReserveError, UnmapError,
+    Config, DirtyError, Gather, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, ReserveError,
+    UnmapError,
 };
 use core::fmt;
 
@@ -220,6 +221,55 @@ pub trait IoPageTable: Send + Sync {
     /// alignment of the addresses or the length.
     fn map_range(&self, iova: Iova, pa: PhysAddr, len: u64, prot: Prot) -> Result<(), MapError>;
 
+    /// Maps a scatter list: the physical segments `(pa, len)` back to back from `iova`, each
+    /// split into the largest usable page sizes as [`map_range`](IoPageTable::map_range) does
+    /// (Linux's `iommu_map_sg`), all or nothing.
+    ///
+    /// The default maps segment by segment and, when one fails, unmaps the leaves the earlier
+    /// ones made; engine-backed tables validate and plan the whole list first and allocate
+    /// the missing tables in one call.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Empty`] for an empty list or segment, [`MapError::Overflow`] when the list
+    /// runs past the top of the address space, else as [`map_range`](IoPageTable::map_range).
+    /// On error no leaf of the list is left; engine-backed tables leave nothing at all (the
+    /// default may leave emptied tables behind, as Linux does).
+    fn map_sg(&self, iova: Iova, segments: &[(PhysAddr, u64)], prot: Prot) -> Result<(), MapError> {
+        if segments.is_empty() {
+            return Err(MapError::Empty { iova });
+        }
+        let mut at = iova;
+        for (i, &(pa, len)) in segments.iter().enumerate() {
+            let next = if i + 1 < segments.len() {
+                at.checked_add(len)
+                    .ok_or(MapError::Overflow { iova: at, len })
+            } else {
+                Ok(at)
+            };
+            if let Err(e) = next.and_then(|n| self.map_range(at, pa, len, prot).map(|()| n)) {
+                // Undo the segments mapped so far, leaf by leaf.
+                let mut made = alloc::vec::Vec::new();
+                self.walk(&mut |item| {
+                    if let WalkItem::Leaf { iova: l, size, .. } = item {
+                        if l >= iova && l < at {
+                            made.push((l, size));
+                        }
+                    }
+                });
+                let mut gather = Gather::new();
+                for (l, size) in made {
+                    let _ = self.unmap(l, size, 1, &mut gather);
+                }
+                return Err(e);
+            }
+            if let Ok(n) = next {
+                at = n;
+            }
+        }
+        Ok(())
+    }
+
     /// Unmaps `count` pages of `size` bytes from `iova`, all or nothing, returning the bytes
     /// unmapped. A `size` equal to a level's block size removes a table found there with all it
     /// holds (Linux semantics). Cleared leaves are added to `gather`.
@@ -295,6 +345,33 @@ pub trait IoPageTable: Send + Sync {
 
     /// Returns the statistics counters.
     fn stats(&self) -> Stats;
+
+    /// Reports every dirty leaf in `range` (its whole block) to `sink` and adds it to
+    /// `gather`, then marks it clean unless `flags` has
+    /// [`DirtyFlags::NO_CLEAR`](crate::DirtyFlags::NO_CLEAR) (Linux's
+    /// `read_and_clear_dirty`, for 64-bit stage-1 tables with the `ARM_HD` quirk, whose
+    /// writable leaves start dirty). The caller invalidates the gathered range afterwards, so
+    /// the walker sees the clean state.
+    ///
+    /// The default supports no format.
+    ///
+    /// # Errors
+    ///
+    /// [`DirtyError::Unsupported`] when the table does not track dirty state,
+    /// [`DirtyError::OutOfRange`], [`DirtyError::NotMapped`] when the range holds an unmapped
+    /// page: checked before anything is reported or cleaned.
+    fn read_and_clear_dirty(
+        &self,
+        range: IovaRange,
+        flags: crate::DirtyFlags,
+        sink: &mut dyn crate::DirtySink,
+        gather: &mut Gather,
+    ) -> Result<(), DirtyError> {
+        let _ = (range, flags, sink, gather);
+        Err(DirtyError::Unsupported {
+            format: self.config().format(),
+        })
+    }
 }
 
 /// A reservation of table pages for future maps in a range.

@@ -124,7 +124,20 @@ pub fn split_range<A: TableAlloc, F: FlushOps>(
 
 /// Splits a scatter list — physical segments `(pa, len)` mapped back to back from `iova` — into
 /// runs of the largest usable page sizes, as the Linux iommu core's `iommu_map_sg` does,
-/// validating each run.
+/// validating each run. Every engine-backed table's
+/// [`IoPageTable::map_sg`](iopt_api::IoPageTable::map_sg) is this plus one planned map:
+///
+/// ```
+/// use iopt_api::{Config, ConfigInput, Format, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot};
+/// use iopt_lpae::{LpaeTable, SimMemory};
+/// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
+/// let mem = SimMemory::new();
+/// let t = LpaeTable::new(cfg, &mem)?;
+/// let sg = [(PhysAddr::new(0x8000_0000), 0x1000), (PhysAddr::new(0x4020_0000), 0x20_0000)];
+/// t.map_sg(Iova::new(0x1f_f000), &sg, Prot::READ)?;
+/// assert_eq!(t.iova_to_phys(Iova::new(0x20_0000)).unwrap().size, PageSize::SZ_2M);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 ///
 /// # Errors
 ///
@@ -142,44 +155,15 @@ pub fn split_sg<A: TableAlloc, F: FlushOps>(
     }
     let mut runs = Vec::new();
     let mut at = iova;
-    for &(pa, len) in segments {
+    for (i, &(pa, len)) in segments.iter().enumerate() {
         runs.extend(split_range(engine, at, pa, len, prot)?);
-        at = at
-            .checked_add(len)
-            .ok_or(MapError::Overflow { iova: at, len })?;
+        if i + 1 < segments.len() {
+            at = at
+                .checked_add(len)
+                .ok_or(MapError::Overflow { iova: at, len })?;
+        }
     }
     Ok(runs)
-}
-
-impl<A: TableAlloc, F: FlushOps> LpaeTable<A, F> {
-    /// Maps a scatter list at `iova` in one call, all or nothing: each segment with the
-    /// largest page sizes its alignment allows.
-    ///
-    /// ```
-    /// use iopt_api::{Config, ConfigInput, Format, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot};
-    /// use iopt_lpae::{LpaeTable, SimMemory};
-    /// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
-    /// let mem = SimMemory::new();
-    /// let t = LpaeTable::new(cfg, &mem)?;
-    /// let sg = [(PhysAddr::new(0x8000_0000), 0x1000), (PhysAddr::new(0x4020_0000), 0x20_0000)];
-    /// t.map_sg(Iova::new(0x1f_f000), &sg, Prot::READ)?;
-    /// assert_eq!(t.iova_to_phys(Iova::new(0x20_0000)).unwrap().size, PageSize::SZ_2M);
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// As [`split_sg`] and [`IoPageTable::map`](iopt_api::IoPageTable::map); nothing is mapped on error.
-    pub fn map_sg(
-        &self,
-        iova: Iova,
-        segments: &[(PhysAddr, u64)],
-        prot: Prot,
-    ) -> Result<(), MapError> {
-        let runs = split_sg(&self.engine, iova, segments, prot)?;
-        self.engine
-            .map_runs(&runs, prot, &mut self.engine.on_demand())
-    }
 }
 
 /// Implements [`IoPageTable`](iopt_api::IoPageTable) for a backend type `$ty<A, F>` that keeps
@@ -242,6 +226,27 @@ macro_rules! impl_io_page_table_on_engine {
             ) -> Result<u64, ::iopt_api::UnmapError> {
                 let run = self.engine.validate_unmap(iova, size, count)?;
                 self.engine.unmap_collect(run, gather, removed)
+            }
+
+            fn map_sg(
+                &self,
+                iova: ::iopt_api::Iova,
+                segments: &[(::iopt_api::PhysAddr, u64)],
+                prot: ::iopt_api::Prot,
+            ) -> Result<(), ::iopt_api::MapError> {
+                let runs = $crate::split_sg(&self.engine, iova, segments, prot)?;
+                self.engine
+                    .map_runs(&runs, prot, &mut self.engine.on_demand())
+            }
+
+            fn read_and_clear_dirty(
+                &self,
+                range: ::iopt_api::IovaRange,
+                flags: ::iopt_api::DirtyFlags,
+                sink: &mut dyn ::iopt_api::DirtySink,
+                gather: &mut ::iopt_api::Gather,
+            ) -> Result<(), ::iopt_api::DirtyError> {
+                self.engine.read_and_clear_dirty(range, flags, sink, gather)
             }
 
             fn iova_to_phys(&self, iova: ::iopt_api::Iova) -> Option<::iopt_api::Translation> {

@@ -106,7 +106,7 @@ use iopt_api::{
     Prot, Reservation, Reserve, ReserveError, TableAlloc,
 };
 use iopt_lpae::refcount::Policy;
-use iopt_lpae::{Engine, PageSource, split_sg};
+use iopt_lpae::{Engine, PageSource};
 
 /// Identities of tables, so a reservation of one table is refused by another.
 static NEXT_TABLE: AtomicU64 = AtomicU64::new(1);
@@ -205,23 +205,6 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
     #[must_use]
     pub fn live_reservations(&self) -> usize {
         self.live.read().len()
-    }
-
-    /// Maps a scatter list at `iova` in one call, all or nothing, allocating missing tables
-    /// on demand (as [`LpaeTable::map_sg`](iopt_lpae::LpaeTable::map_sg)).
-    ///
-    /// # Errors
-    ///
-    /// As [`split_sg`] and [`IoPageTable::map`](iopt_api::IoPageTable::map); nothing is mapped on error.
-    pub fn map_sg(
-        &self,
-        iova: Iova,
-        segments: &[(PhysAddr, u64)],
-        prot: Prot,
-    ) -> Result<(), MapError> {
-        let runs = split_sg(&self.engine, iova, segments, prot)?;
-        self.engine
-            .map_runs(&runs, prot, &mut self.engine.on_demand())
     }
 
     /// Returns the live reservation `r` stands for, if it is one of this table's.

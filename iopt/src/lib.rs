@@ -218,6 +218,20 @@ impl<A: TableAlloc, F: FlushOps> IoPageTable for Table<A, F> {
         dispatch!(self, t => t.unmap_collect(iova, size, count, gather, removed))
     }
 
+    fn map_sg(&self, iova: Iova, segments: &[(PhysAddr, u64)], prot: Prot) -> Result<(), MapError> {
+        dispatch!(self, t => t.map_sg(iova, segments, prot))
+    }
+
+    fn read_and_clear_dirty(
+        &self,
+        range: IovaRange,
+        flags: DirtyFlags,
+        sink: &mut dyn DirtySink,
+        gather: &mut Gather,
+    ) -> Result<(), DirtyError> {
+        dispatch!(self, t => t.read_and_clear_dirty(range, flags, sink, gather))
+    }
+
     fn iova_to_phys(&self, iova: Iova) -> Option<Translation> {
         dispatch!(self, t => t.iova_to_phys(iova))
     }
