@@ -43,18 +43,12 @@ fn counter_hit(c: &AtomicU64, data: &[u8]) -> bool {
 }
 
 fn main() {
-    mine("differential", "outside-reservation-past-end", 400, |d| {
-        counter_hit(&bridged::OUTSIDE_PAST_END, d)
-    });
     mine(
         "differential",
         "reserved-table-vs-leaf-precedence",
         1500,
         |d| counter_hit(&bridged::PRECEDENCE, d),
     );
-    mine("differential", "dead-handle-with-bad-arguments", 400, |d| {
-        counter_hit(&bridged::HANDLE_FIRST, d)
-    });
     mine("differential", "stage2-memattr-bit5-is-not-ns", 300, |d| {
         let Ok(i) = DiffInput::arbitrary_take_rest(Unstructured::new(d)) else {
             return false;

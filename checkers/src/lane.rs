@@ -605,18 +605,10 @@ impl Lane {
                         )
                     }
                 };
-                let want = self.model.as_mut().map(|m| match id {
-                    // The backends check the handle before the arguments; the model after.
-                    Some(id) if !m.is_live(id) => {
-                        let unknown = Err(MapError::UnknownReservation { id });
-                        if m.clone().map(Some(id), iova, pa, size, count, prot) != unknown {
-                            bridged::HANDLE_FIRST
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        unknown
-                    }
-                    _ => fix_outside(m.map(id, iova, pa, size, count, prot), iova),
-                });
+                let want = self
+                    .model
+                    .as_mut()
+                    .map(|m| m.map(id, iova, pa, size, count, prot));
                 let oom = got.as_ref().err().is_some_and(map_oom);
                 (
                     format!("{got:?}"),
@@ -1376,22 +1368,15 @@ impl Lane {
     }
 }
 
-/// How often the checker bridged a known difference between `compare::model::Model` and the
-/// backends (see `fix_outside`, `same_by_precedence` and the handle-first rule in
-/// [`Lane::step`]): counters for the regression-corpus miner and for reports.
+/// How often the checker bridged the one known difference between `compare::model::Model`
+/// and the backends (see `same_by_precedence` in [`Lane::step`]): a counter for the
+/// regression-corpus miner and for reports.
 pub mod bridged {
     use std::sync::atomic::AtomicU64;
-    /// The model named `range.last() + 1` for a run wholly past a reservation's end.
-    pub static OUTSIDE_PAST_END: AtomicU64 = AtomicU64::new(0);
     /// A multi-table run met both a reserved table and a leaf; the backend named the leaf.
     pub static PRECEDENCE: AtomicU64 = AtomicU64::new(0);
-    /// A dead handle with arguments the model would have refused first.
-    pub static HANDLE_FIRST: AtomicU64 = AtomicU64::new(0);
 }
 
-/// `compare::model::Model::map` names `range.last() + 1` as the first IOVA outside the
-/// reservation even when the whole run lies beyond the range's end; the first IOVA of the run
-/// outside it is then the run's start, which both designs report.
 /// What `read_and_clear_dirty` over `range` must report, worked out from raw memory: every
 /// leaf overlapping the range whose descriptor has DBM with AP\[2\] clear, as `(first IOVA,
 /// size)` in order; or the error for a format without dirty tracking, a range outside the
@@ -1436,20 +1421,6 @@ fn expected_dirty(
             Some(end) if end < range.last().get() => at = end + 1,
             _ => return Ok(out),
         }
-    }
-}
-
-fn fix_outside(want: Result<(), MapError>, iova: u64) -> Result<(), MapError> {
-    match want {
-        Err(MapError::OutsideReservation { id, range, .. }) if iova > range.last().get() => {
-            bridged::OUTSIDE_PAST_END.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Err(MapError::OutsideReservation {
-                id,
-                range,
-                iova: Iova::new(iova),
-            })
-        }
-        other => other,
     }
 }
 

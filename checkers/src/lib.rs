@@ -48,13 +48,10 @@
 //!
 //! ## What the checkers bridge
 //!
-//! `compare::model::Model` is the reference for results, with three differences bridged here
-//! (and counted in [`lane::bridged`]): the backends check a reservation handle before the
-//! arguments, the model after; for a run wholly past a reservation's end the model names the
-//! reservation's end, the backends the run's start; and a map whose run spans several leaf
-//! tables is planned whole, so the engine reports a leaf in the way before a reserved table
-//! in the way earlier in the run (a run inside one table reports them in slot order, as the
-//! model does).
+//! `compare::model::Model` is the reference for results, with one difference bridged here
+//! (and counted in [`lane::bridged`]): a map whose run spans several leaf tables is planned
+//! whole, so the engine reports a leaf in the way before a reserved table in the way earlier
+//! in the run (a run inside one table reports them in slot order, as the model does).
 
 pub mod broken;
 pub mod config;

@@ -306,6 +306,13 @@ impl Model {
         count: u64,
         prot: Prot,
     ) -> Result<(), MapError> {
+        // The handle first, as both designs check it: a dead handle is refused whatever the
+        // arguments.
+        if let Some(id) = res {
+            if !self.res.contains_key(&id) {
+                return Err(MapError::UnknownReservation { id });
+            }
+        }
         let level = self.validate_map(iova, pa, size, count, prot)?;
         let last = iova + (size * count - 1);
         if let Some(id) = res {
@@ -313,7 +320,8 @@ impl Model {
                 .res
                 .get(&id)
                 .ok_or(MapError::UnknownReservation { id })?;
-            let outside = if iova < r.start {
+            // The first IOVA of the run outside the range: its start when that already is.
+            let outside = if iova < r.start || iova > r.last {
                 Some(iova)
             } else if last > r.last {
                 Some(r.last + 1)
