@@ -977,7 +977,7 @@ impl Lane {
                     && h.writable == prot.contains(Prot::WRITE)
                     && h.executable == (h.readable && !prot.contains(Prot::NOEXEC))
                     && h.mem == mem_type
-                    && (!stage1 || h.non_secure == cfg.quirks().contains(iopt_api::Quirks::NS))
+                    && h.non_secure == (stage1 && cfg.quirks().contains(iopt_api::Quirks::NS))
             }
             _ => false,
         };

@@ -131,7 +131,7 @@ pub struct HwTranslation {
     pub mem: MemType,
     /// Shareability field (2 outer, 3 inner).
     pub shareability: u8,
-    /// The leaf's NS bit.
+    /// The leaf's NS bit (stage 2 has none).
     pub non_secure: bool,
 }
 
@@ -188,11 +188,20 @@ impl Walker {
                         _ => return None,
                     }
                 };
-                let ias = 64 - u32::from(tcr.tsz);
+                let ias = 64u32.checked_sub(u32::from(tcr.tsz))?;
                 let bpl = shift - 3;
-                // The walk starts at the level whose table resolves the top input bit.
-                let levels = (ias - shift).div_ceil(bpl);
-                (shift, ias, ps_bits(tcr.ips), 4 - levels, ttbr, mair)
+                // The walk starts at the level whose table resolves the top input bit; an
+                // input size that needs more than four levels, or less than one, is not a
+                // walk the hardware makes (T0SZ out of range faults every access).
+                let levels = ias.checked_sub(shift).filter(|&b| b > 0)?.div_ceil(bpl);
+                (
+                    shift,
+                    ias,
+                    ps_bits(tcr.ips),
+                    4u32.checked_sub(levels)?,
+                    ttbr,
+                    mair,
+                )
             }
             Registers::Stage2 { vttbr, vtcr } => {
                 let shift = match vtcr.tg {
@@ -209,7 +218,7 @@ impl Walker {
                 };
                 (
                     shift,
-                    64 - u32::from(vtcr.tsz),
+                    64u32.checked_sub(u32::from(vtcr.tsz))?,
                     ps_bits(vtcr.ps),
                     start,
                     vttbr,
@@ -302,7 +311,11 @@ impl Walker {
         access: Access,
     ) -> Result<(HwTranslation, PhysAddr, u64), Fault> {
         let top = if self.ias >= 64 { 0 } else { iova >> self.ias };
-        let want = if self.ttbr1 { u64::MAX >> self.ias } else { 0 };
+        let want = if self.ttbr1 && self.ias < 64 {
+            u64::MAX >> self.ias
+        } else {
+            0
+        };
         if top != want {
             return Err(Fault::Translation {
                 level: self.start_level,
@@ -324,7 +337,16 @@ impl Walker {
             } else {
                 (input >> shift) & ((1u64 << (self.page_shift - 3)) - 1)
             };
-            let addr = PhysAddr::new(table + idx * 8);
+            // A root index past the address space (an input size the root cannot hold) is
+            // an external abort, not an overflow.
+            let addr = idx
+                .checked_mul(8)
+                .and_then(|o| table.checked_add(o))
+                .map(PhysAddr::new)
+                .ok_or(Fault::External {
+                    level,
+                    pa: PhysAddr::new(table),
+                })?;
             let d = mem
                 .read_u64(addr)
                 .ok_or(Fault::External { level, pa: addr })?;
@@ -425,7 +447,8 @@ impl Walker {
             executable: readable && !xn,
             mem,
             shareability: ((d >> 8) & 3) as u8,
-            non_secure: d & (1 << 5) != 0,
+            // Bit 5 is NS in a stage-1 leaf; in a stage-2 leaf it is MemAttr[3].
+            non_secure: !self.format.is_stage2() && d & (1 << 5) != 0,
         })
     }
 }

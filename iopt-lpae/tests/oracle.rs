@@ -230,3 +230,106 @@ fn stage2_and_mali_attributes() {
         Err(Fault::Permission { level: 3 })
     );
 }
+
+/// Every register encoding, however nonsensical, gives a walker or `None`, and a walker
+/// faults or translates on any input, at any root: no panic, no overflow.
+#[test]
+fn any_register_value_walks_or_is_refused_without_panicking() {
+    use iopt_api::{Registers, Tcr, Vtcr};
+    let mem = SimMemory::new();
+    let root = mem.alloc(4096).unwrap();
+    let roots = [root, PhysAddr::new(!0xfff), PhysAddr::new(0)];
+    let iovas = [
+        0,
+        0x1000,
+        1 << 47,
+        u64::MAX,
+        u64::MAX << 12,
+        0x8000_0000_0000_0000,
+    ];
+    let mut walkers = 0;
+    for format in [
+        Format::Arm64S1,
+        Format::Arm32S1,
+        Format::Arm64S2,
+        Format::Arm32S2,
+        Format::Mali,
+    ] {
+        for tsz in 0..=63u8 {
+            for tg in 0..=3u8 {
+                for (sl, ttbr1) in [(0, false), (1, false), (2, true), (3, true)] {
+                    for &r in &roots {
+                        let regs = match format {
+                            Format::Arm64S1 | Format::Arm32S1 => Registers::Stage1 {
+                                ttbr: r,
+                                tcr: Tcr {
+                                    ips: tg + sl,
+                                    tg,
+                                    sh: 3,
+                                    orgn: 1,
+                                    irgn: 1,
+                                    tsz,
+                                },
+                                mair: 0xf404_ff44,
+                            },
+                            Format::Mali => Registers::Mali {
+                                transtab: r.get() | u64::from(tg),
+                                memattr: 0x88_8d88,
+                            },
+                            _ => Registers::Stage2 {
+                                vttbr: r,
+                                vtcr: Vtcr {
+                                    ps: tg + sl,
+                                    tg,
+                                    sh: 3,
+                                    orgn: 1,
+                                    irgn: 1,
+                                    sl,
+                                    tsz,
+                                },
+                            },
+                        };
+                        let Some(w) =
+                            Walker::from_registers(format, &regs, ttbr1, u32::from(tsz) + 8)
+                        else {
+                            continue;
+                        };
+                        walkers += 1;
+                        for &iova in &iovas {
+                            let _ = w.translate(&mem, iova, Access::READ);
+                            let _ = w.device_write(&mem, iova);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(walkers > 1000, "only {walkers} encodings accepted");
+}
+
+/// T0SZ values a stage-1 walk cannot start from are refused, not misderived.
+#[test]
+fn stage1_input_sizes_beyond_four_levels_or_below_one_are_refused() {
+    use iopt_api::{Registers, Tcr};
+    let regs = |tsz, tg| Registers::Stage1 {
+        ttbr: PhysAddr::new(0x4000_0000),
+        tcr: Tcr {
+            ips: 5,
+            tg,
+            sh: 3,
+            orgn: 1,
+            irgn: 1,
+            tsz,
+        },
+        mair: 0,
+    };
+    // 4K granule: 48 bits is four levels, 49 would be five; 13 bits is one level, 12 none.
+    assert!(Walker::from_registers(Format::Arm64S1, &regs(16, 0), false, 0).is_some());
+    assert!(Walker::from_registers(Format::Arm64S1, &regs(15, 0), false, 0).is_none());
+    assert!(Walker::from_registers(Format::Arm64S1, &regs(0, 0), false, 0).is_none());
+    assert!(Walker::from_registers(Format::Arm64S1, &regs(51, 0), false, 0).is_some());
+    assert!(Walker::from_registers(Format::Arm64S1, &regs(52, 0), false, 0).is_none());
+    assert!(Walker::from_registers(Format::Arm64S1, &regs(60, 0), true, 0).is_none());
+    // 64K granule: 52 bits is three levels.
+    assert!(Walker::from_registers(Format::Arm64S1, &regs(12, 1), false, 0).is_some());
+}
