@@ -226,7 +226,12 @@ pub fn run<T: Reserve>(
 ) -> Result<RunResult, RunError> {
     let start = Instant::now();
     let cfg = workload.table.config();
-    let mem = Arc::new(SimMemory::with_layout(LAYOUT));
+    // A non-coherent walker's memory: the checker's oracle then sees only cleaned writes.
+    let mem = Arc::new(if cfg.coherent_walk() {
+        SimMemory::with_layout(LAYOUT)
+    } else {
+        SimMemory::non_coherent_with_layout(LAYOUT)
+    });
     let table = (design.build)(cfg, Arc::clone(&mem)).map_err(RunError::Build)?;
     let checker = opts.check.map(|c| Checker::new(&table, design.model, c));
     let context = format!("{} on {}", design.name, workload.name);
@@ -291,6 +296,8 @@ pub fn run<T: Reserve>(
     r.m.free_calls = s.free_calls;
     r.m.free_bulk_calls = s.free_bulk_calls;
     r.m.pages_freed = s.pages_freed;
+    r.m.cache_cleans = stats.cache_cleans;
+    r.m.bytes_cleaned = stats.bytes_cleaned;
     r.m.peak_live_tables = stats.peak_live_tables;
     r.m.map = r.lat_map.summary();
     r.m.unmap = r.lat_unmap.summary();

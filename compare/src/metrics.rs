@@ -135,6 +135,12 @@ pub struct Metrics {
     pub free_bulk_calls: u64,
     /// Pages freed in total (before the table was dropped).
     pub pages_freed: u64,
+    /// Cache cleans issued for a non-coherent walker (0 on a coherent one).
+    #[serde(default)]
+    pub cache_cleans: u64,
+    /// Bytes those cleans covered.
+    #[serde(default)]
+    pub bytes_cleaned: u64,
     /// Table pages below the root left after everything was unmapped and every reservation
     /// released (empty tables a design keeps).
     pub tables_left_after_unmap: u64,

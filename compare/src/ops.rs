@@ -112,11 +112,12 @@ impl fmt::Display for Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub enum TableKind {
     /// panthor's GPU table: `ARM_64_LPAE_S1`, 4 KiB | 2 MiB pages (no 1 GiB blocks), 48-bit
-    /// VA, 48-bit PA. The configuration of the worked examples in designs.md §8.
+    /// VA, 48-bit PA, a non-coherent walker (as on RK3588). The configuration of the worked
+    /// examples in designs.md §8.
     #[default]
     Panthor,
     /// An SMMUv3 stage-1 table as iommu-dma and VFIO use it: `ARM_64_LPAE_S1`, 4 KiB | 2 MiB |
-    /// 1 GiB pages, 48-bit VA and PA.
+    /// 1 GiB pages, 48-bit VA and PA, a coherent walker.
     Smmu,
 }
 
@@ -147,11 +148,13 @@ impl TableKind {
     /// Never: both configurations are valid (a unit test builds them).
     #[must_use]
     pub fn config(self) -> Config {
-        let sizes = match self {
-            TableKind::Panthor => PageSizes::from_bits((1 << 12) | (1 << 21)),
-            TableKind::Smmu => PageSizes::GRANULE_4K,
+        // Panthor's most common host (RK3588) walks without IO coherency, so its table
+        // cleans every write; a server SMMU walks coherently.
+        let (sizes, coherent) = match self {
+            TableKind::Panthor => (PageSizes::from_bits((1 << 12) | (1 << 21)), false),
+            TableKind::Smmu => (PageSizes::GRANULE_4K, true),
         };
-        Config::new(ConfigInput::new(Format::Arm64S1, sizes, 48, 48))
+        Config::new(ConfigInput::new(Format::Arm64S1, sizes, 48, 48).with_coherent_walk(coherent))
             .expect("the built-in configurations are valid")
     }
 }
