@@ -95,6 +95,12 @@ fn page(n: u64) -> PageSize {
     PageSize::new(n).unwrap()
 }
 
+/// Maps `n` 4 KiB pages at `iova` to `pa`, read-write.
+fn map4k(t: &dyn IoPageTable, iova: u64, pa: u64, n: u64) {
+    t.map(Iova::new(iova), PhysAddr::new(pa), page(K4), n, RW)
+        .unwrap();
+}
+
 /// The table as the workload needs it: the plain operations, and reservations where the
 /// design has them.
 trait Subject: IoPageTable {
@@ -330,14 +336,7 @@ fn cleans_cover_exactly_the_entries_written() {
 
     // A new path: three private pages, each cleaned whole, then the one descriptor that
     // links them.
-    t.map(
-        Iova::new(0x1000_0000),
-        PhysAddr::new(0x8000_0000),
-        page(K4),
-        1,
-        RW,
-    )
-    .unwrap();
+    map4k(&t, 0x1000_0000, 0x8000_0000, 1);
     let log = rec.take_log();
     assert_eq!(log.len(), 4, "{log:x?}");
     assert!(log[..3].iter().all(|&(_, n)| n == 4096), "{log:x?}");
@@ -345,25 +344,11 @@ fn cleans_cover_exactly_the_entries_written() {
     let leaf_table = log[2].0;
 
     // Into the existing leaf table: one 8-byte clean at the entry written.
-    t.map(
-        Iova::new(0x1000_5000),
-        PhysAddr::new(0x8000_5000),
-        page(K4),
-        1,
-        RW,
-    )
-    .unwrap();
+    map4k(&t, 0x1000_5000, 0x8000_5000, 1);
     assert_eq!(rec.take_log(), [(leaf_table + 5 * 8, 8)]);
 
     // Twenty entries in one call: one clean of 160 bytes.
-    t.map(
-        Iova::new(0x1001_0000),
-        PhysAddr::new(0x8001_0000),
-        page(K4),
-        20,
-        RW,
-    )
-    .unwrap();
+    map4k(&t, 0x1001_0000, 0x8001_0000, 20);
     assert_eq!(rec.take_log(), [(leaf_table + 16 * 8, 160)]);
 
     // Unmapping three of them: one clean of 24 bytes.
@@ -390,14 +375,7 @@ fn installed_table_descriptors_carry_sw_sync_only_when_not_coherent() {
         let mem = SimMemory::non_coherent();
         let cfg = config(Format::Arm64S1, coherent);
         let t = PreallocTable::new(cfg, &mem).unwrap();
-        t.map(
-            Iova::new(0x1000_0000),
-            PhysAddr::new(0x8000_0000),
-            page(K4),
-            1,
-            RW,
-        )
-        .unwrap();
+        map4k(&t, 0x1000_0000, 0x8000_0000, 1);
         let root = mem.table(t.root()).unwrap();
         let l0 = root.entries[0].load(Ordering::Relaxed);
         assert_eq!(l0 & 3, 3, "a table descriptor");
@@ -425,26 +403,12 @@ fn a_map_below_an_unsynced_table_descriptor_cleans_it_first() {
         } else {
             Box::new(PreallocTable::new(cfg, rec).unwrap())
         };
-        t.map(
-            Iova::new(0x1000_0000),
-            PhysAddr::new(0x8000_0000),
-            page(K4),
-            1,
-            RW,
-        )
-        .unwrap();
+        map4k(t.as_ref(), 0x1000_0000, 0x8000_0000, 1);
         let root = rec.mem.table(t.root()).unwrap();
         root.entries[0].fetch_and(!SW_SYNC, Ordering::Relaxed);
         rec.take_log();
         // Another leaf table under the same L0 entry, so no cursor short-cuts the walk.
-        t.map(
-            Iova::new(0x2000_0000),
-            PhysAddr::new(0x9000_0000),
-            page(K4),
-            1,
-            RW,
-        )
-        .unwrap();
+        map4k(t.as_ref(), 0x2000_0000, 0x9000_0000, 1);
         let log = rec.take_log();
         assert_eq!(
             log.first(),
