@@ -1,5 +1,7 @@
-//! Finds small inputs that reach each case the checkers once got wrong (each bridged model
-//! difference, each oracle corner) and writes them to `fuzz/regressions/<target>/`, where
+//! Finds small inputs that reach each case the checkers once got wrong (the bridged model
+//! difference, each oracle corner) or that exercise a feature end to end (dirty harvests
+//! after device writes, non-coherent reservations, scatter-list maps with unmap_collect)
+//! and writes them to `fuzz/regressions/<target>/`, where
 //! `tests/regressions.rs` replays them. Run: `cargo run -p iopt-checkers --example
 //! mine_regressions --release`.
 
@@ -7,7 +9,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use iopt_checkers::config::{ConfigCase, derive};
 use iopt_checkers::descriptor::DescInput;
 use iopt_checkers::faults::FaultInput;
-use iopt_checkers::input::DiffInput;
+use iopt_checkers::input::{DiffInput, Op, setup, setups};
 use iopt_checkers::lane::bridged;
 use iopt_checkers::search::Rng;
 use iopt_checkers::{config, descriptor, differential, faults};
@@ -20,6 +22,11 @@ fn dir(target: &str) -> PathBuf {
         .join(target);
     std::fs::create_dir_all(&d).expect("mkdir");
     d
+}
+
+/// Whether a configuration selector picks a 64-bit stage-2 setup.
+fn stage2(sel: u8) -> bool {
+    setup(sel).cfg.format() == iopt_api::Format::Arm64S2 && setups().len() > 1
 }
 
 fn mine(target: &str, name: &str, max_len: u64, mut hit: impl FnMut(&[u8]) -> bool) {
@@ -54,8 +61,52 @@ fn main() {
             return false;
         };
         // arm64-s2 configurations, several ops.
-        [2, 4, 8].contains(&(i.config % 9))
-            && i.ops.len() >= 8
+        stage2(i.config) && i.ops.len() >= 8 && differential::check_bytes(d).is_ok()
+    });
+    mine(
+        "differential",
+        "dirty-harvest-after-device-writes",
+        600,
+        |d| {
+            let Ok(i) = DiffInput::arbitrary_take_rest(Unstructured::new(d)) else {
+                return false;
+            };
+            let has = |f: fn(&Op) -> bool| i.ops.iter().any(f);
+            setup(i.config).cfg.quirks().contains(iopt_api::Quirks::HD)
+                && has(|o| matches!(o, Op::DeviceWrite { .. }))
+                && has(|o| matches!(o, Op::ReadDirty { .. }))
+                && has(|o| matches!(o, Op::Map { .. } | Op::MapRange { .. } | Op::MapSg { .. }))
+                && differential::check_bytes(d).is_ok()
+        },
+    );
+    mine(
+        "differential",
+        "non-coherent-reserve-map-release",
+        600,
+        |d| {
+            let Ok(i) = DiffInput::arbitrary_take_rest(Unstructured::new(d)) else {
+                return false;
+            };
+            let has = |f: fn(&Op) -> bool| i.ops.iter().any(f);
+            !setup(i.config).cfg.coherent_walk()
+                && has(|o| matches!(o, Op::Reserve { .. }))
+                && has(|o| matches!(o, Op::MapReserved { .. }))
+                && has(|o| matches!(o, Op::Release { .. }))
+                && has(|o| matches!(o, Op::Unmap { .. } | Op::UnmapCollect { .. }))
+                && differential::check_bytes(d).is_ok()
+        },
+    );
+    mine("differential", "map-sg-and-unmap-collect", 600, |d| {
+        let Ok(i) = DiffInput::arbitrary_take_rest(Unstructured::new(d)) else {
+            return false;
+        };
+        let sg = i
+            .ops
+            .iter()
+            .filter(|o| matches!(o, Op::MapSg { .. }))
+            .count();
+        sg >= 2
+            && i.ops.iter().any(|o| matches!(o, Op::UnmapCollect { .. }))
             && differential::check_bytes(d).is_ok()
     });
     mine("faults", "root-allocation-fails", 300, |d| {
