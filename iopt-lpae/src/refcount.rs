@@ -61,9 +61,10 @@
 //!    thread unlinked it. Unlinked tables are therefore not handed to the allocator at once:
 //!    they are retired with the current epoch and freed, in one `free_bulk` batch, once every
 //!    operation that was running when they were unlinked has finished (epoch-based
-//!    reclamation with two parity counters, as in SRCU or crossbeam-epoch). Every counted
-//!    operation, and [`Engine::lookup`] and [`Engine::walk`], runs inside an [`OpGuard`] for
-//!    this. A single-threaded caller sees every free happen before its call returns.
+//!    reclamation with two parity counters, as in SRCU or crossbeam-epoch, sharded by thread
+//!    so that disjoint operations do not share a cache line). Every counted operation, and
+//!    [`Engine::lookup`] and [`Engine::walk`], runs inside an [`OpGuard`] for this. A
+//!    single-threaded caller sees every free happen before its call returns.
 //!
 //! So under any interleaving of valid (disjoint) operations, no descriptor is written into a
 //! table that is being freed, and no table memory is read after it went back to the
@@ -114,12 +115,35 @@ pub(crate) struct RcState {
     policy: Policy,
     /// Global epoch; a retired table tagged `e` is freed once the epoch reaches `e + 2`.
     epoch: AtomicU64,
-    /// Operations in flight, by the parity of the epoch they entered in.
-    active: [AtomicUsize; 2],
+    /// Operations in flight, by the parity of the epoch they entered in, sharded by thread so
+    /// that threads working on disjoint ranges do not bounce one cache line.
+    active: [Shard; SHARDS],
     /// Tables retired and not yet freed (fast check before taking the lock).
     pending: AtomicUsize,
     /// Retired tables with their epoch.
     limbo: spin::Mutex<Vec<(u64, PhysAddr)>>,
+}
+
+/// Shards of the in-flight counters; a power of two.
+const SHARDS: usize = 16;
+
+/// One shard of the in-flight counters, on its own cache lines.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard {
+    by_parity: [AtomicUsize; 2],
+}
+
+/// The shard of the calling thread: thread stacks lie megabytes apart, while one thread's
+/// call depth moves its stack by kilobytes, so the stack address picks the shard without any
+/// thread-local storage (`no_std`). A collision only costs contention, never correctness:
+/// reclamation sums every shard.
+#[inline]
+fn this_threads_shard() -> usize {
+    let probe = 0u8;
+    let addr = core::ptr::from_ref(&probe).addr() as u64;
+    let h = (addr >> 20).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    usize::try_from(h >> 60).unwrap_or(0) & (SHARDS - 1)
 }
 
 impl RcState {
@@ -136,7 +160,8 @@ impl RcState {
 #[must_use = "the guard protects the tables only while it lives"]
 pub struct OpGuard<'a, A: TableAlloc, F: FlushOps> {
     engine: &'a Engine<A, F>,
-    epoch: Option<u64>,
+    /// The epoch entered in and the shard counted in.
+    epoch: Option<(u64, usize)>,
 }
 
 impl<A: TableAlloc, F: FlushOps> fmt::Debug for OpGuard<'_, A, F> {
@@ -149,8 +174,8 @@ impl<A: TableAlloc, F: FlushOps> fmt::Debug for OpGuard<'_, A, F> {
 
 impl<A: TableAlloc, F: FlushOps> Drop for OpGuard<'_, A, F> {
     fn drop(&mut self) {
-        if let Some(e) = self.epoch {
-            self.engine.exit(e);
+        if let Some((e, shard)) = self.epoch {
+            self.engine.exit(e, shard);
         }
     }
 }
@@ -362,23 +387,24 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 epoch: None,
             };
         }
+        let shard = this_threads_shard();
         loop {
             let e = self.rc.epoch.load(SC);
-            let slot = &self.rc.active[(e & 1) as usize];
+            let slot = &self.rc.active[shard].by_parity[(e & 1) as usize];
             slot.fetch_add(1, SC);
             full_fence_after_rmw();
             if self.rc.epoch.load(SC) == e {
                 return OpGuard {
                     engine: self,
-                    epoch: Some(e),
+                    epoch: Some((e, shard)),
                 };
             }
             slot.fetch_sub(1, SC);
         }
     }
 
-    fn exit(&self, e: u64) {
-        self.rc.active[(e & 1) as usize].fetch_sub(1, SC);
+    fn exit(&self, e: u64, shard: usize) {
+        self.rc.active[shard].by_parity[(e & 1) as usize].fetch_sub(1, SC);
         if self.rc.pending.load(SC) != 0 {
             self.reclaim();
         }
@@ -402,7 +428,13 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         for _ in 0..2 {
             fence(SC);
             let e = self.rc.epoch.load(SC);
-            if self.rc.active[((e + 1) & 1) as usize].load(SC) != 0 {
+            let old = ((e + 1) & 1) as usize;
+            if self
+                .rc
+                .active
+                .iter()
+                .any(|s| s.by_parity[old].load(SC) != 0)
+            {
                 break;
             }
             let _ = self.rc.epoch.compare_exchange(e, e + 1, SC, SC);
