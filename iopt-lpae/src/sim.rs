@@ -46,8 +46,14 @@ impl Default for SimLayout {
 #[derive(Debug)]
 struct Chunk {
     entries: Box<[AtomicU64]>,
-    meta: Box<[TableMeta]>,
-    live: Box<[AtomicBool]>,
+    pages: Box<[PageState]>,
+}
+
+/// A page's metadata and live flag, side by side so a lookup bounds-checks once.
+#[derive(Debug, Default)]
+struct PageState {
+    meta: TableMeta,
+    live: AtomicBool,
 }
 
 /// One page as a lookup sees it.
@@ -112,14 +118,11 @@ impl Region {
         let chunk = self.chunks.get(index / per_chunk)?.get_or_init(|| {
             let mut e = Vec::with_capacity(per_chunk * entries);
             e.resize_with(per_chunk * entries, || AtomicU64::new(0));
-            let mut m = Vec::with_capacity(per_chunk);
-            m.resize_with(per_chunk, TableMeta::default);
-            let mut l = Vec::with_capacity(per_chunk);
-            l.resize_with(per_chunk, || AtomicBool::new(false));
+            let mut p = Vec::with_capacity(per_chunk);
+            p.resize_with(per_chunk, PageState::default);
             Box::new(Chunk {
                 entries: e.into_boxed_slice(),
-                meta: m.into_boxed_slice(),
-                live: l.into_boxed_slice(),
+                pages: p.into_boxed_slice(),
             })
         });
         Self::slice(chunk, index % per_chunk, entries)
@@ -127,10 +130,11 @@ impl Region {
 
     #[inline]
     fn slice(chunk: &Chunk, i: usize, entries: usize) -> Option<Page<'_>> {
+        let state = chunk.pages.get(i)?;
         Some(Page {
-            entries: chunk.entries.get(i * entries..(i + 1) * entries)?,
-            meta: chunk.meta.get(i)?,
-            live: chunk.live.get(i)?,
+            entries: chunk.entries.get(i * entries..)?.get(..entries)?,
+            meta: &state.meta,
+            live: &state.live,
         })
     }
 
@@ -319,8 +323,8 @@ impl SimMemory {
         for region in self.regions.iter().filter_map(OnceBox::get) {
             for (c, chunk) in region.chunks.iter().enumerate() {
                 let Some(chunk) = chunk.get() else { continue };
-                for (k, live) in chunk.live.iter().enumerate() {
-                    if live.load(Ordering::Acquire) {
+                for (k, state) in chunk.pages.iter().enumerate() {
+                    if state.live.load(Ordering::Acquire) {
                         let i = c * region.per_chunk + k;
                         out.push((
                             PhysAddr::new(region.base + i as u64 * region.stride),
@@ -365,13 +369,21 @@ impl SimMemory {
     /// so this is arithmetic, not a search.
     #[inline]
     fn locate(&self, pa: u64) -> Option<(&Region, usize)> {
+        let (region, off) = self.locate_offset(pa)?;
+        Some((region, usize::try_from(off >> region.stride_shift).ok()?))
+    }
+
+    /// The region holding `pa` and `pa`'s offset in it. Region `i` spans exactly
+    /// `[base + i × span, base + (i + 1) × span)` and its slots cover the span, so the page
+    /// index of any offset is below the slot count.
+    #[inline]
+    fn locate_offset(&self, pa: u64) -> Option<(&Region, u64)> {
         let off = pa.checked_sub(self.layout.base)?;
         let region = self
             .regions
             .get(usize::try_from(off >> self.span_shift).ok()?)?
             .get()?;
-        let index = usize::try_from((pa - region.base) >> region.stride_shift).ok()?;
-        (index < region.slots).then_some((region, index))
+        Some((region, off & (self.layout.region_span - 1)))
     }
 
     fn region_for(&self, size: u64) -> Result<(usize, &Region), AllocError> {
@@ -513,11 +525,11 @@ impl TableAlloc for SimMemory {
 
     #[inline]
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
-        let (region, index) = self.locate(pa.get())?;
-        if (pa.get() - region.base) & (region.stride - 1) != 0 {
+        let (region, off) = self.locate_offset(pa.get())?;
+        if off & (region.stride - 1) != 0 {
             return None;
         }
-        let page = region.page(index)?;
+        let page = region.page(usize::try_from(off >> region.stride_shift).ok()?)?;
         if !page.live.load(Ordering::Acquire) {
             return None;
         }
