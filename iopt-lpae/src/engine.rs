@@ -219,6 +219,8 @@ pub struct Engine<A: TableAlloc, F: FlushOps> {
     root: PhysAddr,
     counters: Counters,
     local_mask: u64,
+    /// Geometry and encodings the hot paths use, derived from `cfg` once.
+    fast: Fast,
     /// Refcounting policy and deferred-free state (see [`crate::refcount`]).
     pub(crate) rc: crate::refcount::RcState,
     /// The leaf tables recent operations used, one slot per hash of the region, each on its
@@ -227,6 +229,49 @@ pub struct Engine<A: TableAlloc, F: FlushOps> {
     cursors: [LeafCursor; CURSOR_SLOTS],
     /// Bumped before any table page is freed: a cursor taken under an older value is stale.
     unlinks: AtomicU64,
+}
+
+/// What the hot paths would otherwise recompute from the configuration on every call.
+#[derive(Debug)]
+struct Fast {
+    /// `level_shift(level)` for levels 0..=3.
+    shift: [u32; 4],
+    /// Index mask of a table at each level (the root's may be narrower or wider).
+    index_mask: [u64; 4],
+    /// Entries of a granule-sized table.
+    per_table: u64,
+    /// `iova >> ias` of every IOVA in the input range: 0, or all ones above IAS for TTBR1.
+    iova_hi: u64,
+    /// What turns a local IOVA back into the caller's form (the TTBR1 high bits, or 0).
+    ext_bits: u64,
+    /// `desc::prot_bits` for every combination of the six `Prot` flags (the only bits it
+    /// reads).
+    prot_bits: [u64; 64],
+}
+
+impl Fast {
+    fn new(cfg: &Config, local_mask: u64) -> Self {
+        let mut prot_bits = [0; 64];
+        for (p, bits) in prot_bits.iter_mut().enumerate() {
+            *bits = desc::prot_bits(cfg, Prot::from_bits_retain(p as u32));
+        }
+        let ttbr1 = cfg.is_ttbr1();
+        Self {
+            shift: [0, 1, 2, 3].map(|l| cfg.level_shift(l)),
+            per_table: cfg.granule().entries() as u64,
+            index_mask: [0, 1, 2, 3].map(|l| {
+                let bits = if l == cfg.start_level() {
+                    cfg.pgd_bits()
+                } else {
+                    cfg.granule().bits_per_level()
+                };
+                (1u64 << bits) - 1
+            }),
+            iova_hi: if ttbr1 { u64::MAX >> cfg.ias() } else { 0 },
+            ext_bits: if ttbr1 { !local_mask } else { 0 },
+            prot_bits,
+        }
+    }
 }
 
 /// Cursor slots; a power of two.
@@ -270,6 +315,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             root,
             counters,
             local_mask,
+            fast: Fast::new(&cfg, local_mask),
             rc: crate::refcount::RcState::default(),
             cursors: Default::default(),
             unlinks: AtomicU64::new(0),
@@ -317,12 +363,22 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     /// Converts a local IOVA back to the caller's form (TTBR1: high bits set).
+    #[inline]
     fn external(&self, local: u64) -> Iova {
-        if self.cfg.is_ttbr1() {
-            Iova::new(local | !self.local_mask)
-        } else {
-            Iova::new(local)
-        }
+        Iova::new(local | self.fast.ext_bits)
+    }
+
+    /// The leaf attribute bits for `prot` (`desc::prot_bits`, precomputed).
+    #[inline]
+    pub(crate) fn leaf_bits(&self, prot: Prot) -> u64 {
+        self.fast.prot_bits[(prot.bits() & 63) as usize]
+    }
+
+    /// Index of `iova` in a table at `level` (`Config::index` with precomputed shifts).
+    #[inline]
+    pub(crate) fn index(&self, iova: u64, level: u32) -> usize {
+        let l = level as usize & 3;
+        ((iova >> self.fast.shift[l]) & self.fast.index_mask[l]) as usize
     }
 
     fn root_table(&self) -> Option<TableRef<'_>> {
@@ -340,7 +396,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// The cursor key of the table at `level` covering `iova`.
     #[inline]
     fn cursor_key(&self, level: u32, iova: u64) -> u64 {
-        ((iova >> self.cfg.level_shift(level - 1)) << 2) | u64::from(level & 3)
+        ((iova >> self.fast.shift[(level - 1) as usize & 3]) << 2) | u64::from(level & 3)
     }
 
     /// The cursor slot for a key: neighbouring regions land in different slots.
@@ -409,7 +465,60 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// # Errors
     ///
     /// The first failing check's [`MapError`].
+    #[inline]
     pub fn validate_map(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<Run, MapError> {
+        match self.quick_map_run(iova, pa, size, count, prot) {
+            Some(run) => Ok(run),
+            None => self.validate_map_slow(iova, pa, size, count, prot),
+        }
+    }
+
+    /// The run of a map request that passes every check of [`validate_map`](Self::validate_map),
+    /// tested in as few branches as possible; `None` if any check fails (the slow path then
+    /// finds which, in Linux's order).
+    #[inline]
+    fn quick_map_run(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Option<Run> {
+        let level = self.cfg.leaf_level(size)?;
+        let (i, p) = (iova.get(), pa.get());
+        if count == 0 || !prot.is_accessible() || (i | p) & size.mask() != 0 {
+            return None;
+        }
+        let tail = count.checked_mul(size.get())? - 1;
+        let (last_i, last_p) = (i.checked_add(tail)?, p.checked_add(tail)?);
+        // `pa <= last_pa`, so the last output address in range implies the first is.
+        let ias = self.cfg.ias();
+        if i >> ias != self.fast.iova_hi
+            || last_i >> ias != self.fast.iova_hi
+            || !self.cfg.pa_in_range(PhysAddr::new(last_p))
+        {
+            return None;
+        }
+        Some(Run {
+            iova: i & self.local_mask,
+            pa: p,
+            size,
+            level,
+            count,
+        })
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn validate_map_slow(
         &self,
         iova: Iova,
         pa: PhysAddr,
@@ -466,7 +575,45 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// # Errors
     ///
     /// The first failing check's [`UnmapError`].
+    #[inline]
     pub fn validate_unmap(
+        &self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+    ) -> Result<Run, UnmapError> {
+        match self.quick_unmap_run(iova, size, count) {
+            Some(run) => Ok(run),
+            None => self.validate_unmap_slow(iova, size, count),
+        }
+    }
+
+    /// The run of an unmap request that passes every check of
+    /// [`validate_unmap`](Self::validate_unmap); `None` if any fails.
+    #[inline]
+    fn quick_unmap_run(&self, iova: Iova, size: PageSize, count: u64) -> Option<Run> {
+        let level = self.cfg.leaf_level(size)?;
+        let i = iova.get();
+        if count == 0 || i & size.mask() != 0 {
+            return None;
+        }
+        let last = i.checked_add(count.checked_mul(size.get())? - 1)?;
+        let ias = self.cfg.ias();
+        if i >> ias != self.fast.iova_hi || last >> ias != self.fast.iova_hi {
+            return None;
+        }
+        Some(Run {
+            iova: i & self.local_mask,
+            pa: 0,
+            size,
+            level,
+            count,
+        })
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn validate_unmap_slow(
         &self,
         iova: Iova,
         size: PageSize,
@@ -505,9 +652,10 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     /// Entries the run covers in the leaf table holding `iova`, at most `remaining`.
+    #[inline]
     fn entries_in_table(&self, level: u32, iova: u64, remaining: u64) -> u64 {
-        let per = self.cfg.granule().entries() as u64;
-        let idx = (iova >> self.cfg.level_shift(level)) & (per - 1);
+        let per = self.fast.per_table;
+        let idx = (iova >> self.fast.shift[level as usize & 3]) & (per - 1);
         remaining.min(per - idx)
     }
 
@@ -560,7 +708,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 .checked_shl(shift)
                 .unwrap_or(u64::MAX)
                 .min(end);
-            let idx = self.cfg.index(at, level);
+            let idx = self.index(at, level);
             let e = table
                 .entries
                 .get(idx)
@@ -661,17 +809,35 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         prot: Prot,
         src: &mut S,
     ) -> Result<(), MapError> {
+        if let [r] = runs {
+            return self.map_run(*r, prot, src);
+        }
+        self.map_runs_general(runs, prot, src)
+    }
+
+    /// [`map_runs`](Self::map_runs) of one run: a run inside one leaf table (every
+    /// single-page map) goes straight to its segment.
+    ///
+    /// # Errors
+    ///
+    /// As [`map_runs`](Self::map_runs).
+    #[inline]
+    pub fn map_run<S: PageSource>(&self, r: Run, prot: Prot, src: &mut S) -> Result<(), MapError> {
+        if !self.rc.counting() && self.entries_in_table(r.level, r.iova, r.count) == r.count {
+            let bits = self.leaf_bits(prot);
+            return self.map_segment(r.iova, r.pa, r.level, r.count, bits, src);
+        }
+        self.map_runs_general(&[r], prot, src)
+    }
+
+    fn map_runs_general<S: PageSource>(
+        &self,
+        runs: &[Run],
+        prot: Prot,
+        src: &mut S,
+    ) -> Result<(), MapError> {
         if self.rc.counting() {
             return self.map_runs_counted(runs, prot, src);
-        }
-        let single = match runs {
-            [r] => self.entries_in_table(r.level, r.iova, r.count) == r.count,
-            _ => false,
-        };
-        if single {
-            let r = runs[0];
-            let bits = desc::prot_bits(&self.cfg, prot);
-            return self.map_segment(r.iova, r.pa, r.level, r.count, bits, src);
         }
         // Plan everything first: conflicts anywhere refuse the whole map before any write.
         let root = self.root_table().ok_or(MapError::BrokenTable {
@@ -695,7 +861,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         // concurrent installer saves us goes back to the source.
         let mut stash = Stash::default();
         src.obtain(plan.missing, &mut stash.pages)?;
-        let bits = desc::prot_bits(&self.cfg, prot);
+        let bits = self.leaf_bits(prot);
         let mut result = Ok(());
         'runs: for r in runs {
             let mut iova = r.iova;
@@ -718,6 +884,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     /// Maps `n` leaves inside one leaf table. Checks every target entry before writing any.
+    #[inline]
     fn map_segment<S: PageSource>(
         &self,
         iova: u64,
@@ -727,11 +894,31 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         bits: u64,
         src: &mut S,
     ) -> Result<(), MapError> {
+        let table = match self.cursor_get(target, iova) {
+            Some((table, _)) => table,
+            None => match self.descend_for_map(iova, pa, target, n, bits, src)? {
+                Some(table) => table,
+                None => return Ok(()),
+            },
+        };
+        self.fill_leaf_table(table, iova, pa, target, n, bits)
+    }
+
+    /// Descends to the leaf table of a segment the cursor did not hold, caching it. Where a
+    /// table is missing, publishes the whole path with the leaves already written and returns
+    /// `None`: the segment is mapped.
+    #[inline(never)]
+    fn descend_for_map<S: PageSource>(
+        &self,
+        iova: u64,
+        pa: u64,
+        target: u32,
+        n: u64,
+        bits: u64,
+        src: &mut S,
+    ) -> Result<Option<TableRef<'_>>, MapError> {
         let cfg = &self.cfg;
         let granule = cfg.granule();
-        if let Some((table, _)) = self.cursor_get(target, iova) {
-            return self.fill_leaf_table(table, iova, pa, target, n, bits);
-        }
         'descend: loop {
             let epoch = self.unlinks.load(Ordering::Acquire);
             let mut table = self.root_table().ok_or(MapError::BrokenTable {
@@ -744,7 +931,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 let slot =
                     table
                         .entries
-                        .get(cfg.index(iova, level))
+                        .get(self.index(iova, level))
                         .ok_or(MapError::BrokenTable {
                             iova: self.external(iova),
                             pa: self.root,
@@ -766,14 +953,14 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     }
                     Kind::Invalid => {
                         if self.publish_chain(slot, iova, pa, level, target, n, bits, src, epoch)? {
-                            return Ok(());
+                            return Ok(None);
                         }
                         continue 'descend;
                     }
                 }
             }
             self.cursor_set(target, iova, table_pa, epoch);
-            return self.fill_leaf_table(table, iova, pa, target, n, bits);
+            return Ok(Some(table));
         }
     }
 
@@ -791,10 +978,10 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     ) -> Result<(), MapError> {
         let cfg = &self.cfg;
         let granule = cfg.granule();
-        let size = cfg.block_size(target);
+        let size = 1 << self.fast.shift[target as usize & 3];
         let leaf_type = desc::leaf_type(cfg.format(), target);
         // At the leaf table: every target entry must be free (or an empty table).
-        let first = cfg.index(iova, target);
+        let first = self.index(iova, target);
         let last = first + n as usize;
         let slots = table
             .entries
@@ -803,6 +990,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 iova: self.external(iova),
                 pa: self.root,
             })?;
+        // The common case: every target entry is zero.
+        if slots.iter().all(|e| e.load(Ordering::Acquire) == 0) {
+            write_leaves(slots, bits | leaf_type, pa, size, Ordering::Release);
+            return Ok(());
+        }
         let mut replace = false;
         for (k, e) in slots.iter().enumerate() {
             let v = e.load(Ordering::Acquire);
@@ -1000,7 +1192,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         n: u64,
         r: Run,
     ) -> Result<(), UnmapError> {
-        let first = self.cfg.index(iova, r.level);
+        let first = self.index(iova, r.level);
         let slots =
             table
                 .entries
@@ -1026,7 +1218,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     #[inline]
     fn clear_entries(&self, table: TableRef<'_>, iova: u64, n: u64, r: Run, gather: &mut Gather) {
         let size = r.size.get();
-        let first = self.cfg.index(iova, r.level);
+        let first = self.index(iova, r.level);
         for (k, e) in table.entries[first..first + n as usize].iter().enumerate() {
             let old = e.load(Ordering::Acquire);
             e.store(0, Ordering::Release);
@@ -1052,7 +1244,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         while level < r.level {
             let e = table
                 .entries
-                .get(self.cfg.index(iova, level))
+                .get(self.index(iova, level))
                 .map_or(0, |e| e.load(Ordering::Acquire));
             match self.kind(level, e) {
                 Kind::Invalid => {
@@ -1099,7 +1291,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         loop {
             let e = table
                 .entries
-                .get(self.cfg.index(local, level))?
+                .get(self.index(local, level))?
                 .load(Ordering::Acquire);
             match self.kind(level, e) {
                 Kind::Invalid => return None,
@@ -1224,5 +1416,98 @@ impl<A: TableAlloc, F: FlushOps> Drop for Engine<A, F> {
         self.counters.pages_freed.fetch_add(1, Ordering::Relaxed);
         self.counters.live_tables.fetch_sub(1, Ordering::Relaxed);
         self.alloc.free(self.root, self.cfg.pgd_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SimMemory;
+    use iopt_api::{ConfigInput, Format, Granule, NoFlush, PageSizes, Quirks};
+    use proptest::prelude::*;
+
+    fn configs() -> Vec<Config> {
+        let mut out = Vec::new();
+        for (format, quirks) in [
+            (Format::Arm64S1, Quirks::empty()),
+            (Format::Arm64S1, Quirks::TTBR1),
+            (Format::Arm64S2, Quirks::empty()),
+            (Format::Arm32S1, Quirks::empty()),
+            (Format::Mali, Quirks::empty()),
+        ] {
+            for granule in [Granule::K4, Granule::K16, Granule::K64] {
+                for (ias, oas) in [(48, 48), (39, 40), (32, 32), (40, 42), (52, 52)] {
+                    let input = ConfigInput::new(format, PageSizes::from_bits(!0), ias, oas)
+                        .with_quirks(quirks)
+                        .with_preferred_granule(granule);
+                    if let Ok(cfg) = Config::new(input) {
+                        out.push(cfg);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Addresses near the edges the checks care about, or anywhere.
+    fn addr() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            any::<u64>(),
+            (0u32..64, 0u64..4, any::<bool>()).prop_map(|(bit, off, neg)| {
+                let v = (1u64 << bit).wrapping_add(off << 12);
+                if neg { v.wrapping_neg() } else { v }
+            }),
+            (0u64..1 << 20).prop_map(|p| p << 12),
+            (0u64..1 << 10).prop_map(|p| p << 30),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// The quick checks accept exactly what the full validation accepts, with the same run.
+        #[test]
+        fn quick_validation_agrees(
+            which in any::<prop::sample::Index>(),
+            raw in (addr(), addr()),
+            aligned in (0u64..1 << 12, 0u64..1 << 12, 0u8..8),
+            shift in (12u32..43, any::<prop::sample::Index>(), any::<bool>()),
+            count in prop_oneof![3 => 0u64..4, 1 => any::<u64>(), 1 => (0u32..64).prop_map(|b| 1u64 << b)],
+            prot in prop_oneof![any::<u32>(), 0u32..64],
+        ) {
+            let cfgs = configs();
+            let cfg = cfgs[which.index(cfgs.len())];
+            let e = Engine::new(cfg, SimMemory::new(), NoFlush).unwrap();
+            // A supported size mostly, any power of two sometimes.
+            let sizes: Vec<u32> = (12..43)
+                .filter(|&s| cfg.leaf_level(PageSize::from_shift(s).unwrap()).is_some())
+                .collect();
+            let shift = if shift.2 { shift.0 } else { sizes[shift.1.index(sizes.len())] };
+            // Arbitrary addresses, or multiples of the size (in the TTBR1 half mostly where the
+            // table translates it).
+            let (ik, pk, mode) = aligned;
+            let (iova, pa) = if mode == 0 {
+                raw
+            } else {
+                let high = cfg.is_ttbr1() != (mode == 1);
+                let hi = if high { u64::MAX << cfg.ias() } else { 0 };
+                (hi | ik << shift, pk << shift)
+            };
+            let (iova, pa) = (Iova::new(iova), PhysAddr::new(pa));
+            let size = PageSize::from_shift(shift).unwrap();
+            let prot = Prot::from_bits_retain(prot);
+            prop_assert_eq!(
+                e.quick_map_run(iova, pa, size, count, prot),
+                e.validate_map_slow(iova, pa, size, count, prot).ok()
+            );
+            prop_assert_eq!(
+                e.quick_unmap_run(iova, size, count),
+                e.validate_unmap_slow(iova, size, count).ok()
+            );
+            prop_assert_eq!(e.leaf_bits(prot), desc::prot_bits(&cfg, prot));
+            for level in cfg.start_level()..4 {
+                prop_assert_eq!(e.index(iova.get(), level), cfg.index(iova.get(), level));
+            }
+        }
     }
 }

@@ -205,8 +205,7 @@ macro_rules! impl_io_page_table_on_engine {
                 prot: ::iopt_api::Prot,
             ) -> Result<(), ::iopt_api::MapError> {
                 let run = self.engine.validate_map(iova, pa, size, count, prot)?;
-                self.engine
-                    .map_runs(&[run], prot, &mut self.engine.on_demand())
+                self.engine.map_run(run, prot, &mut self.engine.on_demand())
             }
 
             fn map_range(
