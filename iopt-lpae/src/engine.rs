@@ -247,16 +247,41 @@ struct Fast {
     /// `desc::prot_bits` for every combination of the six `Prot` flags (the only bits it
     /// reads).
     prot_bits: [u64; 64],
+    /// `desc::decode_prot` for every combination of the descriptor bits it reads, indexed by
+    /// [`Fast::prot_key`].
+    decoded: [u8; 256],
 }
 
 impl Fast {
+    /// The bits of a leaf descriptor `desc::decode_prot` reads, packed into eight: \[7:2\]
+    /// (AP or S2AP, AttrIndx or MemAttr), DBM, and whether any XN bit is set.
+    #[inline]
+    fn prot_key(desc: u64) -> usize {
+        (((desc >> 2) & 0x3f) | ((desc & desc::DBM) >> 45) | (u64::from(desc & desc::XN != 0) << 7))
+            as usize
+    }
+
+    #[inline]
+    fn decode_prot(&self, desc: u64) -> Prot {
+        Prot::from_bits_retain(u32::from(self.decoded[Self::prot_key(desc)]))
+    }
+
     fn new(cfg: &Config, local_mask: u64) -> Self {
         let mut prot_bits = [0; 64];
         for (p, bits) in prot_bits.iter_mut().enumerate() {
             *bits = desc::prot_bits(cfg, Prot::from_bits_retain(p as u32));
         }
+        let mut decoded = [0; 256];
+        for (k, p) in decoded.iter_mut().enumerate() {
+            let k = k as u64;
+            let desc = ((k & 0x3f) << 2)
+                | if k & 0x40 != 0 { desc::DBM } else { 0 }
+                | if k & 0x80 != 0 { desc::XN } else { 0 };
+            *p = desc::decode_prot(cfg, desc).bits() as u8;
+        }
         let ttbr1 = cfg.is_ttbr1();
         Self {
+            decoded,
             shift: [0, 1, 2, 3].map(|l| cfg.level_shift(l)),
             per_table: cfg.granule().entries() as u64,
             index_mask: [0, 1, 2, 3].map(|l| {
@@ -408,7 +433,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     /// The cached leaf table at `level` for `iova`, if the cursor holds it and no table was
     /// freed since it was cached.
-    #[inline]
+    #[inline(always)]
+    #[allow(clippy::inline_always)] // on every single-call path; measured: not inlined otherwise
     fn cursor_get(&self, level: u32, iova: u64) -> Option<(TableRef<'_>, PhysAddr)> {
         if level <= self.cfg.start_level() || self.rc.counting() {
             return None;
@@ -457,6 +483,52 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         c.table.store(table.get(), Ordering::Relaxed);
         c.epoch.store(epoch, Ordering::Relaxed);
         c.seq.store(s + 2, Ordering::Release);
+    }
+
+    /// Maps `count` leaves of `size` from `iova` to `pa` with `prot`, all or nothing, drawing
+    /// missing tables from `src`: [`validate_map`](Self::validate_map) and
+    /// [`map_run`](Self::map_run) in one step, so a valid request pays for its checks once.
+    ///
+    /// # Errors
+    ///
+    /// As [`validate_map`](Self::validate_map) and [`map_runs`](Self::map_runs).
+    #[inline]
+    pub fn map<S: PageSource>(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+        src: &mut S,
+    ) -> Result<(), MapError> {
+        if let Some(run) = self.quick_map_run(iova, pa, size, count, prot) {
+            return self.map_run(run, prot, src);
+        }
+        let run = self.validate_map_slow(iova, pa, size, count, prot)?;
+        self.map_runs_general(&[run], prot, src)
+    }
+
+    /// Unmaps `count` leaves of `size` from `iova`, all or nothing:
+    /// [`validate_unmap`](Self::validate_unmap) and [`unmap_run`](Self::unmap_run) in one
+    /// step. Returns the bytes unmapped.
+    ///
+    /// # Errors
+    ///
+    /// As [`validate_unmap`](Self::validate_unmap) and [`unmap_run`](Self::unmap_run).
+    #[inline]
+    pub fn unmap(
+        &self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, UnmapError> {
+        if let Some(run) = self.quick_unmap_run(iova, size, count) {
+            return self.unmap_run(run, gather);
+        }
+        let run = self.validate_unmap_slow(iova, size, count)?;
+        self.unmap_run_general(run, gather)
     }
 
     /// Validates a map request and converts it to a run, checking in Linux's order (page
@@ -1145,12 +1217,10 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     ///
     /// [`UnmapError::NotMapped`] if any entry of the run is empty, [`UnmapError::PartialBlock`]
     /// if a larger leaf covers it, [`UnmapError::BrokenTable`] on a corrupted tree.
+    #[inline]
     pub fn unmap_run(&self, r: Run, gather: &mut Gather) -> Result<u64, UnmapError> {
-        if self.rc.counting() {
-            return self.unmap_run_counted(r, gather);
-        }
         // A run inside one leaf table: one descent, check, then clear.
-        if self.entries_in_table(r.level, r.iova, r.count) == r.count {
+        if !self.rc.counting() && self.entries_in_table(r.level, r.iova, r.count) == r.count {
             let table = match self.cursor_get(r.level, r.iova) {
                 Some((t, _)) => t,
                 None => self.descend_for_unmap(r.iova, r)?,
@@ -1158,6 +1228,15 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             self.check_mapped(table, r.iova, r.count, r)?;
             self.clear_entries(table, r.iova, r.count, r, gather);
             return Ok(r.count * r.size.get());
+        }
+        self.unmap_run_general(r, gather)
+    }
+
+    /// [`unmap_run`](Self::unmap_run) of a run over several leaf tables, or on a refcounted
+    /// engine.
+    fn unmap_run_general(&self, r: Run, gather: &mut Gather) -> Result<u64, UnmapError> {
+        if self.rc.counting() {
+            return self.unmap_run_counted(r, gather);
         }
         // Check every leaf table of the run before clearing any.
         let size = r.size.get();
@@ -1233,6 +1312,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     /// Descends to the leaf table of `iova` for an unmap at `r.level` and caches it in the
     /// cursor.
+    #[inline(never)]
     fn descend_for_unmap(&self, iova: u64, r: Run) -> Result<TableRef<'_>, UnmapError> {
         let epoch = self.unlinks.load(Ordering::Acquire);
         let mut table = self.root_table().ok_or(UnmapError::BrokenTable {
@@ -1282,11 +1362,15 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         }
         let _guard = self.enter();
         let local = iova.get() & self.local_mask;
-        // The last operation's leaf table usually holds the next lookup's page.
+        // The last operation's leaf table usually holds the next lookup's page; failing that,
+        // the table above it (cached by earlier lookups) saves the top of the descent.
         let epoch = self.unlinks.load(Ordering::Acquire);
         let (mut table, mut level) = match self.cursor_get(3, local) {
             Some((t, _)) => (t, 3),
-            None => (self.root_table()?, self.cfg.start_level()),
+            None => match self.cursor_get(2, local) {
+                Some((t, _)) => (t, 2),
+                None => (self.root_table()?, self.cfg.start_level()),
+            },
         };
         loop {
             let e = table
@@ -1299,18 +1383,18 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     let pa = desc::unpack_pa(e, self.cfg.granule());
                     table = self.alloc.table(pa)?;
                     level += 1;
-                    if level == 3 {
-                        self.cursor_set(3, local, pa, epoch);
+                    if level >= 2 {
+                        self.cursor_set(level, local, pa, epoch);
                     }
                 }
                 Kind::Leaf => {
-                    let size = self.cfg.block_size(level);
+                    let size = PageSize::from_shift(self.fast.shift[level as usize & 3])?;
                     let base = desc::unpack_pa(e, self.cfg.granule());
                     return Some(Translation {
-                        pa: PhysAddr::new(base.get() | (local & (size - 1))),
-                        size: PageSize::new(size)?,
+                        pa: PhysAddr::new(base.get() | (local & size.mask())),
+                        size,
                         level,
-                        prot: desc::decode_prot(&self.cfg, e),
+                        prot: self.fast.decode_prot(e),
                         descriptor: e,
                     });
                 }
@@ -1505,6 +1589,10 @@ mod tests {
                 e.validate_unmap_slow(iova, size, count).ok()
             );
             prop_assert_eq!(e.leaf_bits(prot), desc::prot_bits(&cfg, prot));
+            let d = raw.0;
+            prop_assert_eq!(e.fast.decode_prot(d), desc::decode_prot(&cfg, d));
+            let d = desc::prot_bits(&cfg, prot) | (raw.1 & !0x0038_0000_0000_0ffc);
+            prop_assert_eq!(e.fast.decode_prot(d), desc::decode_prot(&cfg, d));
             for level in cfg.start_level()..4 {
                 prop_assert_eq!(e.index(iova.get(), level), cfg.index(iova.get(), level));
             }

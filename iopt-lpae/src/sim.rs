@@ -74,8 +74,16 @@ struct Region {
     stride: u64,
     /// log2 of `stride`.
     stride_shift: u32,
+    /// `stride - 1`.
+    stride_mask: u64,
+    /// log2 of the bytes of address space a chunk covers (`stride × per_chunk`).
+    chunk_span_shift: u32,
+    /// `per_chunk - 1`.
+    chunk_mask: usize,
     /// log2 of `per_chunk`.
     chunk_shift: u32,
+    /// log2 of `entries`.
+    entries_shift: u32,
     /// 8-byte entries a page holds.
     entries: usize,
     slots: usize,
@@ -98,7 +106,11 @@ impl Region {
             size,
             stride,
             stride_shift: stride.trailing_zeros(),
+            stride_mask: stride - 1,
+            chunk_span_shift: stride.trailing_zeros() + per_chunk.trailing_zeros(),
+            chunk_mask: per_chunk - 1,
             chunk_shift: per_chunk.trailing_zeros(),
+            entries_shift: entries.trailing_zeros(),
             entries,
             slots,
             per_chunk,
@@ -109,7 +121,31 @@ impl Region {
     #[inline]
     fn page(&self, index: usize) -> Option<Page<'_>> {
         let chunk = self.chunks.get(index >> self.chunk_shift)?.get()?;
-        Self::slice(chunk, index & (self.per_chunk - 1), self.entries)
+        Self::in_chunk(chunk, index & self.chunk_mask, self.entries_shift)
+    }
+
+    /// The page at offset `off` of the region (a multiple of the stride).
+    #[inline]
+    fn page_at(&self, off: u64) -> Option<Page<'_>> {
+        let chunk = self
+            .chunks
+            .get(usize::try_from(off >> self.chunk_span_shift).ok()?)?
+            .get()?;
+        let i = usize::try_from(off >> self.stride_shift).ok()? & self.chunk_mask;
+        Self::in_chunk(chunk, i, self.entries_shift)
+    }
+
+    /// Page `i` of `chunk`, whose pages hold `1 << entries_shift` entries each.
+    #[inline]
+    fn in_chunk(chunk: &Chunk, i: usize, entries_shift: u32) -> Option<Page<'_>> {
+        let state = chunk.pages.get(i)?;
+        Some(Page {
+            entries: chunk
+                .entries
+                .get(i << entries_shift..(i + 1) << entries_shift)?,
+            meta: &state.meta,
+            live: &state.live,
+        })
     }
 
     fn page_init(&self, index: usize) -> Option<Page<'_>> {
@@ -125,17 +161,7 @@ impl Region {
                 pages: p.into_boxed_slice(),
             })
         });
-        Self::slice(chunk, index % per_chunk, entries)
-    }
-
-    #[inline]
-    fn slice(chunk: &Chunk, i: usize, entries: usize) -> Option<Page<'_>> {
-        let state = chunk.pages.get(i)?;
-        Some(Page {
-            entries: chunk.entries.get(i * entries..)?.get(..entries)?,
-            meta: &state.meta,
-            live: &state.live,
-        })
+        Self::in_chunk(chunk, index % per_chunk, self.entries_shift)
     }
 
     fn index_of(&self, pa: u64) -> Option<usize> {
@@ -205,6 +231,8 @@ pub struct SimMemory {
     layout: SimLayout,
     /// log2 of the region span.
     span_shift: u32,
+    /// `region_span - 1`.
+    span_mask: u64,
     regions: [OnceBox<Region>; MAX_REGIONS],
     state: spin::Mutex<FreeState>,
     /// Page allocations so far (the index failure injection counts in).
@@ -250,6 +278,7 @@ impl SimMemory {
         Self {
             layout,
             span_shift: span.trailing_zeros(),
+            span_mask: span - 1,
             regions: Default::default(),
             state: spin::Mutex::new(FreeState::default()),
             alloc_index: AtomicU64::new(0),
@@ -383,7 +412,7 @@ impl SimMemory {
             .regions
             .get(usize::try_from(off >> self.span_shift).ok()?)?
             .get()?;
-        Some((region, off & (self.layout.region_span - 1)))
+        Some((region, off & self.span_mask))
     }
 
     fn region_for(&self, size: u64) -> Result<(usize, &Region), AllocError> {
@@ -526,10 +555,10 @@ impl TableAlloc for SimMemory {
     #[inline]
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
         let (region, off) = self.locate_offset(pa.get())?;
-        if off & (region.stride - 1) != 0 {
+        if off & region.stride_mask != 0 {
             return None;
         }
-        let page = region.page(usize::try_from(off >> region.stride_shift).ok()?)?;
+        let page = region.page_at(off)?;
         if !page.live.load(Ordering::Acquire) {
             return None;
         }
