@@ -389,7 +389,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     /// Converts a local IOVA back to the caller's form (TTBR1: high bits set).
     #[inline]
-    fn external(&self, local: u64) -> Iova {
+    pub(crate) fn external(&self, local: u64) -> Iova {
         Iova::new(local | self.fast.ext_bits)
     }
 
@@ -427,7 +427,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// The cursor slot for a key: neighbouring regions land in different slots.
     #[inline]
     fn cursor_slot(&self, key: u64) -> &LeafCursor {
-        let h = (key >> 2).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
+        let h = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
         &self.cursors[(h as usize) & (CURSOR_SLOTS - 1)]
     }
 
@@ -725,7 +725,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     /// Entries the run covers in the leaf table holding `iova`, at most `remaining`.
     #[inline]
-    fn entries_in_table(&self, level: u32, iova: u64, remaining: u64) -> u64 {
+    pub(crate) fn entries_in_table(&self, level: u32, iova: u64, remaining: u64) -> u64 {
         let per = self.fast.per_table;
         let idx = (iova >> self.fast.shift[level as usize & 3]) & (per - 1);
         remaining.min(per - idx)

@@ -183,8 +183,9 @@ impl<'a> Path<'a> {
         self.len += 1;
     }
 
-    fn last(&self) -> Frame<'a> {
-        self.frames[self.len - 1]
+    #[inline]
+    fn last(&self) -> &Frame<'a> {
+        &self.frames[self.len - 1]
     }
 
     fn top(&self) -> usize {
@@ -453,23 +454,22 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         }
     }
 
+    #[inline]
     fn ext(&self, local: u64) -> Iova {
-        if self.config().is_ttbr1() {
-            Iova::new(local | !self.lmask())
-        } else {
-            Iova::new(local)
-        }
+        self.external(local)
     }
 
     fn kind_of(&self, level: u32, e: u64) -> Kind {
         desc::kind(self.config().format(), level, e)
     }
 
+    #[inline]
     fn table_of(&self, e: u64) -> Option<(TableRef<'_>, PhysAddr)> {
         let pa = desc::unpack_pa(e, self.config().granule());
         self.allocator().table(pa).map(|t| (t, pa))
     }
 
+    #[inline]
     fn root_frame(&self) -> Option<Frame<'_>> {
         self.allocator().table(self.root()).map(|t| Frame {
             t,
@@ -479,11 +479,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     /// Entries of a run in the leaf table holding `iova` (as the engine splits segments).
+    #[inline]
     fn seg_len(&self, level: u32, iova: u64, remaining: u64) -> u64 {
-        let cfg = self.config();
-        let per = cfg.granule().entries() as u64;
-        let idx = (iova >> cfg.level_shift(level)) & (per - 1);
-        remaining.min(per - idx)
+        self.entries_in_table(level, iova, remaining)
     }
 
     fn note_dead(&self, pa: PhysAddr, dead: &mut Vec<PhysAddr>) {
@@ -553,17 +551,31 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         src: &mut S,
     ) -> Result<(), MapError> {
         let guard = self.enter();
-        let bits = desc::prot_bits(self.config(), prot);
+        let bits = self.leaf_bits(prot);
         let mut dead = Vec::new();
         let result = match runs {
-            [r] if self.seg_len(r.level, r.iova, r.count) == r.count => self
-                .prepare(r.iova, r.level, r.count, src, &mut dead)
-                .map(|p| self.commit(&p, r.pa, bits, &mut dead)),
+            [r] if self.seg_len(r.level, r.iova, r.count) == r.count => {
+                self.map_one(r, bits, src, &mut dead)
+            }
             _ => self.map_many(runs, bits, src, &mut dead),
         };
         self.retire(&dead);
         drop(guard);
         result
+    }
+
+    /// One segment: prepare, then commit (the prepared segment stays where it was built).
+    #[inline]
+    fn map_one<S: PageSource>(
+        &self,
+        r: &Run,
+        bits: u64,
+        src: &mut S,
+        dead: &mut Vec<PhysAddr>,
+    ) -> Result<(), MapError> {
+        let p = self.prepare(r.iova, r.level, r.count, src, dead)?;
+        self.commit(&p, r.pa, bits, dead);
+        Ok(())
     }
 
     /// Several segments: plan (conflicts, exact missing count), obtain once, prepare every
@@ -655,7 +667,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 let slot =
                     cur.t
                         .entries
-                        .get(cfg.index(iova, level))
+                        .get(self.index(iova, level))
                         .ok_or(MapError::BrokenTable {
                             iova: self.ext(iova),
                             pa: cur.pa,
@@ -691,29 +703,37 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     }
                 }
             }
-            if let Some(p) = self.prepare_leaf(path, iova, target, n, dead)? {
-                return Ok(p);
+            if let Some((pinned, claimed)) = self.prepare_leaf(&path, iova, target, n, dead)? {
+                return Ok(Prepared {
+                    path,
+                    iova,
+                    level: target,
+                    n,
+                    pinned,
+                    claimed,
+                });
             }
             core::hint::spin_loop();
         }
     }
 
     /// The leaf-table half of [`prepare`](Self::prepare): checks the segment's slots, pins
-    /// the table for the new leaves and claims the empty tables they replace. `Ok(None)`: the
-    /// table is dying, walk again.
-    fn prepare_leaf<'a>(
-        &'a self,
-        path: Path<'a>,
+    /// the table for the new leaves and claims the empty tables they replace, returning the
+    /// pin count and the claims. `Ok(None)`: the table is dying, walk again.
+    #[allow(clippy::type_complexity)]
+    fn prepare_leaf(
+        &self,
+        path: &Path<'_>,
         iova: u64,
         target: u32,
         n: u64,
         dead: &mut Vec<PhysAddr>,
-    ) -> Result<Option<Prepared<'a>>, MapError> {
+    ) -> Result<Option<(u32, Vec<(usize, PhysAddr)>)>, MapError> {
         let cfg = self.config();
         let size = cfg.block_size(target);
         {
             let cur = path.last();
-            let first = cfg.index(iova, target);
+            let first = self.index(iova, target);
             let slots =
                 cur.t
                     .entries
@@ -765,14 +785,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     });
                 }
             }
-            Ok(Some(Prepared {
-                path,
-                iova,
-                level: target,
-                n,
-                pinned: free,
-                claimed,
-            }))
+            Ok(Some((free, claimed)))
         }
     }
 
@@ -892,6 +905,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     // ---- unmap ---------------------------------------------------------------------------
 
+    #[inline]
     fn unmap_path(&self, iova: u64, r: Run) -> Result<Path<'_>, UnmapError> {
         let cfg = self.config();
         let root = self.root_frame().ok_or(UnmapError::BrokenTable {
@@ -905,7 +919,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 .last()
                 .t
                 .entries
-                .get(cfg.index(iova, level))
+                .get(self.index(iova, level))
                 .map_or(0, |e| e.load(SC));
             match self.kind_of(level, e) {
                 Kind::Invalid => {
@@ -945,11 +959,14 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let (mut iova, mut left) = (r.iova, r.count);
         while left > 0 {
             let n = self.seg_len(r.level, iova, left);
-            let path = self.unmap_path(iova, r)?;
-            if single {
-                kept = Some(path);
-            }
-            let first = cfg.index(iova, r.level);
+            let fresh;
+            let path = if single {
+                kept.insert(self.unmap_path(iova, r)?)
+            } else {
+                fresh = self.unmap_path(iova, r)?;
+                &fresh
+            };
+            let first = self.index(iova, r.level);
             let t = path.last().t;
             for (k, e) in t.entries[first..first + n as usize].iter().enumerate() {
                 let v = e.load(SC);
@@ -976,13 +993,21 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let mut result = Ok(r.count * size);
         while left > 0 {
             let n = self.seg_len(r.level, iova, left);
-            let path = match kept.take().map_or_else(|| self.unmap_path(iova, r), Ok) {
-                Ok(p) => p,
-                Err(e) => {
-                    // Only a concurrent overlapping operation (a caller bug) gets here.
-                    result = Err(e);
-                    break;
-                }
+            let fresh;
+            // Only a run inside one leaf table kept its path (and it has one segment).
+            let path = match kept.as_ref() {
+                Some(p) => p,
+                None => match self.unmap_path(iova, r) {
+                    Ok(p) => {
+                        fresh = p;
+                        &fresh
+                    }
+                    Err(e) => {
+                        // Only a concurrent overlapping operation (a caller bug) gets here.
+                        result = Err(e);
+                        break;
+                    }
+                },
             };
             let first = cfg.index(iova, r.level);
             let t = path.last().t;
