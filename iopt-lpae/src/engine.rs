@@ -1223,7 +1223,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if !self.rc.counting() && self.entries_in_table(r.level, r.iova, r.count) == r.count {
             let table = match self.cursor_get(r.level, r.iova) {
                 Some((t, _)) => t,
-                None => self.descend_for_unmap(r.iova, r)?,
+                None => self.descend_for_unmap(r.iova, &r)?,
             };
             self.check_mapped(table, r.iova, r.count, r)?;
             self.clear_entries(table, r.iova, r.count, r, gather);
@@ -1244,7 +1244,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let mut left = r.count;
         while left > 0 {
             let n = self.entries_in_table(r.level, iova, left);
-            let table = self.descend_for_unmap(iova, r)?;
+            let table = self.descend_for_unmap(iova, &r)?;
             self.check_mapped(table, iova, n, r)?;
             iova += n * size;
             left -= n;
@@ -1253,7 +1253,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let mut left = r.count;
         while left > 0 {
             let n = self.entries_in_table(r.level, iova, left);
-            let table = self.descend_for_unmap(iova, r)?;
+            let table = self.descend_for_unmap(iova, &r)?;
             self.clear_entries(table, iova, n, r, gather);
             iova += n * size;
             left -= n;
@@ -1313,7 +1313,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// Descends to the leaf table of `iova` for an unmap at `r.level` and caches it in the
     /// cursor.
     #[inline(never)]
-    fn descend_for_unmap(&self, iova: u64, r: Run) -> Result<TableRef<'_>, UnmapError> {
+    fn descend_for_unmap(&self, iova: u64, r: &Run) -> Result<TableRef<'_>, UnmapError> {
         let epoch = self.unlinks.load(Ordering::Acquire);
         let mut table = self.root_table().ok_or(UnmapError::BrokenTable {
             iova: self.external(iova),
