@@ -1463,6 +1463,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 /// above, PA\[51:48\] folds into bits \[15:12\] and each is packed afresh.
 #[inline]
 fn write_leaves(slots: &[AtomicU64], attrs: u64, pa: u64, size: u64, order: Ordering) {
+    if let [e] = slots {
+        // A single-page map: skip the loop set-up.
+        e.store(attrs | desc::pack_pa(PhysAddr::new(pa)), order);
+        return;
+    }
     let end = pa + size * slots.len() as u64;
     if end <= 1 << 48 {
         let mut d = attrs | desc::pack_pa(PhysAddr::new(pa));
