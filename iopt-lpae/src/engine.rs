@@ -240,6 +240,8 @@ struct Fast {
     index_mask: [u64; 4],
     /// Entries of a granule-sized table.
     per_table: u64,
+    /// Type bits of a level-3 leaf: page (3), or 1 for Mali.
+    page_type: u64,
     /// `iova >> ias` of every IOVA in the input range: 0, or all ones above IAS for TTBR1.
     iova_hi: u64,
     /// What turns a local IOVA back into the caller's form (the TTBR1 high bits, or 0).
@@ -284,6 +286,7 @@ impl Fast {
             decoded,
             shift: [0, 1, 2, 3].map(|l| cfg.level_shift(l)),
             per_table: cfg.granule().entries() as u64,
+            page_type: desc::leaf_type(cfg.format(), 3),
             index_mask: [0, 1, 2, 3].map(|l| {
                 let bits = if l == cfg.start_level() {
                     cfg.pgd_bits()
@@ -414,8 +417,23 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         self.alloc.table(desc::unpack_pa(entry, self.cfg.granule()))
     }
 
-    fn kind(&self, level: u32, entry: u64) -> Kind {
-        desc::kind(self.cfg.format(), level, entry)
+    /// `desc::kind` with the format's level-3 leaf type precomputed.
+    #[inline]
+    pub(crate) fn kind(&self, level: u32, entry: u64) -> Kind {
+        let t = entry & desc::TYPE_MASK;
+        if level == 3 {
+            if t == self.fast.page_type {
+                Kind::Leaf
+            } else {
+                Kind::Invalid
+            }
+        } else {
+            match t {
+                desc::TYPE_TABLE => Kind::Table,
+                desc::TYPE_BLOCK => Kind::Leaf,
+                _ => Kind::Invalid,
+            }
+        }
     }
 
     /// The cursor key of the table at `level` covering `iova`.
@@ -1600,6 +1618,9 @@ mod tests {
             prop_assert_eq!(e.fast.decode_prot(d), desc::decode_prot(&cfg, d));
             for level in cfg.start_level()..4 {
                 prop_assert_eq!(e.index(iova.get(), level), cfg.index(iova.get(), level));
+                for d in [raw.0, raw.1, raw.0 & 3, raw.1 & 3] {
+                    prop_assert_eq!(e.kind(level, d), desc::kind(cfg.format(), level, d));
+                }
             }
         }
     }

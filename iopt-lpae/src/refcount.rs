@@ -459,8 +459,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         self.external(local)
     }
 
+    #[inline]
     fn kind_of(&self, level: u32, e: u64) -> Kind {
-        desc::kind(self.config().format(), level, e)
+        self.kind(level, e)
     }
 
     #[inline]
