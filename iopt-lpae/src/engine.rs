@@ -317,6 +317,8 @@ struct LeafCursor {
     key: AtomicU64,
     table: AtomicU64,
     epoch: AtomicU64,
+    /// The key a lookup last failed to find here (a hint only, never trusted for a table).
+    missed: AtomicU64,
 }
 
 impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
@@ -547,6 +549,25 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         }
         let run = self.validate_unmap_slow(iova, size, count)?;
         self.unmap_run_general(run, gather)
+    }
+
+    /// Whether a lookup that missed the cursor should cache the table at `level` it found for
+    /// `iova`: only when the previous lookup that missed in this slot wanted the same table
+    /// (repeated lookups in one region), so that lookups spread over many tables do not
+    /// rewrite the cursor (a locked read-modify-write) on every call. A plain store
+    /// otherwise.
+    #[inline]
+    fn cursor_worth_caching(&self, level: u32, iova: u64) -> bool {
+        if level <= self.cfg.start_level() || self.rc.counting() {
+            return false;
+        }
+        let key = self.cursor_key(level, iova);
+        let c = self.cursor_slot(key);
+        if c.missed.load(Ordering::Relaxed) == key {
+            return true;
+        }
+        c.missed.store(key, Ordering::Relaxed);
+        false
     }
 
     /// Validates a map request and converts it to a run, checking in Linux's order (page
@@ -1401,7 +1422,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     let pa = desc::unpack_pa(e, self.cfg.granule());
                     table = self.alloc.table(pa)?;
                     level += 1;
-                    if level >= 2 {
+                    if level >= 2 && self.cursor_worth_caching(level, local) {
                         self.cursor_set(level, local, pa, epoch);
                     }
                 }
