@@ -906,14 +906,21 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     // ---- unmap ---------------------------------------------------------------------------
 
+    /// The path from the root to the leaf table of `iova` for an unmap at `r.level`, built in
+    /// `slot` (where the caller keeps it: a path is too large to return by value cheaply).
     #[inline]
-    fn unmap_path(&self, iova: u64, r: Run) -> Result<Path<'_>, UnmapError> {
+    fn unmap_path<'a, 's>(
+        &'a self,
+        iova: u64,
+        r: Run,
+        slot: &'s mut Option<Path<'a>>,
+    ) -> Result<&'s Path<'a>, UnmapError> {
         let cfg = self.config();
         let root = self.root_frame().ok_or(UnmapError::BrokenTable {
             iova: self.ext(iova),
             pa: self.root(),
         })?;
-        let mut path = Path::new(root);
+        let path = slot.insert(Path::new(root));
         let mut level = cfg.start_level();
         while level < r.level {
             let e = path
@@ -960,13 +967,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let (mut iova, mut left) = (r.iova, r.count);
         while left > 0 {
             let n = self.seg_len(r.level, iova, left);
-            let fresh;
-            let path = if single {
-                kept.insert(self.unmap_path(iova, r)?)
-            } else {
-                fresh = self.unmap_path(iova, r)?;
-                &fresh
-            };
+            let mut fresh = None;
+            let path = self.unmap_path(iova, r, if single { &mut kept } else { &mut fresh })?;
             let first = self.index(iova, r.level);
             let t = path.last().t;
             for (k, e) in t.entries[first..first + n as usize].iter().enumerate() {
@@ -994,15 +996,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let mut result = Ok(r.count * size);
         while left > 0 {
             let n = self.seg_len(r.level, iova, left);
-            let fresh;
+            let mut fresh = None;
             // Only a run inside one leaf table kept its path (and it has one segment).
             let path = match kept.as_ref() {
                 Some(p) => p,
-                None => match self.unmap_path(iova, r) {
-                    Ok(p) => {
-                        fresh = p;
-                        &fresh
-                    }
+                None => match self.unmap_path(iova, r, &mut fresh) {
+                    Ok(p) => p,
                     Err(e) => {
                         // Only a concurrent overlapping operation (a caller bug) gets here.
                         result = Err(e);
