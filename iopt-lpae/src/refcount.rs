@@ -574,8 +574,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         src: &mut S,
         dead: &mut Vec<PhysAddr>,
     ) -> Result<(), MapError> {
-        let p = self.prepare(r.iova, r.level, r.count, src, dead)?;
-        self.commit(&p, r.pa, bits, dead);
+        let mut slot = None;
+        let p = self.prepare(r.iova, r.level, r.count, src, dead, &mut slot)?;
+        self.commit(p, r.pa, bits, dead);
         Ok(())
     }
 
@@ -617,8 +618,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             let (mut iova, mut pa, mut left) = (r.iova, r.pa, r.count);
             while left > 0 {
                 let n = self.seg_len(r.level, iova, left);
-                match self.prepare(iova, r.level, n, &mut top, dead) {
-                    Ok(p) => prepared.push((p, pa)),
+                let mut slot = None;
+                match self.prepare(iova, r.level, n, &mut top, dead, &mut slot) {
+                    Ok(_) => prepared.extend(slot.map(|p| (p, pa))),
                     Err(e) => {
                         failure = Some(e);
                         break 'runs;
@@ -646,22 +648,34 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     /// Makes the leaf table of a segment exist and pins it for the segment's leaves, checking
     /// every target slot; installs a missing path as one privately built chain published with
-    /// one compare-exchange.
-    fn prepare<S: PageSource>(
-        &self,
+    /// one compare-exchange. The prepared segment is built in `out` (where the caller keeps
+    /// it: it is too large to return by value cheaply).
+    #[allow(clippy::too_many_arguments)]
+    fn prepare<'a, 's, S: PageSource>(
+        &'a self,
         iova: u64,
         target: u32,
         n: u64,
         src: &mut S,
         dead: &mut Vec<PhysAddr>,
-    ) -> Result<Prepared<'_>, MapError> {
+        out: &'s mut Option<Prepared<'a>>,
+    ) -> Result<&'s Prepared<'a>, MapError> {
         let cfg = self.config();
+        let root = self.root_frame().ok_or(MapError::BrokenTable {
+            iova: self.ext(iova),
+            pa: self.root(),
+        })?;
+        let p = out.insert(Prepared {
+            path: Path::new(root),
+            iova,
+            level: target,
+            n,
+            pinned: 0,
+            claimed: Vec::new(),
+        });
+        // The root is never freed: a walk that must start again reuses its frame.
         'descend: loop {
-            let root = self.root_frame().ok_or(MapError::BrokenTable {
-                iova: self.ext(iova),
-                pa: self.root(),
-            })?;
-            let mut path = Path::new(root);
+            let path = &mut p.path;
             let mut level = cfg.start_level();
             while level < target {
                 let cur = path.last();
@@ -689,32 +703,23 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         });
                     }
                     Kind::Invalid => {
-                        if self.install_chain(&mut path, slot, iova, target, n, src, dead)? {
-                            return Ok(Prepared {
-                                path,
-                                iova,
-                                level: target,
-                                n,
-                                pinned: n as u32,
-                                claimed: Vec::new(),
-                            });
+                        if self.install_chain(path, slot, iova, target, n, src, dead)? {
+                            p.pinned = n as u32;
+                            return Ok(p);
                         }
                         core::hint::spin_loop();
+                        p.path = Path::new(root);
                         continue 'descend;
                     }
                 }
             }
-            if let Some((pinned, claimed)) = self.prepare_leaf(&path, iova, target, n, dead)? {
-                return Ok(Prepared {
-                    path,
-                    iova,
-                    level: target,
-                    n,
-                    pinned,
-                    claimed,
-                });
+            if let Some((pinned, claimed)) = self.prepare_leaf(path, iova, target, n, dead)? {
+                p.pinned = pinned;
+                p.claimed = claimed;
+                return Ok(p);
             }
             core::hint::spin_loop();
+            p.path = Path::new(root);
         }
     }
 
