@@ -934,7 +934,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// As [`map_runs`](Self::map_runs).
     #[inline]
     pub fn map_run<S: PageSource>(&self, r: Run, prot: Prot, src: &mut S) -> Result<(), MapError> {
-        if !self.rc.counting() && self.entries_in_table(r.level, r.iova, r.count) == r.count {
+        if !self.rc.counting()
+            && (r.count == 1 || self.entries_in_table(r.level, r.iova, r.count) == r.count)
+        {
             let bits = self.leaf_bits(prot);
             return self.map_segment(r.iova, r.pa, r.level, r.count, bits, src);
         }
@@ -1259,7 +1261,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     #[inline]
     pub fn unmap_run(&self, r: Run, gather: &mut Gather) -> Result<u64, UnmapError> {
         // A run inside one leaf table: one descent, check, then clear.
-        if !self.rc.counting() && self.entries_in_table(r.level, r.iova, r.count) == r.count {
+        if !self.rc.counting()
+            && (r.count == 1 || self.entries_in_table(r.level, r.iova, r.count) == r.count)
+        {
             let table = match self.cursor_get(r.level, r.iova) {
                 Some((t, _)) => t,
                 None => self.descend_for_unmap(r.iova, &r)?,
