@@ -240,6 +240,8 @@ struct Fast {
     index_mask: [u64; 4],
     /// Entries of a granule-sized table.
     per_table: u64,
+    /// Bytes of a granule-sized table.
+    granule_size: u64,
     /// Type bits of a level-3 leaf: page (3), or 1 for Mali.
     page_type: u64,
     /// `iova >> ias` of every IOVA in the input range: 0, or all ones above IAS for TTBR1.
@@ -286,6 +288,7 @@ impl Fast {
             decoded,
             shift: [0, 1, 2, 3].map(|l| cfg.level_shift(l)),
             per_table: cfg.granule().entries() as u64,
+            granule_size: cfg.granule().size(),
             page_type: desc::leaf_type(cfg.format(), 3),
             index_mask: [0, 1, 2, 3].map(|l| {
                 let bits = if l == cfg.start_level() {
@@ -385,7 +388,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// Returns an on-demand source over this engine's allocator.
     #[must_use]
     pub fn on_demand(&self) -> OnDemand<'_, A> {
-        OnDemand::new(&self.alloc, &self.counters, self.cfg.granule().size())
+        OnDemand::new(&self.alloc, &self.counters, self.fast.granule_size)
     }
 
     fn granule(&self) -> u64 {
