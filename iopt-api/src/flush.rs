@@ -23,6 +23,7 @@ pub trait FlushOps: Send + Sync {
 
     /// Records a cleared leaf of `size` bytes at `iova` for a later invalidation. The default
     /// adds it to the gather's range.
+    #[inline]
     fn add_page(&self, gather: &mut Gather, iova: Iova, size: u64) {
         gather.add(iova, size);
     }
@@ -65,6 +66,7 @@ impl Gather {
     }
 
     /// Adds `[iova, iova + size)` to the range.
+    #[inline]
     pub fn add(&mut self, iova: Iova, size: u64) {
         let s = iova.get();
         let l = s.saturating_add(size.saturating_sub(1));

@@ -225,6 +225,8 @@ pub struct Engine<A: TableAlloc, F: FlushOps> {
     root: PhysAddr,
     counters: Counters,
     local_mask: u64,
+    /// Geometry and encodings the hot paths use, derived from `cfg` once.
+    fast: Fast,
     /// Refcounting policy and deferred-free state (see [`crate::refcount`]).
     pub(crate) rc: crate::refcount::RcState,
     /// The leaf tables recent operations used, one slot per hash of the region, each on its
@@ -233,6 +235,80 @@ pub struct Engine<A: TableAlloc, F: FlushOps> {
     cursors: [LeafCursor; CURSOR_SLOTS],
     /// Bumped before any table page is freed: a cursor taken under an older value is stale.
     unlinks: AtomicU64,
+}
+
+/// What the hot paths would otherwise recompute from the configuration on every call.
+#[derive(Debug)]
+struct Fast {
+    /// `level_shift(level)` for levels 0..=3.
+    shift: [u32; 4],
+    /// Index mask of a table at each level (the root's may be narrower or wider).
+    index_mask: [u64; 4],
+    /// Entries of a granule-sized table.
+    per_table: u64,
+    /// Bytes of a granule-sized table.
+    granule_size: u64,
+    /// Type bits of a level-3 leaf: page (3), or 1 for Mali.
+    page_type: u64,
+    /// `iova >> ias` of every IOVA in the input range: 0, or all ones above IAS for TTBR1.
+    iova_hi: u64,
+    /// What turns a local IOVA back into the caller's form (the TTBR1 high bits, or 0).
+    ext_bits: u64,
+    /// `desc::prot_bits` for every combination of the six `Prot` flags (the only bits it
+    /// reads).
+    prot_bits: [u64; 64],
+    /// `desc::decode_prot` for every combination of the descriptor bits it reads, indexed by
+    /// [`Fast::prot_key`].
+    decoded: [u8; 256],
+}
+
+impl Fast {
+    /// The bits of a leaf descriptor `desc::decode_prot` reads, packed into eight: \[7:2\]
+    /// (AP or S2AP, AttrIndx or MemAttr), DBM, and whether any XN bit is set.
+    #[inline]
+    fn prot_key(desc: u64) -> usize {
+        (((desc >> 2) & 0x3f) | ((desc & desc::DBM) >> 45) | (u64::from(desc & desc::XN != 0) << 7))
+            as usize
+    }
+
+    #[inline]
+    fn decode_prot(&self, desc: u64) -> Prot {
+        Prot::from_bits_retain(u32::from(self.decoded[Self::prot_key(desc)]))
+    }
+
+    fn new(cfg: &Config, local_mask: u64) -> Self {
+        let mut prot_bits = [0; 64];
+        for (p, bits) in prot_bits.iter_mut().enumerate() {
+            *bits = desc::prot_bits(cfg, Prot::from_bits_retain(p as u32));
+        }
+        let mut decoded = [0; 256];
+        for (k, p) in decoded.iter_mut().enumerate() {
+            let k = k as u64;
+            let desc = ((k & 0x3f) << 2)
+                | if k & 0x40 != 0 { desc::DBM } else { 0 }
+                | if k & 0x80 != 0 { desc::XN } else { 0 };
+            *p = desc::decode_prot(cfg, desc).bits() as u8;
+        }
+        let ttbr1 = cfg.is_ttbr1();
+        Self {
+            decoded,
+            shift: [0, 1, 2, 3].map(|l| cfg.level_shift(l)),
+            per_table: cfg.granule().entries() as u64,
+            granule_size: cfg.granule().size(),
+            page_type: desc::leaf_type(cfg.format(), 3),
+            index_mask: [0, 1, 2, 3].map(|l| {
+                let bits = if l == cfg.start_level() {
+                    cfg.pgd_bits()
+                } else {
+                    cfg.granule().bits_per_level()
+                };
+                (1u64 << bits) - 1
+            }),
+            iova_hi: if ttbr1 { u64::MAX >> cfg.ias() } else { 0 },
+            ext_bits: if ttbr1 { !local_mask } else { 0 },
+            prot_bits,
+        }
+    }
 }
 
 /// Cursor slots; a power of two.
@@ -250,6 +326,8 @@ struct LeafCursor {
     key: AtomicU64,
     table: AtomicU64,
     epoch: AtomicU64,
+    /// The key a lookup last failed to find here (a hint only, never trusted for a table).
+    missed: AtomicU64,
 }
 
 impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
@@ -284,6 +362,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             root,
             counters,
             local_mask,
+            fast: Fast::new(&cfg, local_mask),
             rc: crate::refcount::RcState::default(),
             cursors: Default::default(),
             unlinks: AtomicU64::new(0),
@@ -323,7 +402,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// Returns an on-demand source over this engine's allocator.
     #[must_use]
     pub fn on_demand(&self) -> OnDemand<'_, A> {
-        OnDemand::new(&self.alloc, &self.counters, self.cfg.granule().size())
+        OnDemand::new(&self.alloc, &self.counters, self.fast.granule_size)
     }
 
     fn granule(&self) -> u64 {
@@ -331,12 +410,22 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     /// Converts a local IOVA back to the caller's form (TTBR1: high bits set).
-    fn external(&self, local: u64) -> Iova {
-        if self.cfg.is_ttbr1() {
-            Iova::new(local | !self.local_mask)
-        } else {
-            Iova::new(local)
-        }
+    #[inline]
+    pub(crate) fn external(&self, local: u64) -> Iova {
+        Iova::new(local | self.fast.ext_bits)
+    }
+
+    /// The leaf attribute bits for `prot` (`desc::prot_bits`, precomputed).
+    #[inline]
+    pub(crate) fn leaf_bits(&self, prot: Prot) -> u64 {
+        self.fast.prot_bits[(prot.bits() & 63) as usize]
+    }
+
+    /// Index of `iova` in a table at `level` (`Config::index` with precomputed shifts).
+    #[inline]
+    pub(crate) fn index(&self, iova: u64, level: u32) -> usize {
+        let l = level as usize & 3;
+        ((iova >> self.fast.shift[l]) & self.fast.index_mask[l]) as usize
     }
 
     fn root_table(&self) -> Option<TableRef<'_>> {
@@ -347,26 +436,42 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         self.alloc.table(desc::unpack_pa(entry, self.cfg.granule()))
     }
 
-    fn kind(&self, level: u32, entry: u64) -> Kind {
-        desc::kind(self.cfg.format(), level, entry)
+    /// `desc::kind` with the format's level-3 leaf type precomputed.
+    #[inline]
+    pub(crate) fn kind(&self, level: u32, entry: u64) -> Kind {
+        let t = entry & desc::TYPE_MASK;
+        if level == 3 {
+            if t == self.fast.page_type {
+                Kind::Leaf
+            } else {
+                Kind::Invalid
+            }
+        } else {
+            match t {
+                desc::TYPE_TABLE => Kind::Table,
+                desc::TYPE_BLOCK => Kind::Leaf,
+                _ => Kind::Invalid,
+            }
+        }
     }
 
     /// The cursor key of the table at `level` covering `iova`.
     #[inline]
     fn cursor_key(&self, level: u32, iova: u64) -> u64 {
-        ((iova >> self.cfg.level_shift(level - 1)) << 2) | u64::from(level & 3)
+        ((iova >> self.fast.shift[(level - 1) as usize & 3]) << 2) | u64::from(level & 3)
     }
 
     /// The cursor slot for a key: neighbouring regions land in different slots.
     #[inline]
     fn cursor_slot(&self, key: u64) -> &LeafCursor {
-        let h = (key >> 2).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
+        let h = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
         &self.cursors[(h as usize) & (CURSOR_SLOTS - 1)]
     }
 
     /// The cached leaf table at `level` for `iova`, if the cursor holds it and no table was
     /// freed since it was cached.
-    #[inline]
+    #[inline(always)]
+    #[allow(clippy::inline_always)] // on every single-call path; measured: not inlined otherwise
     fn cursor_get(&self, level: u32, iova: u64) -> Option<(TableRef<'_>, PhysAddr)> {
         if level <= self.cfg.start_level() || self.rc.counting() {
             return None;
@@ -417,13 +522,131 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         c.seq.store(s + 2, Ordering::Release);
     }
 
+    /// Maps `count` leaves of `size` from `iova` to `pa` with `prot`, all or nothing, drawing
+    /// missing tables from `src`: [`validate_map`](Self::validate_map) and
+    /// [`map_run`](Self::map_run) in one step, so a valid request pays for its checks once.
+    ///
+    /// # Errors
+    ///
+    /// As [`validate_map`](Self::validate_map) and [`map_runs`](Self::map_runs).
+    #[inline]
+    pub fn map<S: PageSource>(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+        src: &mut S,
+    ) -> Result<(), MapError> {
+        if let Some(run) = self.quick_map_run(iova, pa, size, count, prot) {
+            return self.map_run(run, prot, src);
+        }
+        let run = self.validate_map_slow(iova, pa, size, count, prot)?;
+        self.map_runs_general(&[run], prot, src)
+    }
+
+    /// Unmaps `count` leaves of `size` from `iova`, all or nothing:
+    /// [`validate_unmap`](Self::validate_unmap) and [`unmap_run`](Self::unmap_run) in one
+    /// step. Returns the bytes unmapped.
+    ///
+    /// # Errors
+    ///
+    /// As [`validate_unmap`](Self::validate_unmap) and [`unmap_run`](Self::unmap_run).
+    #[inline]
+    pub fn unmap(
+        &self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, UnmapError> {
+        if let Some(run) = self.quick_unmap_run(iova, size, count) {
+            return self.unmap_run(run, gather);
+        }
+        let run = self.validate_unmap_slow(iova, size, count)?;
+        self.unmap_run_general(run, gather)
+    }
+
+    /// Whether a lookup that missed the cursor should cache the table at `level` it found for
+    /// `iova`: only when the previous lookup that missed in this slot wanted the same table
+    /// (repeated lookups in one region), so that lookups spread over many tables do not
+    /// rewrite the cursor (a locked read-modify-write) on every call. A plain store
+    /// otherwise.
+    #[inline]
+    fn cursor_worth_caching(&self, level: u32, iova: u64) -> bool {
+        if level <= self.cfg.start_level() || self.rc.counting() {
+            return false;
+        }
+        let key = self.cursor_key(level, iova);
+        let c = self.cursor_slot(key);
+        if c.missed.load(Ordering::Relaxed) == key {
+            return true;
+        }
+        c.missed.store(key, Ordering::Relaxed);
+        false
+    }
+
     /// Validates a map request and converts it to a run, checking in Linux's order (page
     /// size, start range, permission) and then what Linux leaves to its caller.
     ///
     /// # Errors
     ///
     /// The first failing check's [`MapError`].
+    #[inline]
     pub fn validate_map(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<Run, MapError> {
+        match self.quick_map_run(iova, pa, size, count, prot) {
+            Some(run) => Ok(run),
+            None => self.validate_map_slow(iova, pa, size, count, prot),
+        }
+    }
+
+    /// The run of a map request that passes every check of [`validate_map`](Self::validate_map),
+    /// tested in as few branches as possible; `None` if any check fails (the slow path then
+    /// finds which, in Linux's order).
+    #[inline]
+    fn quick_map_run(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Option<Run> {
+        let level = self.cfg.leaf_level(size)?;
+        let (i, p) = (iova.get(), pa.get());
+        if count == 0 || !prot.is_accessible() || (i | p) & size.mask() != 0 {
+            return None;
+        }
+        let tail = count.checked_mul(size.get())? - 1;
+        let (last_i, last_p) = (i.checked_add(tail)?, p.checked_add(tail)?);
+        // `pa <= last_pa`, so the last output address in range implies the first is.
+        let ias = self.cfg.ias();
+        if i >> ias != self.fast.iova_hi
+            || last_i >> ias != self.fast.iova_hi
+            || !self.cfg.pa_in_range(PhysAddr::new(last_p))
+        {
+            return None;
+        }
+        Some(Run {
+            iova: i & self.local_mask,
+            pa: p,
+            size,
+            level,
+            count,
+        })
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn validate_map_slow(
         &self,
         iova: Iova,
         pa: PhysAddr,
@@ -480,7 +703,45 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// # Errors
     ///
     /// The first failing check's [`UnmapError`].
+    #[inline]
     pub fn validate_unmap(
+        &self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+    ) -> Result<Run, UnmapError> {
+        match self.quick_unmap_run(iova, size, count) {
+            Some(run) => Ok(run),
+            None => self.validate_unmap_slow(iova, size, count),
+        }
+    }
+
+    /// The run of an unmap request that passes every check of
+    /// [`validate_unmap`](Self::validate_unmap); `None` if any fails.
+    #[inline]
+    fn quick_unmap_run(&self, iova: Iova, size: PageSize, count: u64) -> Option<Run> {
+        let level = self.cfg.leaf_level(size)?;
+        let i = iova.get();
+        if count == 0 || i & size.mask() != 0 {
+            return None;
+        }
+        let last = i.checked_add(count.checked_mul(size.get())? - 1)?;
+        let ias = self.cfg.ias();
+        if i >> ias != self.fast.iova_hi || last >> ias != self.fast.iova_hi {
+            return None;
+        }
+        Some(Run {
+            iova: i & self.local_mask,
+            pa: 0,
+            size,
+            level,
+            count,
+        })
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn validate_unmap_slow(
         &self,
         iova: Iova,
         size: PageSize,
@@ -519,9 +780,10 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     /// Entries the run covers in the leaf table holding `iova`, at most `remaining`.
-    fn entries_in_table(&self, level: u32, iova: u64, remaining: u64) -> u64 {
-        let per = self.cfg.granule().entries() as u64;
-        let idx = (iova >> self.cfg.level_shift(level)) & (per - 1);
+    #[inline]
+    pub(crate) fn entries_in_table(&self, level: u32, iova: u64, remaining: u64) -> u64 {
+        let per = self.fast.per_table;
+        let idx = (iova >> self.fast.shift[level as usize & 3]) & (per - 1);
         remaining.min(per - idx)
     }
 
@@ -574,7 +836,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 .checked_shl(shift)
                 .unwrap_or(u64::MAX)
                 .min(end);
-            let idx = self.cfg.index(at, level);
+            let idx = self.index(at, level);
             let e = table
                 .entries
                 .get(idx)
@@ -675,17 +937,37 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         prot: Prot,
         src: &mut S,
     ) -> Result<(), MapError> {
+        if let [r] = runs {
+            return self.map_run(*r, prot, src);
+        }
+        self.map_runs_general(runs, prot, src)
+    }
+
+    /// [`map_runs`](Self::map_runs) of one run: a run inside one leaf table (every
+    /// single-page map) goes straight to its segment.
+    ///
+    /// # Errors
+    ///
+    /// As [`map_runs`](Self::map_runs).
+    #[inline]
+    pub fn map_run<S: PageSource>(&self, r: Run, prot: Prot, src: &mut S) -> Result<(), MapError> {
+        if !self.rc.counting()
+            && (r.count == 1 || self.entries_in_table(r.level, r.iova, r.count) == r.count)
+        {
+            let bits = self.leaf_bits(prot);
+            return self.map_segment(r.iova, r.pa, r.level, r.count, bits, src);
+        }
+        self.map_runs_general(&[r], prot, src)
+    }
+
+    fn map_runs_general<S: PageSource>(
+        &self,
+        runs: &[Run],
+        prot: Prot,
+        src: &mut S,
+    ) -> Result<(), MapError> {
         if self.rc.counting() {
             return self.map_runs_counted(runs, prot, src);
-        }
-        let single = match runs {
-            [r] => self.entries_in_table(r.level, r.iova, r.count) == r.count,
-            _ => false,
-        };
-        if single {
-            let r = runs[0];
-            let bits = desc::prot_bits(&self.cfg, prot);
-            return self.map_segment(r.iova, r.pa, r.level, r.count, bits, src);
         }
         // Plan everything first: conflicts anywhere refuse the whole map before any write.
         let root = self.root_table().ok_or(MapError::BrokenTable {
@@ -709,7 +991,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         // concurrent installer saves us goes back to the source.
         let mut stash = Stash::default();
         src.obtain(plan.missing, &mut stash.pages)?;
-        let bits = desc::prot_bits(&self.cfg, prot);
+        let bits = self.leaf_bits(prot);
         let mut result = Ok(());
         'runs: for r in runs {
             let mut iova = r.iova;
@@ -732,6 +1014,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     /// Maps `n` leaves inside one leaf table. Checks every target entry before writing any.
+    #[inline]
     fn map_segment<S: PageSource>(
         &self,
         iova: u64,
@@ -741,11 +1024,31 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         bits: u64,
         src: &mut S,
     ) -> Result<(), MapError> {
+        let table = match self.cursor_get(target, iova) {
+            Some((table, _)) => table,
+            None => match self.descend_for_map(iova, pa, target, n, bits, src)? {
+                Some(table) => table,
+                None => return Ok(()),
+            },
+        };
+        self.fill_leaf_table(table, iova, pa, target, n, bits)
+    }
+
+    /// Descends to the leaf table of a segment the cursor did not hold, caching it. Where a
+    /// table is missing, publishes the whole path with the leaves already written and returns
+    /// `None`: the segment is mapped.
+    #[inline(never)]
+    fn descend_for_map<S: PageSource>(
+        &self,
+        iova: u64,
+        pa: u64,
+        target: u32,
+        n: u64,
+        bits: u64,
+        src: &mut S,
+    ) -> Result<Option<TableRef<'_>>, MapError> {
         let cfg = &self.cfg;
         let granule = cfg.granule();
-        if let Some((table, _)) = self.cursor_get(target, iova) {
-            return self.fill_leaf_table(table, iova, pa, target, n, bits);
-        }
         'descend: loop {
             let epoch = self.unlinks.load(Ordering::Acquire);
             let mut table = self.root_table().ok_or(MapError::BrokenTable {
@@ -755,7 +1058,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             let mut table_pa = self.root;
             let mut level = cfg.start_level();
             while level < target {
-                let idx = cfg.index(iova, level);
+                let idx = self.index(iova, level);
                 let slot = table.entries.get(idx).ok_or(MapError::BrokenTable {
                     iova: self.external(iova),
                     pa: self.root,
@@ -780,14 +1083,14 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         if self.publish_chain(
                             table, idx, iova, pa, level, target, n, bits, src, epoch,
                         )? {
-                            return Ok(());
+                            return Ok(None);
                         }
                         continue 'descend;
                     }
                 }
             }
             self.cursor_set(target, iova, table_pa, epoch);
-            return self.fill_leaf_table(table, iova, pa, target, n, bits);
+            return Ok(Some(table));
         }
     }
 
@@ -805,10 +1108,10 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     ) -> Result<(), MapError> {
         let cfg = &self.cfg;
         let granule = cfg.granule();
-        let size = cfg.block_size(target);
+        let size = 1 << self.fast.shift[target as usize & 3];
         let leaf_type = desc::leaf_type(cfg.format(), target);
         // At the leaf table: every target entry must be free (or an empty table).
-        let first = cfg.index(iova, target);
+        let first = self.index(iova, target);
         let last = first + n as usize;
         let slots = table
             .entries
@@ -817,6 +1120,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 iova: self.external(iova),
                 pa: self.root,
             })?;
+        // The common case: every target entry is zero.
+        if slots.iter().all(|e| e.load(Ordering::Acquire) == 0) {
+            write_leaves(slots, bits | leaf_type, pa, size, Ordering::Release);
+            self.sync_entries(table, first, n as usize);
+            return Ok(());
+        }
         let mut replace = false;
         for (k, e) in slots.iter().enumerate() {
             let v = e.load(Ordering::Acquire);
@@ -974,19 +1283,28 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     ///
     /// [`UnmapError::NotMapped`] if any entry of the run is empty, [`UnmapError::PartialBlock`]
     /// if a larger leaf covers it, [`UnmapError::BrokenTable`] on a corrupted tree.
+    #[inline]
     pub fn unmap_run(&self, r: Run, gather: &mut Gather) -> Result<u64, UnmapError> {
-        if self.rc.counting() {
-            return self.unmap_run_counted(r, gather);
-        }
         // A run inside one leaf table: one descent, check, then clear.
-        if self.entries_in_table(r.level, r.iova, r.count) == r.count {
+        if !self.rc.counting()
+            && (r.count == 1 || self.entries_in_table(r.level, r.iova, r.count) == r.count)
+        {
             let table = match self.cursor_get(r.level, r.iova) {
                 Some((t, _)) => t,
-                None => self.descend_for_unmap(r.iova, r)?,
+                None => self.descend_for_unmap(r.iova, &r)?,
             };
             self.check_mapped(table, r.iova, r.count, r)?;
             self.clear_entries(table, r.iova, r.count, r, gather);
             return Ok(r.count * r.size.get());
+        }
+        self.unmap_run_general(r, gather)
+    }
+
+    /// [`unmap_run`](Self::unmap_run) of a run over several leaf tables, or on a refcounted
+    /// engine.
+    fn unmap_run_general(&self, r: Run, gather: &mut Gather) -> Result<u64, UnmapError> {
+        if self.rc.counting() {
+            return self.unmap_run_counted(r, gather);
         }
         // Check every leaf table of the run before clearing any.
         let size = r.size.get();
@@ -994,7 +1312,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let mut left = r.count;
         while left > 0 {
             let n = self.entries_in_table(r.level, iova, left);
-            let table = self.descend_for_unmap(iova, r)?;
+            let table = self.descend_for_unmap(iova, &r)?;
             self.check_mapped(table, iova, n, r)?;
             iova += n * size;
             left -= n;
@@ -1003,7 +1321,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let mut left = r.count;
         while left > 0 {
             let n = self.entries_in_table(r.level, iova, left);
-            let table = self.descend_for_unmap(iova, r)?;
+            let table = self.descend_for_unmap(iova, &r)?;
             self.clear_entries(table, iova, n, r, gather);
             iova += n * size;
             left -= n;
@@ -1021,7 +1339,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         n: u64,
         r: Run,
     ) -> Result<(), UnmapError> {
-        let first = self.cfg.index(iova, r.level);
+        let first = self.index(iova, r.level);
         let slots =
             table
                 .entries
@@ -1047,7 +1365,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     #[inline]
     fn clear_entries(&self, table: TableRef<'_>, iova: u64, n: u64, r: Run, gather: &mut Gather) {
         let size = r.size.get();
-        let first = self.cfg.index(iova, r.level);
+        let first = self.index(iova, r.level);
         for (k, e) in table.entries[first..first + n as usize].iter().enumerate() {
             let old = e.load(Ordering::Acquire);
             e.store(0, Ordering::Release);
@@ -1067,7 +1385,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     /// Descends to the leaf table of `iova` for an unmap at `r.level` and caches it in the
     /// cursor.
-    fn descend_for_unmap(&self, iova: u64, r: Run) -> Result<TableRef<'_>, UnmapError> {
+    #[inline(never)]
+    fn descend_for_unmap(&self, iova: u64, r: &Run) -> Result<TableRef<'_>, UnmapError> {
         let epoch = self.unlinks.load(Ordering::Acquire);
         let mut table = self.root_table().ok_or(UnmapError::BrokenTable {
             iova: self.external(iova),
@@ -1078,7 +1397,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         while level < r.level {
             let e = table
                 .entries
-                .get(self.cfg.index(iova, level))
+                .get(self.index(iova, level))
                 .map_or(0, |e| e.load(Ordering::Acquire));
             match self.kind(level, e) {
                 Kind::Invalid => {
@@ -1116,16 +1435,20 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         }
         let _guard = self.enter();
         let local = iova.get() & self.local_mask;
-        // The last operation's leaf table usually holds the next lookup's page.
+        // The last operation's leaf table usually holds the next lookup's page; failing that,
+        // the table above it (cached by earlier lookups) saves the top of the descent.
         let epoch = self.unlinks.load(Ordering::Acquire);
         let (mut table, mut level) = match self.cursor_get(3, local) {
             Some((t, _)) => (t, 3),
-            None => (self.root_table()?, self.cfg.start_level()),
+            None => match self.cursor_get(2, local) {
+                Some((t, _)) => (t, 2),
+                None => (self.root_table()?, self.cfg.start_level()),
+            },
         };
         loop {
             let e = table
                 .entries
-                .get(self.cfg.index(local, level))?
+                .get(self.index(local, level))?
                 .load(Ordering::Acquire);
             match self.kind(level, e) {
                 Kind::Invalid => return None,
@@ -1133,18 +1456,18 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     let pa = desc::unpack_pa(e, self.cfg.granule());
                     table = self.alloc.table(pa)?;
                     level += 1;
-                    if level == 3 {
-                        self.cursor_set(3, local, pa, epoch);
+                    if level >= 2 && self.cursor_worth_caching(level, local) {
+                        self.cursor_set(level, local, pa, epoch);
                     }
                 }
                 Kind::Leaf => {
-                    let size = self.cfg.block_size(level);
+                    let size = PageSize::from_shift(self.fast.shift[level as usize & 3])?;
                     let base = desc::unpack_pa(e, self.cfg.granule());
                     return Some(Translation {
-                        pa: PhysAddr::new(base.get() | (local & (size - 1))),
-                        size: PageSize::new(size)?,
+                        pa: PhysAddr::new(base.get() | (local & size.mask())),
+                        size,
                         level,
-                        prot: desc::decode_prot(&self.cfg, e),
+                        prot: self.fast.decode_prot(e),
                         descriptor: e,
                     });
                 }
@@ -1213,6 +1536,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 /// above, PA\[51:48\] folds into bits \[15:12\] and each is packed afresh.
 #[inline]
 fn write_leaves(slots: &[AtomicU64], attrs: u64, pa: u64, size: u64, order: Ordering) {
+    if let [e] = slots {
+        // A single-page map: skip the loop set-up.
+        e.store(attrs | desc::pack_pa(PhysAddr::new(pa)), order);
+        return;
+    }
     let end = pa + size * slots.len() as u64;
     if end <= 1 << 48 {
         let mut d = attrs | desc::pack_pa(PhysAddr::new(pa));
@@ -1250,5 +1578,105 @@ impl<A: TableAlloc, F: FlushOps> Drop for Engine<A, F> {
         self.counters.pages_freed.fetch_add(1, Ordering::Relaxed);
         self.counters.live_tables.fetch_sub(1, Ordering::Relaxed);
         self.alloc.free(self.root, self.cfg.pgd_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SimMemory;
+    use iopt_api::{ConfigInput, Format, Granule, NoFlush, PageSizes, Quirks};
+    use proptest::prelude::*;
+
+    fn configs() -> Vec<Config> {
+        let mut out = Vec::new();
+        for (format, quirks) in [
+            (Format::Arm64S1, Quirks::empty()),
+            (Format::Arm64S1, Quirks::TTBR1),
+            (Format::Arm64S2, Quirks::empty()),
+            (Format::Arm32S1, Quirks::empty()),
+            (Format::Mali, Quirks::empty()),
+        ] {
+            for granule in [Granule::K4, Granule::K16, Granule::K64] {
+                for (ias, oas) in [(48, 48), (39, 40), (32, 32), (40, 42), (52, 52)] {
+                    let input = ConfigInput::new(format, PageSizes::from_bits(!0), ias, oas)
+                        .with_quirks(quirks)
+                        .with_preferred_granule(granule);
+                    if let Ok(cfg) = Config::new(input) {
+                        out.push(cfg);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Addresses near the edges the checks care about, or anywhere.
+    fn addr() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            any::<u64>(),
+            (0u32..64, 0u64..4, any::<bool>()).prop_map(|(bit, off, neg)| {
+                let v = (1u64 << bit).wrapping_add(off << 12);
+                if neg { v.wrapping_neg() } else { v }
+            }),
+            (0u64..1 << 20).prop_map(|p| p << 12),
+            (0u64..1 << 10).prop_map(|p| p << 30),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// The quick checks accept exactly what the full validation accepts, with the same run.
+        #[test]
+        fn quick_validation_agrees(
+            which in any::<prop::sample::Index>(),
+            raw in (addr(), addr()),
+            aligned in (0u64..1 << 12, 0u64..1 << 12, 0u8..8),
+            shift in (12u32..43, any::<prop::sample::Index>(), any::<bool>()),
+            count in prop_oneof![3 => 0u64..4, 1 => any::<u64>(), 1 => (0u32..64).prop_map(|b| 1u64 << b)],
+            prot in prop_oneof![any::<u32>(), 0u32..64],
+        ) {
+            let cfgs = configs();
+            let cfg = cfgs[which.index(cfgs.len())];
+            let e = Engine::new(cfg, SimMemory::new(), NoFlush).unwrap();
+            // A supported size mostly, any power of two sometimes.
+            let sizes: Vec<u32> = (12..43)
+                .filter(|&s| cfg.leaf_level(PageSize::from_shift(s).unwrap()).is_some())
+                .collect();
+            let shift = if shift.2 { shift.0 } else { sizes[shift.1.index(sizes.len())] };
+            // Arbitrary addresses, or multiples of the size (in the TTBR1 half mostly where the
+            // table translates it).
+            let (ik, pk, mode) = aligned;
+            let (iova, pa) = if mode == 0 {
+                raw
+            } else {
+                let high = cfg.is_ttbr1() != (mode == 1);
+                let hi = if high { u64::MAX << cfg.ias() } else { 0 };
+                (hi | ik << shift, pk << shift)
+            };
+            let (iova, pa) = (Iova::new(iova), PhysAddr::new(pa));
+            let size = PageSize::from_shift(shift).unwrap();
+            let prot = Prot::from_bits_retain(prot);
+            prop_assert_eq!(
+                e.quick_map_run(iova, pa, size, count, prot),
+                e.validate_map_slow(iova, pa, size, count, prot).ok()
+            );
+            prop_assert_eq!(
+                e.quick_unmap_run(iova, size, count),
+                e.validate_unmap_slow(iova, size, count).ok()
+            );
+            prop_assert_eq!(e.leaf_bits(prot), desc::prot_bits(&cfg, prot));
+            let d = raw.0;
+            prop_assert_eq!(e.fast.decode_prot(d), desc::decode_prot(&cfg, d));
+            let d = desc::prot_bits(&cfg, prot) | (raw.1 & !0x0038_0000_0000_0ffc);
+            prop_assert_eq!(e.fast.decode_prot(d), desc::decode_prot(&cfg, d));
+            for level in cfg.start_level()..4 {
+                prop_assert_eq!(e.index(iova.get(), level), cfg.index(iova.get(), level));
+                for d in [raw.0, raw.1, raw.0 & 3, raw.1 & 3] {
+                    prop_assert_eq!(e.kind(level, d), desc::kind(cfg.format(), level, d));
+                }
+            }
+        }
     }
 }

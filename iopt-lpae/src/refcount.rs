@@ -208,8 +208,9 @@ impl<'a> Path<'a> {
         self.len += 1;
     }
 
-    fn last(&self) -> Frame<'a> {
-        self.frames[self.len - 1]
+    #[inline]
+    fn last(&self) -> &Frame<'a> {
+        &self.frames[self.len - 1]
     }
 
     fn top(&self) -> usize {
@@ -485,23 +486,23 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         }
     }
 
+    #[inline]
     fn ext(&self, local: u64) -> Iova {
-        if self.config().is_ttbr1() {
-            Iova::new(local | !self.lmask())
-        } else {
-            Iova::new(local)
-        }
+        self.external(local)
     }
 
+    #[inline]
     fn kind_of(&self, level: u32, e: u64) -> Kind {
-        desc::kind(self.config().format(), level, e)
+        self.kind(level, e)
     }
 
+    #[inline]
     fn table_of(&self, e: u64) -> Option<(TableRef<'_>, PhysAddr)> {
         let pa = desc::unpack_pa(e, self.config().granule());
         self.allocator().table(pa).map(|t| (t, pa))
     }
 
+    #[inline]
     fn root_frame(&self) -> Option<Frame<'_>> {
         self.allocator().table(self.root()).map(|t| Frame {
             t,
@@ -511,11 +512,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     /// Entries of a run in the leaf table holding `iova` (as the engine splits segments).
+    #[inline]
     fn seg_len(&self, level: u32, iova: u64, remaining: u64) -> u64 {
-        let cfg = self.config();
-        let per = cfg.granule().entries() as u64;
-        let idx = (iova >> cfg.level_shift(level)) & (per - 1);
-        remaining.min(per - idx)
+        self.entries_in_table(level, iova, remaining)
     }
 
     fn note_dead(&self, pa: PhysAddr, dead: &mut Vec<PhysAddr>) {
@@ -597,17 +596,32 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         src: &mut S,
     ) -> Result<(), MapError> {
         let guard = self.enter();
-        let bits = desc::prot_bits(self.config(), prot);
+        let bits = self.leaf_bits(prot);
         let mut dead = Vec::new();
         let result = match runs {
-            [r] if self.seg_len(r.level, r.iova, r.count) == r.count => self
-                .prepare(r.iova, r.level, r.count, src, &mut dead)
-                .map(|p| self.commit(&p, r.pa, bits, &mut dead)),
+            [r] if self.seg_len(r.level, r.iova, r.count) == r.count => {
+                self.map_one(r, bits, src, &mut dead)
+            }
             _ => self.map_many(runs, bits, src, &mut dead),
         };
         self.retire(&dead);
         drop(guard);
         result
+    }
+
+    /// One segment: prepare, then commit (the prepared segment stays where it was built).
+    #[inline]
+    fn map_one<S: PageSource>(
+        &self,
+        r: &Run,
+        bits: u64,
+        src: &mut S,
+        dead: &mut Vec<PhysAddr>,
+    ) -> Result<(), MapError> {
+        let mut slot = None;
+        let p = self.prepare(r.iova, r.level, r.count, src, dead, &mut slot)?;
+        self.commit(p, r.pa, bits, dead);
+        Ok(())
     }
 
     /// Several segments: plan (conflicts, exact missing count), obtain once, prepare every
@@ -648,8 +662,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             let (mut iova, mut pa, mut left) = (r.iova, r.pa, r.count);
             while left > 0 {
                 let n = self.seg_len(r.level, iova, left);
-                match self.prepare(iova, r.level, n, &mut top, dead) {
-                    Ok(p) => prepared.push((p, pa)),
+                let mut slot = None;
+                match self.prepare(iova, r.level, n, &mut top, dead, &mut slot) {
+                    Ok(_) => prepared.extend(slot.map(|p| (p, pa))),
                     Err(e) => {
                         failure = Some(e);
                         break 'runs;
@@ -677,26 +692,38 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     /// Makes the leaf table of a segment exist and pins it for the segment's leaves, checking
     /// every target slot; installs a missing path as one privately built chain published with
-    /// one compare-exchange.
-    fn prepare<S: PageSource>(
-        &self,
+    /// one compare-exchange. The prepared segment is built in `out` (where the caller keeps
+    /// it: it is too large to return by value cheaply).
+    #[allow(clippy::too_many_arguments)]
+    fn prepare<'a, 's, S: PageSource>(
+        &'a self,
         iova: u64,
         target: u32,
         n: u64,
         src: &mut S,
         dead: &mut Vec<PhysAddr>,
-    ) -> Result<Prepared<'_>, MapError> {
+        out: &'s mut Option<Prepared<'a>>,
+    ) -> Result<&'s Prepared<'a>, MapError> {
         let cfg = self.config();
+        let root = self.root_frame().ok_or(MapError::BrokenTable {
+            iova: self.ext(iova),
+            pa: self.root(),
+        })?;
+        let p = out.insert(Prepared {
+            path: Path::new(root),
+            iova,
+            level: target,
+            n,
+            pinned: 0,
+            claimed: Vec::new(),
+        });
+        // The root is never freed: a walk that must start again reuses its frame.
         'descend: loop {
-            let root = self.root_frame().ok_or(MapError::BrokenTable {
-                iova: self.ext(iova),
-                pa: self.root(),
-            })?;
-            let mut path = Path::new(root);
+            let path = &mut p.path;
             let mut level = cfg.start_level();
             while level < target {
                 let cur = path.last();
-                let idx = cfg.index(iova, level);
+                let idx = self.index(iova, level);
                 let slot = cur.t.entries.get(idx).ok_or(MapError::BrokenTable {
                     iova: self.ext(iova),
                     pa: cur.pa,
@@ -718,44 +745,43 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         });
                     }
                     Kind::Invalid => {
-                        if self.install_chain(&mut path, idx, iova, target, n, src, dead)? {
-                            return Ok(Prepared {
-                                path,
-                                iova,
-                                level: target,
-                                n,
-                                pinned: n as u32,
-                                claimed: Vec::new(),
-                            });
+                        if self.install_chain(path, idx, iova, target, n, src, dead)? {
+                            p.pinned = n as u32;
+                            return Ok(p);
                         }
                         core::hint::spin_loop();
+                        p.path = Path::new(root);
                         continue 'descend;
                     }
                 }
             }
-            if let Some(p) = self.prepare_leaf(path, iova, target, n, dead)? {
+            if let Some((pinned, claimed)) = self.prepare_leaf(path, iova, target, n, dead)? {
+                p.pinned = pinned;
+                p.claimed = claimed;
                 return Ok(p);
             }
             core::hint::spin_loop();
+            p.path = Path::new(root);
         }
     }
 
     /// The leaf-table half of [`prepare`](Self::prepare): checks the segment's slots, pins
-    /// the table for the new leaves and claims the empty tables they replace. `Ok(None)`: the
-    /// table is dying, walk again.
-    fn prepare_leaf<'a>(
-        &'a self,
-        path: Path<'a>,
+    /// the table for the new leaves and claims the empty tables they replace, returning the
+    /// pin count and the claims. `Ok(None)`: the table is dying, walk again.
+    #[allow(clippy::type_complexity)]
+    fn prepare_leaf(
+        &self,
+        path: &Path<'_>,
         iova: u64,
         target: u32,
         n: u64,
         dead: &mut Vec<PhysAddr>,
-    ) -> Result<Option<Prepared<'a>>, MapError> {
+    ) -> Result<Option<(u32, Vec<(usize, PhysAddr)>)>, MapError> {
         let cfg = self.config();
         let size = cfg.block_size(target);
         {
             let cur = path.last();
-            let first = cfg.index(iova, target);
+            let first = self.index(iova, target);
             let slots =
                 cur.t
                     .entries
@@ -807,14 +833,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     });
                 }
             }
-            Ok(Some(Prepared {
-                path,
-                iova,
-                level: target,
-                n,
-                pinned: free,
-                claimed,
-            }))
+            Ok(Some((free, claimed)))
         }
     }
 
@@ -940,20 +959,28 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     // ---- unmap ---------------------------------------------------------------------------
 
-    fn unmap_path(&self, iova: u64, r: Run) -> Result<Path<'_>, UnmapError> {
+    /// The path from the root to the leaf table of `iova` for an unmap at `r.level`, built in
+    /// `slot` (where the caller keeps it: a path is too large to return by value cheaply).
+    #[inline]
+    fn unmap_path<'a, 's>(
+        &'a self,
+        iova: u64,
+        r: Run,
+        slot: &'s mut Option<Path<'a>>,
+    ) -> Result<&'s Path<'a>, UnmapError> {
         let cfg = self.config();
         let root = self.root_frame().ok_or(UnmapError::BrokenTable {
             iova: self.ext(iova),
             pa: self.root(),
         })?;
-        let mut path = Path::new(root);
+        let path = slot.insert(Path::new(root));
         let mut level = cfg.start_level();
         while level < r.level {
             let e = path
                 .last()
                 .t
                 .entries
-                .get(cfg.index(iova, level))
+                .get(self.index(iova, level))
                 .map_or(0, |e| e.load(SC));
             match self.kind_of(level, e) {
                 Kind::Invalid => {
@@ -993,11 +1020,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let (mut iova, mut left) = (r.iova, r.count);
         while left > 0 {
             let n = self.seg_len(r.level, iova, left);
-            let path = self.unmap_path(iova, r)?;
-            if single {
-                kept = Some(path);
-            }
-            let first = cfg.index(iova, r.level);
+            let mut fresh = None;
+            let path = self.unmap_path(iova, r, if single { &mut kept } else { &mut fresh })?;
+            let first = self.index(iova, r.level);
             let t = path.last().t;
             for (k, e) in t.entries[first..first + n as usize].iter().enumerate() {
                 let v = e.load(SC);
@@ -1024,13 +1049,18 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let mut result = Ok(r.count * size);
         while left > 0 {
             let n = self.seg_len(r.level, iova, left);
-            let path = match kept.take().map_or_else(|| self.unmap_path(iova, r), Ok) {
-                Ok(p) => p,
-                Err(e) => {
-                    // Only a concurrent overlapping operation (a caller bug) gets here.
-                    result = Err(e);
-                    break;
-                }
+            let mut fresh = None;
+            // Only a run inside one leaf table kept its path (and it has one segment).
+            let path = match kept.as_ref() {
+                Some(p) => p,
+                None => match self.unmap_path(iova, r, &mut fresh) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // Only a concurrent overlapping operation (a caller bug) gets here.
+                        result = Err(e);
+                        break;
+                    }
+                },
             };
             let first = cfg.index(iova, r.level);
             let t = path.last().t;

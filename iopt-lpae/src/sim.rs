@@ -61,8 +61,14 @@ struct Chunk {
     entries: Box<[AtomicU64]>,
     /// The device's view of `entries` (empty for a coherent memory).
     device: Box<[AtomicU64]>,
-    meta: Box<[TableMeta]>,
-    live: Box<[AtomicBool]>,
+    pages: Box<[PageState]>,
+}
+
+/// A page's metadata and live flag, side by side so a lookup bounds-checks once.
+#[derive(Debug, Default)]
+struct PageState {
+    meta: TableMeta,
+    live: AtomicBool,
 }
 
 /// One page as a lookup sees it.
@@ -85,8 +91,16 @@ struct Region {
     stride: u64,
     /// log2 of `stride`.
     stride_shift: u32,
+    /// `stride - 1`.
+    stride_mask: u64,
+    /// log2 of the bytes of address space a chunk covers (`stride × per_chunk`).
+    chunk_span_shift: u32,
+    /// `per_chunk - 1`.
+    chunk_mask: usize,
     /// log2 of `per_chunk`.
     chunk_shift: u32,
+    /// log2 of `entries`.
+    entries_shift: u32,
     /// 8-byte entries a page holds.
     entries: usize,
     slots: usize,
@@ -109,7 +123,11 @@ impl Region {
             size,
             stride,
             stride_shift: stride.trailing_zeros(),
+            stride_mask: stride - 1,
+            chunk_span_shift: stride.trailing_zeros() + per_chunk.trailing_zeros(),
+            chunk_mask: per_chunk - 1,
             chunk_shift: per_chunk.trailing_zeros(),
+            entries_shift: entries.trailing_zeros(),
             entries,
             slots,
             per_chunk,
@@ -120,7 +138,36 @@ impl Region {
     #[inline]
     fn page(&self, index: usize) -> Option<Page<'_>> {
         let chunk = self.chunks.get(index >> self.chunk_shift)?.get()?;
-        Self::slice(chunk, index & (self.per_chunk - 1), self.entries)
+        Self::in_chunk(chunk, index & self.chunk_mask, self.entries_shift)
+    }
+
+    /// The page at offset `off` of the region (a multiple of the stride).
+    #[inline]
+    fn page_at(&self, off: u64) -> Option<Page<'_>> {
+        let chunk = self
+            .chunks
+            .get(usize::try_from(off >> self.chunk_span_shift).ok()?)?
+            .get()?;
+        let i = usize::try_from(off >> self.stride_shift).ok()? & self.chunk_mask;
+        Self::in_chunk(chunk, i, self.entries_shift)
+    }
+
+    /// Page `i` of `chunk`, whose pages hold `1 << entries_shift` entries each.
+    #[inline]
+    fn in_chunk(chunk: &Chunk, i: usize, entries_shift: u32) -> Option<Page<'_>> {
+        let state = chunk.pages.get(i)?;
+        let range = i << entries_shift..(i + 1) << entries_shift;
+        let device = if chunk.device.is_empty() {
+            &[]
+        } else {
+            chunk.device.get(range.clone())?
+        };
+        Some(Page {
+            entries: chunk.entries.get(range)?,
+            device,
+            meta: &state.meta,
+            live: &state.live,
+        })
     }
 
     fn page_init(&self, index: usize, non_coherent: bool) -> Option<Page<'_>> {
@@ -132,33 +179,15 @@ impl Region {
             let device_len = if non_coherent { per_chunk * entries } else { 0 };
             let mut d = Vec::with_capacity(device_len);
             d.resize_with(device_len, || AtomicU64::new(STALE_DESCRIPTOR));
-            let mut m = Vec::with_capacity(per_chunk);
-            m.resize_with(per_chunk, TableMeta::default);
-            let mut l = Vec::with_capacity(per_chunk);
-            l.resize_with(per_chunk, || AtomicBool::new(false));
+            let mut p = Vec::with_capacity(per_chunk);
+            p.resize_with(per_chunk, PageState::default);
             Box::new(Chunk {
                 entries: e.into_boxed_slice(),
                 device: d.into_boxed_slice(),
-                meta: m.into_boxed_slice(),
-                live: l.into_boxed_slice(),
+                pages: p.into_boxed_slice(),
             })
         });
-        Self::slice(chunk, index % per_chunk, entries)
-    }
-
-    #[inline]
-    fn slice(chunk: &Chunk, i: usize, entries: usize) -> Option<Page<'_>> {
-        let device = if chunk.device.is_empty() {
-            &[]
-        } else {
-            chunk.device.get(i * entries..(i + 1) * entries)?
-        };
-        Some(Page {
-            entries: chunk.entries.get(i * entries..(i + 1) * entries)?,
-            device,
-            meta: chunk.meta.get(i)?,
-            live: chunk.live.get(i)?,
-        })
+        Self::in_chunk(chunk, index % per_chunk, self.entries_shift)
     }
 
     fn index_of(&self, pa: u64) -> Option<usize> {
@@ -236,6 +265,8 @@ pub struct SimMemory {
     non_coherent: bool,
     /// log2 of the region span.
     span_shift: u32,
+    /// `region_span - 1`.
+    span_mask: u64,
     regions: [OnceBox<Region>; MAX_REGIONS],
     state: spin::Mutex<FreeState>,
     /// Page allocations so far (the index failure injection counts in).
@@ -322,6 +353,7 @@ impl SimMemory {
             layout,
             non_coherent: false,
             span_shift: span.trailing_zeros(),
+            span_mask: span - 1,
             regions: Default::default(),
             state: spin::Mutex::new(FreeState::default()),
             alloc_index: AtomicU64::new(0),
@@ -401,8 +433,8 @@ impl SimMemory {
         for region in self.regions.iter().filter_map(OnceBox::get) {
             for (c, chunk) in region.chunks.iter().enumerate() {
                 let Some(chunk) = chunk.get() else { continue };
-                for (k, live) in chunk.live.iter().enumerate() {
-                    if live.load(Ordering::Acquire) {
+                for (k, state) in chunk.pages.iter().enumerate() {
+                    if state.live.load(Ordering::Acquire) {
                         let i = c * region.per_chunk + k;
                         out.push((
                             PhysAddr::new(region.base + i as u64 * region.stride),
@@ -484,13 +516,21 @@ impl SimMemory {
     /// so this is arithmetic, not a search.
     #[inline]
     fn locate(&self, pa: u64) -> Option<(&Region, usize)> {
+        let (region, off) = self.locate_offset(pa)?;
+        Some((region, usize::try_from(off >> region.stride_shift).ok()?))
+    }
+
+    /// The region holding `pa` and `pa`'s offset in it. Region `i` spans exactly
+    /// `[base + i × span, base + (i + 1) × span)` and its slots cover the span, so the page
+    /// index of any offset is below the slot count.
+    #[inline]
+    fn locate_offset(&self, pa: u64) -> Option<(&Region, u64)> {
         let off = pa.checked_sub(self.layout.base)?;
         let region = self
             .regions
             .get(usize::try_from(off >> self.span_shift).ok()?)?
             .get()?;
-        let index = usize::try_from((pa - region.base) >> region.stride_shift).ok()?;
-        (index < region.slots).then_some((region, index))
+        Some((region, off & self.span_mask))
     }
 
     fn region_for(&self, size: u64) -> Result<(usize, &Region), AllocError> {
@@ -663,11 +703,11 @@ impl TableAlloc for SimMemory {
 
     #[inline]
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
-        let (region, index) = self.locate(pa.get())?;
-        if (pa.get() - region.base) & (region.stride - 1) != 0 {
+        let (region, off) = self.locate_offset(pa.get())?;
+        if off & region.stride_mask != 0 {
             return None;
         }
-        let page = region.page(index)?;
+        let page = region.page_at(off)?;
         if !page.live.load(Ordering::Acquire) {
             return None;
         }

@@ -188,9 +188,8 @@ macro_rules! impl_io_page_table_on_engine {
                 count: u64,
                 prot: ::iopt_api::Prot,
             ) -> Result<(), ::iopt_api::MapError> {
-                let run = self.engine.validate_map(iova, pa, size, count, prot)?;
                 self.engine
-                    .map_runs(&[run], prot, &mut self.engine.on_demand())
+                    .map(iova, pa, size, count, prot, &mut self.engine.on_demand())
             }
 
             fn map_range(
@@ -212,8 +211,7 @@ macro_rules! impl_io_page_table_on_engine {
                 count: u64,
                 gather: &mut ::iopt_api::Gather,
             ) -> Result<u64, ::iopt_api::UnmapError> {
-                let run = self.engine.validate_unmap(iova, size, count)?;
-                self.engine.unmap_run(run, gather)
+                self.engine.unmap(iova, size, count, gather)
             }
 
             fn unmap_collect(
