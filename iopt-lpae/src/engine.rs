@@ -233,7 +233,8 @@ pub struct Engine<A: TableAlloc, F: FlushOps> {
     /// own cache line so threads working in different regions do not contend (Linux policy
     /// only).
     cursors: [LeafCursor; CURSOR_SLOTS],
-    /// Bumped before any table page is freed: a cursor taken under an older value is stale.
+    /// Bumped before any table page is freed, and (refcounted engines) after any table
+    /// descriptor is removed: a cursor taken under an older value is stale.
     unlinks: AtomicU64,
 }
 
@@ -318,7 +319,10 @@ const CURSOR_SLOTS: usize = 16;
 /// skips the descent. A seqlock over three words; `epoch` is the engine's unlink count when the
 /// table was found, so a cursor is trusted only while no table has been freed since. (Under
 /// the Linux policy a table is only unlinked by an unmap or block map covering it, which an
-/// operation inside it can only race by overlapping it, a caller bug.)
+/// operation inside it can only race by overlapping it, a caller bug.) A refcounted engine
+/// also bumps the count after every unlink, so a cursor that checks out names a table that
+/// was still linked after the caller entered its grace period: the table cannot be freed
+/// before the caller leaves it, and a pin tells whether it is being claimed.
 #[derive(Debug, Default)]
 #[repr(align(64))]
 struct LeafCursor {
@@ -391,6 +395,19 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     #[must_use]
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// The unlink count: read before a walk whose result goes into the cursor.
+    #[inline]
+    pub(crate) fn unlink_epoch(&self) -> u64 {
+        self.unlinks.load(Ordering::Acquire)
+    }
+
+    /// Records that a table descriptor was just removed (after the removing store), so that
+    /// no cursor taken before can lead to the table.
+    #[inline]
+    pub(crate) fn note_unlinked(&self) {
+        self.unlinks.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Returns the root table's address.
@@ -472,8 +489,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// freed since it was cached.
     #[inline(always)]
     #[allow(clippy::inline_always)] // on every single-call path; measured: not inlined otherwise
-    fn cursor_get(&self, level: u32, iova: u64) -> Option<(TableRef<'_>, PhysAddr)> {
-        if level <= self.cfg.start_level() || self.rc.counting() {
+    pub(crate) fn cursor_get(&self, level: u32, iova: u64) -> Option<(TableRef<'_>, PhysAddr)> {
+        if level <= self.cfg.start_level() {
             return None;
         }
         let want = self.cursor_key(level, iova);
@@ -496,8 +513,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// Caches `table` as the leaf table at `level` for `iova`, found when the unlink count was
     /// `epoch`. Skipped when another thread is updating the cursor.
     #[inline]
-    fn cursor_set(&self, level: u32, iova: u64, table: PhysAddr, epoch: u64) {
-        if level <= self.cfg.start_level() || self.rc.counting() {
+    pub(crate) fn cursor_set(&self, level: u32, iova: u64, table: PhysAddr, epoch: u64) {
+        if level <= self.cfg.start_level() {
             return;
         }
         let key = self.cursor_key(level, iova);
@@ -575,7 +592,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// otherwise.
     #[inline]
     fn cursor_worth_caching(&self, level: u32, iova: u64) -> bool {
-        if level <= self.cfg.start_level() || self.rc.counting() {
+        if level <= self.cfg.start_level() {
             return false;
         }
         let key = self.cursor_key(level, iova);

@@ -530,6 +530,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let cfg = self.config();
         let old = parent.t.entries[idx].swap(0, SC);
         debug_assert_eq!(self.kind_of(parent.level, old), Kind::Table);
+        self.note_unlinked();
         self.sync_entries(parent.t, idx, 1);
         let span = cfg.block_size(parent.level);
         self.flush_ops().flush_walk(
@@ -555,7 +556,60 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         }
         let before = path[i].t.meta.live_entries.fetch_sub(n, SC);
         debug_assert!(before >= n && before != DEAD);
-        before == n && self.cascade(path, i, iova, dead)
+        if before != n {
+            return false;
+        }
+        if path[0].pa != self.root() {
+            // A path from the cursor holds the leaf table alone: walk to it for its ancestors
+            // (still linked: it is, and they count the links).
+            let f = path[i];
+            return self
+                .path_to(iova, f.level, f.pa)
+                .is_some_and(|full| self.cascade(full.frames(), full.top(), iova, dead));
+        }
+        self.cascade(path, i, iova, dead)
+    }
+
+    /// The path from the root to the table at `level` for `iova`, if that is the table at
+    /// `pa`.
+    fn path_to(&self, iova: u64, level: u32, pa: PhysAddr) -> Option<Path<'_>> {
+        let mut path = Path::new(self.root_frame()?);
+        let mut l = self.config().start_level();
+        while l < level {
+            let e = path.last().t.entries.get(self.index(iova, l))?.load(SC);
+            if self.kind_of(l, e) != Kind::Table {
+                return None;
+            }
+            let (t, tpa) = self.table_of(e)?;
+            l += 1;
+            path.push(Frame {
+                t,
+                pa: tpa,
+                level: l,
+            });
+        }
+        (path.last().pa == pa).then_some(path)
+    }
+
+    /// The leaf table the cursor holds for a map of `n` leaves at `iova`, pinned for them, as a
+    /// one-frame path: only when every target entry is empty and the table is not dying (else
+    /// the full walk decides).
+    #[inline]
+    fn cursor_pinned(&self, iova: u64, target: u32, n: u64) -> Option<Path<'_>> {
+        let (t, pa) = self.cursor_get(target, iova)?;
+        let first = self.index(iova, target);
+        let slots = t.entries.get(first..first + usize::try_from(n).ok()?)?;
+        if !slots.iter().all(|e| e.load(SC) == 0) {
+            return None;
+        }
+        let pins = u32::try_from(n).ok()?;
+        pin(t.meta, pins).then(|| {
+            Path::new(Frame {
+                t,
+                pa,
+                level: target,
+            })
+        })
     }
 
     /// `path[i]`'s count just reached 0: claim it and every ancestor holding nothing else,
@@ -705,6 +759,17 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         out: &'s mut Option<Prepared<'a>>,
     ) -> Result<&'s Prepared<'a>, MapError> {
         let cfg = self.config();
+        let epoch = self.unlink_epoch();
+        if let Some(path) = self.cursor_pinned(iova, target, n) {
+            return Ok(out.insert(Prepared {
+                path,
+                iova,
+                level: target,
+                n,
+                pinned: n as u32,
+                claimed: Vec::new(),
+            }));
+        }
         let root = self.root_frame().ok_or(MapError::BrokenTable {
             iova: self.ext(iova),
             pa: self.root(),
@@ -746,6 +811,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     }
                     Kind::Invalid => {
                         if self.install_chain(path, idx, iova, target, n, src, dead)? {
+                            self.cursor_set(target, iova, path.last().pa, epoch);
                             p.pinned = n as u32;
                             return Ok(p);
                         }
@@ -756,6 +822,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 }
             }
             if let Some((pinned, claimed)) = self.prepare_leaf(path, iova, target, n, dead)? {
+                self.cursor_set(target, iova, path.last().pa, epoch);
                 p.pinned = pinned;
                 p.claimed = claimed;
                 return Ok(p);
@@ -934,6 +1001,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 None => e.store(d, SC),
                 Some(&(_, table)) => {
                     e.swap(d, SC);
+                    self.note_unlinked();
                     self.sync_entries(t, first + k, 1);
                     self.flush_ops().flush_walk(
                         self.ext(p.iova + k as u64 * size),
@@ -969,6 +1037,16 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         slot: &'s mut Option<Path<'a>>,
     ) -> Result<&'s Path<'a>, UnmapError> {
         let cfg = self.config();
+        // The cursor's table holds the run's leaves (the caller owns them), so it cannot be
+        // claimed under us.
+        if let Some((t, pa)) = self.cursor_get(r.level, iova) {
+            return Ok(slot.insert(Path::new(Frame {
+                t,
+                pa,
+                level: r.level,
+            })));
+        }
+        let epoch = self.unlink_epoch();
         let root = self.root_frame().ok_or(UnmapError::BrokenTable {
             iova: self.ext(iova),
             pa: self.root(),
@@ -1005,6 +1083,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 }
             }
         }
+        self.cursor_set(r.level, iova, path.last().pa, epoch);
         Ok(path)
     }
 
@@ -1076,6 +1155,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     Kind::Table => {
                         // Linux semantics: an unmap at block size removes the table and all
                         // it holds; it is freed after the walk flush (and the grace period).
+                        self.note_unlinked();
                         self.sync_entries(t, first + k, 1);
                         self.flush_ops().flush_walk(at, size, cfg.granule().size());
                         self.collect_tables(old, r.level + 1, &mut dead);
