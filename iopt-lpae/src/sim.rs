@@ -64,8 +64,11 @@ struct Chunk {
     pages: Box<[PageState]>,
 }
 
-/// A page's metadata and live flag, side by side so a lookup bounds-checks once.
+/// A page's metadata and live flag, side by side so a lookup bounds-checks once, on a cache
+/// line of its own (as a kernel's `struct page` is): a table's counts change on every
+/// refcounted map, and pages handed out one after the other usually go to different threads.
 #[derive(Debug, Default)]
+#[repr(align(64))]
 struct PageState {
     meta: TableMeta,
     live: AtomicBool,
