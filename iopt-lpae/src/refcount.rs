@@ -1145,7 +1145,10 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             let t = path.last().t;
             let mut removed = 0u32;
             for (k, e) in t.entries[first..first + n as usize].iter().enumerate() {
-                let old = e.swap(0, SC);
+                // The caller owns the run: nobody else writes these entries, so a load and a
+                // plain store do (as Linux's clear), not a locked exchange per entry.
+                let old = e.load(Ordering::Acquire);
+                e.store(0, Ordering::Release);
                 let at = self.ext(iova + k as u64 * size);
                 match self.kind_of(r.level, old) {
                     Kind::Leaf => {
