@@ -478,14 +478,21 @@ impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
         prot: Prot,
     ) -> Result<(), MapError> {
         // The handle first, then the arguments, then the bounds: the order Design 2 uses, so
-        // both designs answer identical inputs with identical errors.
-        self.check_known(reservation)?;
-        let run = self.engine.validate_map(iova, pa, size, count, prot)?;
-        // validate_map checked that `iova + size * count - 1` does not overflow.
-        let last = iova.get() + (size.get() * count - 1);
-        self.check_bound(reservation, iova.get(), last)?;
-        self.engine
-            .map_runs(&[run], prot, &mut self.pool_source(reservation.id()))
+        // both designs answer identical inputs with identical errors. One look at the pools
+        // answers both reservation questions.
+        let id = reservation.id();
+        if reservation.table_id() != self.table_id {
+            return Err(MapError::UnknownReservation { id });
+        }
+        let run = {
+            let pools = self.pools.lock();
+            let pool = pools.get(&id).ok_or(MapError::UnknownReservation { id })?;
+            let run = self.engine.validate_map(iova, pa, size, count, prot)?;
+            // validate_map checked that `iova + size * count - 1` does not overflow.
+            pool.check_covers(id, iova.get(), iova.get() + (size.get() * count - 1))?;
+            run
+        };
+        self.engine.map_run(run, prot, &mut self.pool_source(id))
     }
 
     /// Returns the unused pages with one [`TableAlloc::free_bulk`] call (none if all were

@@ -118,6 +118,43 @@ struct Held {
     leaf: PageSize,
 }
 
+/// Shards of the live-reservation registry; a power of two.
+const SHARDS: usize = 16;
+
+/// One shard of the registry, on cache lines of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(spin::Mutex<BTreeMap<u64, Held>>);
+
+/// The live reservations by id, sharded by id: a map inside a reservation takes one
+/// uncontended lock, and threads working in different reservations take different ones.
+#[derive(Debug, Default)]
+struct Registry {
+    shards: [Shard; SHARDS],
+}
+
+impl Registry {
+    fn shard(&self, id: u64) -> &spin::Mutex<BTreeMap<u64, Held>> {
+        &self.shards[(id as usize) & (SHARDS - 1)].0
+    }
+
+    fn get(&self, id: u64) -> Option<Held> {
+        self.shard(id).lock().get(&id).copied()
+    }
+
+    fn insert(&self, id: u64, held: Held) {
+        self.shard(id).lock().insert(id, held);
+    }
+
+    fn remove(&self, id: u64) -> Option<Held> {
+        self.shard(id).lock().remove(&id)
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.0.lock().len()).sum()
+    }
+}
+
 /// The source of maps bound to a reservation: it has no pages to give.
 struct NoAlloc {
     id: u64,
@@ -150,7 +187,7 @@ pub struct PreallocTable<A: TableAlloc, F: FlushOps = NoFlush> {
     engine: Engine<A, F>,
     id: u64,
     next: AtomicU64,
-    live: spin::RwLock<BTreeMap<u64, Held>>,
+    live: Registry,
 }
 
 impl<A: TableAlloc, F: FlushOps> fmt::Debug for PreallocTable<A, F> {
@@ -158,7 +195,7 @@ impl<A: TableAlloc, F: FlushOps> fmt::Debug for PreallocTable<A, F> {
         f.debug_struct("PreallocTable")
             .field("id", &self.id)
             .field("root", &self.engine.root())
-            .field("reservations", &self.live.read().len())
+            .field("reservations", &self.live.len())
             .finish_non_exhaustive()
     }
 }
@@ -185,7 +222,7 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
             engine: Engine::with_policy(cfg, alloc, flush, Policy::Refcounted)?,
             id: NEXT_TABLE.fetch_add(1, Ordering::Relaxed),
             next: AtomicU64::new(1),
-            live: spin::RwLock::new(BTreeMap::new()),
+            live: Registry::default(),
         })
     }
 
@@ -204,7 +241,7 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
     /// Returns how many reservations are live.
     #[must_use]
     pub fn live_reservations(&self) -> usize {
-        self.live.read().len()
+        self.live.len()
     }
 
     /// Returns the live reservation `r` stands for, if it is one of this table's.
@@ -212,7 +249,7 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
         if r.table_id() != self.id {
             return None;
         }
-        let held = *self.live.read().get(&r.id())?;
+        let held = self.live.get(r.id())?;
         (held.range == r.range() && held.leaf == r.max_leaf()).then_some(held)
     }
 }
@@ -233,7 +270,7 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
     fn reserve(&self, range: IovaRange, max_leaf: PageSize) -> Result<Reservation, ReserveError> {
         let pages = self.engine.reserve_tables(range, max_leaf)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.live.write().insert(
+        self.live.insert(
             id,
             Held {
                 range,
@@ -270,7 +307,7 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
                 iova: past,
             });
         }
-        self.engine.map_runs(&[run], prot, &mut NoAlloc { id })
+        self.engine.map_run(run, prot, &mut NoAlloc { id })
     }
 
     fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReserveError> {
@@ -279,11 +316,11 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
             return Err(ReserveError::UnknownReservation { id });
         }
         // Remove first, so a concurrent second release of the same handle fails.
-        let Some(held) = self.live.write().remove(&id) else {
+        let Some(held) = self.live.remove(id) else {
             return Err(ReserveError::UnknownReservation { id });
         };
         if let Err(e) = self.engine.release_tables(held.range, held.leaf, gather) {
-            self.live.write().insert(id, held);
+            self.live.insert(id, held);
             return Err(e);
         }
         Ok(())
