@@ -187,7 +187,8 @@ pub struct PreallocTable<A: TableAlloc, F: FlushOps = NoFlush> {
     engine: Engine<A, F>,
     id: u64,
     next: AtomicU64,
-    live: Registry,
+    /// Boxed: 2 KiB of padded shards would make the table (and the facade's enum) large.
+    live: alloc::boxed::Box<Registry>,
 }
 
 impl<A: TableAlloc, F: FlushOps> fmt::Debug for PreallocTable<A, F> {
@@ -222,7 +223,7 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
             engine: Engine::with_policy(cfg, alloc, flush, Policy::Refcounted)?,
             id: NEXT_TABLE.fetch_add(1, Ordering::Relaxed),
             next: AtomicU64::new(1),
-            live: Registry::default(),
+            live: alloc::boxed::Box::default(),
         })
     }
 
