@@ -77,8 +77,7 @@ impl<A: TableAlloc, F: FlushOps> LpaeTable<A, F> {
         prot: Prot,
         src: &mut S,
     ) -> Result<(), MapError> {
-        let run = self.engine.validate_map(iova, pa, size, count, prot)?;
-        self.engine.map_runs(&[run], prot, src)
+        self.engine.map(iova, pa, size, count, prot, src)
     }
 }
 
