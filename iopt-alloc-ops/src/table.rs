@@ -392,23 +392,23 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
         Ok(Reservation::new(self.table_id, id, range, leaf, n))
     }
 
-    /// Checks the handle is live here and `[start, last]` lies inside it.
-    fn check_known(&self, r: &Reservation) -> Result<(), MapError> {
-        let unknown = MapError::UnknownReservation { id: r.id() };
-        if r.table_id() != self.table_id || !self.pools.lock().contains_key(&r.id()) {
-            return Err(unknown);
-        }
-        Ok(())
-    }
-
-    fn check_bound(&self, r: &Reservation, start: u64, last: u64) -> Result<(), MapError> {
-        let unknown = MapError::UnknownReservation { id: r.id() };
+    /// Checks a reserved map in the order both designs use: the handle, then the arguments
+    /// (`args` validates them and returns its result with the IOVA span `[start, last]` it
+    /// covers), then the bounds. One look at the pools answers both reservation questions.
+    fn checked<T>(
+        &self,
+        r: &Reservation,
+        args: impl FnOnce() -> Result<(T, u64, u64), MapError>,
+    ) -> Result<T, MapError> {
+        let id = r.id();
         if r.table_id() != self.table_id {
-            return Err(unknown);
+            return Err(MapError::UnknownReservation { id });
         }
         let pools = self.pools.lock();
-        let pool = pools.get(&r.id()).ok_or(unknown)?;
-        pool.check_covers(r.id(), start, last)
+        let pool = pools.get(&id).ok_or(MapError::UnknownReservation { id })?;
+        let (v, start, last) = args()?;
+        pool.check_covers(id, start, last)?;
+        Ok(v)
     }
 
     fn pool_source(&self, id: u64) -> PoolSource<'_, A> {
@@ -438,10 +438,11 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
         len: u64,
         prot: Prot,
     ) -> Result<(), MapError> {
-        self.check_known(reservation)?;
-        let runs = split_range(&self.engine, iova, pa, len, prot)?;
-        // split_range checked that `iova + len - 1` does not overflow.
-        self.check_bound(reservation, iova.get(), iova.get() + (len - 1))?;
+        let runs = self.checked(reservation, || {
+            let runs = split_range(&self.engine, iova, pa, len, prot)?;
+            // split_range checked that `iova + len - 1` does not overflow.
+            Ok((runs, iova.get(), iova.get() + (len - 1)))
+        })?;
         self.engine
             .map_runs(&runs, prot, &mut self.pool_source(reservation.id()))
     }
@@ -477,21 +478,12 @@ impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
         count: u64,
         prot: Prot,
     ) -> Result<(), MapError> {
-        // The handle first, then the arguments, then the bounds: the order Design 2 uses, so
-        // both designs answer identical inputs with identical errors. One look at the pools
-        // answers both reservation questions.
-        let id = reservation.id();
-        if reservation.table_id() != self.table_id {
-            return Err(MapError::UnknownReservation { id });
-        }
-        let run = {
-            let pools = self.pools.lock();
-            let pool = pools.get(&id).ok_or(MapError::UnknownReservation { id })?;
+        let run = self.checked(reservation, || {
             let run = self.engine.validate_map(iova, pa, size, count, prot)?;
             // validate_map checked that `iova + size * count - 1` does not overflow.
-            pool.check_covers(id, iova.get(), iova.get() + (size.get() * count - 1))?;
-            run
-        };
+            Ok((run, iova.get(), iova.get() + (size.get() * count - 1)))
+        })?;
+        let id = reservation.id();
         self.engine.map_run(run, prot, &mut self.pool_source(id))
     }
 
