@@ -80,7 +80,7 @@
 #![allow(clippy::many_single_char_names)]
 
 use crate::desc::{self, Kind};
-use crate::engine::{Engine, PageSource, Plan, Run, Stash};
+use crate::engine::{Engine, PageSource, Plan, Run, Stash, all_zero, write_leaves};
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
@@ -859,7 +859,14 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     })?;
             let mut free = 0u32;
             let mut claimed = Vec::new();
-            for (k, e) in slots.iter().enumerate() {
+            // The common case: every target slot is empty.
+            let scan = if all_zero(slots, SC) {
+                free = n as u32;
+                &[]
+            } else {
+                slots
+            };
+            for (k, e) in scan.iter().enumerate() {
                 let v = e.load(SC);
                 let at = self.ext(iova + k as u64 * size);
                 match self.kind_of(target, v) {
@@ -991,12 +998,19 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let leaf_type = desc::leaf_type(cfg.format(), p.level);
         let t = p.path.last().t;
         let first = cfg.index(p.iova, p.level);
+        if p.claimed.is_empty() {
+            write_leaves(
+                &t.entries[first..first + p.n as usize],
+                bits | leaf_type,
+                pa,
+                size,
+                Ordering::Release,
+            );
+            self.sync_entries(t, first, p.n as usize);
+            return;
+        }
         for (k, e) in t.entries[first..first + p.n as usize].iter().enumerate() {
             let d = bits | leaf_type | desc::pack_pa(PhysAddr::new(pa + k as u64 * size));
-            if p.claimed.is_empty() {
-                e.store(d, Ordering::Release);
-                continue;
-            }
             match p.claimed.iter().find(|c| c.0 == k) {
                 None => e.store(d, SC),
                 Some(&(_, table)) => {
