@@ -144,29 +144,41 @@ impl Region {
         Self::in_chunk(chunk, index & self.chunk_mask, self.entries_shift)
     }
 
-    /// The page at offset `off` of the region (a multiple of the stride).
+    /// The entries and state of page `i` of `chunk` (pages of `1 << entries_shift` entries),
+    /// without the device view: what a table look-up needs.
     #[inline]
-    fn page_at(&self, off: u64) -> Option<Page<'_>> {
+    fn cpu_side(chunk: &Chunk, i: usize, entries_shift: u32) -> Option<(&[AtomicU64], &PageState)> {
+        let state = chunk.pages.get(i)?;
+        let entries = chunk
+            .entries
+            .get(i << entries_shift..(i + 1) << entries_shift)?;
+        Some((entries, state))
+    }
+
+    /// The entries and state of the page at offset `off` (a multiple of the stride).
+    #[inline]
+    fn cpu_side_at(&self, off: u64) -> Option<(&[AtomicU64], &PageState)> {
         let chunk = self
             .chunks
             .get(usize::try_from(off >> self.chunk_span_shift).ok()?)?
             .get()?;
         let i = usize::try_from(off >> self.stride_shift).ok()? & self.chunk_mask;
-        Self::in_chunk(chunk, i, self.entries_shift)
+        Self::cpu_side(chunk, i, self.entries_shift)
     }
 
     /// Page `i` of `chunk`, whose pages hold `1 << entries_shift` entries each.
     #[inline]
     fn in_chunk(chunk: &Chunk, i: usize, entries_shift: u32) -> Option<Page<'_>> {
-        let state = chunk.pages.get(i)?;
-        let range = i << entries_shift..(i + 1) << entries_shift;
+        let (entries, state) = Self::cpu_side(chunk, i, entries_shift)?;
         let device = if chunk.device.is_empty() {
             &[]
         } else {
-            chunk.device.get(range.clone())?
+            chunk
+                .device
+                .get(i << entries_shift..(i + 1) << entries_shift)?
         };
         Some(Page {
-            entries: chunk.entries.get(range)?,
+            entries,
             device,
             meta: &state.meta,
             live: &state.live,
@@ -710,14 +722,14 @@ impl TableAlloc for SimMemory {
         if off & region.stride_mask != 0 {
             return None;
         }
-        let page = region.page_at(off)?;
-        if !page.live.load(Ordering::Acquire) {
+        let (entries, state) = region.cpu_side_at(off)?;
+        if !state.live.load(Ordering::Acquire) {
             return None;
         }
         Some(TableRef {
             pa,
-            entries: page.entries,
-            meta: page.meta,
+            entries,
+            meta: &state.meta,
         })
     }
 }
