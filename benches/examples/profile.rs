@@ -7,13 +7,15 @@
 //! ```
 //!
 //! Phases: `map_new`, `map_present`, `unmap`, `lookup`, `bulk_map`, `bulk_map_present`,
-//! `bulk_unmap`, `map_2m`, `unmap_2m`; backends: `alloc_ops`, `prealloc`, `aarch64-paging`. Only the `phase_*` function does the measured work, so with
+//! `bulk_unmap`, `map_2m`, `unmap_2m`, and `map_reserved` (single 4K maps inside a reservation
+//! made beforehand; the two designs only); backends: `alloc_ops`, `prealloc`,
+//! `aarch64-paging`. Only the `phase_*` function does the measured work, so with
 //! `--toggle-collect` the instruction count divided by the printed operation count is the cost
 //! of one operation.
 
 #[cfg(feature = "prealloc")]
 use iopt_benches::Prealloc;
-use iopt_benches::{AllocOps, BASE_IOVA, Backend, Peer, SZ_2M, SZ_4K, pa_of, work};
+use iopt_benches::{AllocOps, BASE_IOVA, Backend, Peer, Reserving, SZ_2M, SZ_4K, pa_of, work};
 use std::hint::black_box;
 
 const PAGES: u64 = 16_384;
@@ -66,6 +68,29 @@ fn phase_bulk_unmap<B: Backend>(t: &mut B) {
     t.unmap(black_box(BASE_IOVA), SZ_4K, PAGES);
 }
 
+#[inline(never)]
+fn phase_map_reserved<B: Reserving>(t: &mut B, r: &B::Res) {
+    for i in 0..PAGES {
+        let iova = BASE_IOVA + i * SZ_4K;
+        t.map_reserved(r, black_box(iova), pa_of(iova), SZ_4K, 1);
+    }
+}
+
+/// The phases that need reservations, for the designs that have them.
+fn run_reserving<B: Reserving>(phase: &str) -> u64 {
+    let mut t = B::fresh();
+    match phase {
+        "map_reserved" => {
+            let r = t.reserve(BASE_IOVA, PAGES * SZ_4K, SZ_4K);
+            phase_map_reserved(&mut t, &r);
+            t.release(r);
+        }
+        other => return run::<B>(other),
+    }
+    black_box(&t);
+    PAGES
+}
+
 fn run<B: Backend>(phase: &str) -> u64 {
     let mut t = B::fresh();
     match phase {
@@ -116,10 +141,10 @@ fn main() {
     let phase = args.get(1).map_or("map_present", String::as_str);
     let backend = args.get(2).map_or("alloc_ops", String::as_str);
     let ops = match backend {
-        "alloc_ops" => run::<AllocOps>(phase),
+        "alloc_ops" => run_reserving::<AllocOps>(phase),
         "aarch64-paging" => run::<Peer>(phase),
         #[cfg(feature = "prealloc")]
-        "prealloc" => run::<Prealloc>(phase),
+        "prealloc" => run_reserving::<Prealloc>(phase),
         other => panic!("unknown backend {other}"),
     };
     println!("{phase} {backend}: {ops} operations");

@@ -10,6 +10,7 @@ use iopt_api::{
     AllocError, Config, FlushOps, Gather, Iova, IovaRange, MapError, NoFlush, PageSize, PhysAddr,
     Prot, RangeError, Reservation, Reserve, ReserveError, TableAlloc,
 };
+use iopt_lpae::lookaside::{Lookaside, Span};
 use iopt_lpae::refcount::Policy;
 use iopt_lpae::{Engine, split_range};
 
@@ -56,6 +57,9 @@ pub struct AllocOpsTable<A: TableAlloc, F: FlushOps = NoFlush> {
     cap: InFlightCap,
     in_flight: AtomicUsize,
     pools: Pools,
+    /// Live single-interval reservations, read without the pools lock on the map hot path.
+    /// Boxed: 2.5 KiB would make the table (and the facade's enum) large.
+    hot: alloc::boxed::Box<Lookaside>,
 }
 
 impl<A: TableAlloc> AllocOpsTable<A, NoFlush> {
@@ -103,6 +107,7 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
             cap: InFlightCap::default(),
             in_flight: AtomicUsize::new(0),
             pools: spin::Mutex::new(BTreeMap::new()),
+            hot: alloc::boxed::Box::default(),
         })
     }
 
@@ -380,7 +385,16 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
         c.pages_reserved.fetch_add(n as u64, Relaxed);
         c.reserved_outstanding.fetch_add(n as u64, Relaxed);
         let id = self.next_id.fetch_add(1, Relaxed);
-        self.pools.lock().insert(
+        let single = match covers[..] {
+            [(first, last)] => Some(Span {
+                first,
+                last,
+                tag: 0,
+            }),
+            _ => None,
+        };
+        let mut pools = self.pools.lock();
+        pools.insert(
             id,
             Pool {
                 covers,
@@ -389,6 +403,10 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
                 pages,
             },
         );
+        if let Some(span) = single {
+            self.hot.publish(id, span);
+        }
+        drop(pools);
         Ok(Reservation::new(self.table_id, id, range, leaf, n))
     }
 
@@ -478,12 +496,29 @@ impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
         count: u64,
         prot: Prot,
     ) -> Result<(), MapError> {
+        let id = reservation.id();
+        // The hot path: the look-aside index holds the reservation (so it is live, and
+        // argument errors come next) and the run lies inside its span. No lock is taken
+        // unless the map needs tables from the pool.
+        if reservation.table_id() == self.table_id {
+            if let Some(span) = self.hot.get(id) {
+                let last = size
+                    .get()
+                    .checked_mul(count)
+                    .and_then(|bytes| bytes.checked_sub(1))
+                    .and_then(|tail| iova.get().checked_add(tail));
+                if span.first <= iova.get() && last.is_some_and(|last| last <= span.last) {
+                    // In bounds: the engine's own checks come next, as on the slow path.
+                    let mut src = self.pool_source(id);
+                    return self.engine.map(iova, pa, size, count, prot, &mut src);
+                }
+            }
+        }
         let run = self.checked(reservation, || {
             let run = self.engine.validate_map(iova, pa, size, count, prot)?;
             // validate_map checked that `iova + size * count - 1` does not overflow.
             Ok((run, iova.get(), iova.get() + (size.get() * count - 1)))
         })?;
-        let id = reservation.id();
         self.engine.map_run(run, prot, &mut self.pool_source(id))
     }
 
@@ -498,7 +533,11 @@ impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
         if reservation.table_id() != self.table_id {
             return Err(unknown);
         }
-        let pool = self.pools.lock().remove(&reservation.id()).ok_or(unknown)?;
+        let pool = {
+            let mut pools = self.pools.lock();
+            self.hot.retract(reservation.id());
+            pools.remove(&reservation.id()).ok_or(unknown)?
+        };
         let n = pool.pages.len() as u64;
         let c = self.engine.counters();
         if n > 0 {

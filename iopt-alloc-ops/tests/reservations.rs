@@ -586,3 +586,52 @@ fn freed_tables_reach_the_allocator_after_the_walk_flush() {
     assert_eq!(mem.stats().live_pages, 0);
     assert_eq!(mem.stats().bad_frees, 0);
 }
+
+/// More live reservations than the look-aside index has slots: those that share a slot are
+/// answered by the pools, with the same results.
+#[test]
+fn many_live_reservations_answer_alike() {
+    let mem = SimMemory::new();
+    let t = AllocOpsTable::new(full_cfg(), &mem).unwrap();
+    let n = 2 * iopt_lpae::lookaside::SLOTS as u64 + 3;
+    let held: Vec<Reservation> = (0..n)
+        .map(|i| {
+            t.reserve(range(VA + i * M2, 2 * K4), PageSize::SZ_4K)
+                .unwrap()
+        })
+        .collect();
+    for (i, res) in (0u64..).zip(&held) {
+        let at = VA + i * M2;
+        t.map_reserved(res, Iova::new(at), pa(at), PageSize::SZ_4K, 2, RW)
+            .unwrap();
+        assert_eq!(
+            t.map_reserved(res, Iova::new(at + K4), pa(0), PageSize::SZ_4K, 2, RW),
+            Err(MapError::OutsideReservation {
+                id: res.id(),
+                range: res.range(),
+                iova: Iova::new(at + 2 * K4)
+            })
+        );
+        assert_eq!(
+            t.map_reserved(res, Iova::new(at), pa(0), PageSize::SZ_4K, 0, RW),
+            t.map(Iova::new(at), pa(0), PageSize::SZ_4K, 0, RW)
+        );
+    }
+    for res in held {
+        let forged = Reservation::new(t.table_id(), res.id(), res.range(), res.max_leaf(), 0);
+        t.release(res, &mut Gather::new()).unwrap();
+        assert_eq!(
+            t.map_reserved(
+                &forged,
+                forged.range().start(),
+                pa(0),
+                PageSize::SZ_4K,
+                1,
+                RW
+            ),
+            Err(MapError::UnknownReservation { id: forged.id() })
+        );
+    }
+    drop(t);
+    assert_eq!(mem.stats().live_pages, 0);
+}

@@ -979,7 +979,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// # Errors
     ///
     /// As [`map_runs`](Self::map_runs).
-    #[inline]
+    // Measured (callgrind): with plain `#[inline]` a map through a reservation's page source
+    // called it out of line, 20 instructions more per single-page map than through
+    // `OnDemand`.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     pub fn map_run<S: PageSource>(&self, r: Run, prot: Prot, src: &mut S) -> Result<(), MapError> {
         if !self.rc.counting()
             && (r.count == 1 || self.entries_in_table(r.level, r.iova, r.count) == r.count)
@@ -1044,7 +1048,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     /// Maps `n` leaves inside one leaf table. Checks every target entry before writing any.
-    #[inline]
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn map_segment<S: PageSource>(
         &self,
         iova: u64,

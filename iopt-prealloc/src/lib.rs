@@ -105,6 +105,7 @@ use iopt_api::{
     AllocError, Config, FlushOps, Gather, Iova, IovaRange, MapError, NoFlush, PageSize, PhysAddr,
     Prot, Reservation, Reserve, ReserveError, TableAlloc,
 };
+use iopt_lpae::lookaside::{Lookaside, Span};
 use iopt_lpae::refcount::Policy;
 use iopt_lpae::{Engine, PageSource};
 
@@ -189,6 +190,9 @@ pub struct PreallocTable<A: TableAlloc, F: FlushOps = NoFlush> {
     next: AtomicU64,
     /// Boxed: 2 KiB of padded shards would make the table (and the facade's enum) large.
     live: alloc::boxed::Box<Registry>,
+    /// The live reservations again, read without a lock on the reserved-map hot path (span =
+    /// the handle's range, tag = its leaf size).
+    hot: alloc::boxed::Box<Lookaside>,
 }
 
 impl<A: TableAlloc, F: FlushOps> fmt::Debug for PreallocTable<A, F> {
@@ -224,6 +228,7 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
             id: NEXT_TABLE.fetch_add(1, Ordering::Relaxed),
             next: AtomicU64::new(1),
             live: alloc::boxed::Box::default(),
+            hot: alloc::boxed::Box::default(),
         })
     }
 
@@ -245,10 +250,33 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
         self.live.len()
     }
 
+    /// What the look-aside index keeps for a reservation of `range` with `leaf`.
+    fn span(range: IovaRange, leaf: PageSize) -> Span {
+        Span {
+            first: range.start().get(),
+            last: range.last().get(),
+            tag: leaf.get(),
+        }
+    }
+
+    /// Records live reservation `id` in the registry, then in the look-aside index.
+    fn admit(&self, id: u64, held: Held) {
+        self.live.insert(id, held);
+        self.hot.publish(id, Self::span(held.range, held.leaf));
+    }
+
     /// Returns the live reservation `r` stands for, if it is one of this table's.
     fn held(&self, r: &Reservation) -> Option<Held> {
         if r.table_id() != self.id {
             return None;
+        }
+        if let Some(span) = self.hot.get(r.id()) {
+            if span == Self::span(r.range(), r.max_leaf()) {
+                return Some(Held {
+                    range: r.range(),
+                    leaf: r.max_leaf(),
+                });
+            }
         }
         let held = self.live.get(r.id())?;
         (held.range == r.range() && held.leaf == r.max_leaf()).then_some(held)
@@ -271,7 +299,7 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
     fn reserve(&self, range: IovaRange, max_leaf: PageSize) -> Result<Reservation, ReserveError> {
         let pages = self.engine.reserve_tables(range, max_leaf)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.live.insert(
+        self.admit(
             id,
             Held {
                 range,
@@ -316,12 +344,14 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
         if self.held(&reservation).is_none() {
             return Err(ReserveError::UnknownReservation { id });
         }
-        // Remove first, so a concurrent second release of the same handle fails.
+        // Remove first, so a concurrent second release of the same handle fails (from the
+        // look-aside index before the registry, so neither outlives the other).
+        self.hot.retract(id);
         let Some(held) = self.live.remove(id) else {
             return Err(ReserveError::UnknownReservation { id });
         };
         if let Err(e) = self.engine.release_tables(held.range, held.leaf, gather) {
-            self.live.insert(id, held);
+            self.admit(id, held);
             return Err(e);
         }
         Ok(())
