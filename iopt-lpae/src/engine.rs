@@ -1066,6 +1066,26 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 None => return Ok(()),
             },
         };
+        if n == 1 {
+            // One leaf into an empty entry: no loop set-up. Anything else (a conflict, an
+            // empty table to replace) takes the general path.
+            let idx = self.index(iova, target);
+            if let Some(e) = table.entries.get(idx) {
+                if e.load(Ordering::Acquire) == 0 {
+                    let leaf_type = if target == 3 {
+                        self.fast.page_type
+                    } else {
+                        desc::TYPE_BLOCK
+                    };
+                    e.store(
+                        bits | leaf_type | desc::pack_pa(PhysAddr::new(pa)),
+                        Ordering::Release,
+                    );
+                    self.sync_entries(table, idx, 1);
+                    return Ok(());
+                }
+            }
+        }
         self.fill_leaf_table(table, iova, pa, target, n, bits)
     }
 
@@ -1328,11 +1348,46 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 Some((t, _)) => t,
                 None => self.descend_for_unmap(r.iova, &r)?,
             };
+            if r.count == 1 {
+                return self.unmap_one(table, r, gather);
+            }
             self.check_mapped(table, r.iova, r.count, r)?;
             self.clear_entries(table, r.iova, r.count, r, gather);
             return Ok(r.count * r.size.get());
         }
         self.unmap_run_general(r, gather)
+    }
+
+    /// A one-entry run in its leaf table `table`: [`check_mapped`](Self::check_mapped) and
+    /// [`clear_entries`](Self::clear_entries) for a single leaf, without their loops.
+    #[inline]
+    fn unmap_one(
+        &self,
+        table: TableRef<'_>,
+        r: Run,
+        gather: &mut Gather,
+    ) -> Result<u64, UnmapError> {
+        let idx = self.index(r.iova, r.level);
+        let e = table.entries.get(idx).ok_or(UnmapError::BrokenTable {
+            iova: self.external(r.iova),
+            pa: self.root,
+        })?;
+        let old = e.load(Ordering::Acquire);
+        match self.kind(r.level, old) {
+            Kind::Leaf => {
+                e.store(0, Ordering::Release);
+                self.sync_entries(table, idx, 1);
+                self.flush
+                    .add_page(gather, self.external(r.iova), r.size.get());
+            }
+            Kind::Table => self.clear_entries(table, r.iova, 1, r, gather),
+            Kind::Invalid => {
+                return Err(UnmapError::NotMapped {
+                    iova: self.external(r.iova),
+                });
+            }
+        }
+        Ok(r.size.get())
     }
 
     /// [`unmap_run`](Self::unmap_run) of a run over several leaf tables, or on a refcounted
@@ -1383,6 +1438,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     iova: self.external(iova),
                     pa: self.root,
                 })?;
+        if n > 1 && self.all_leaves(slots, r.level) {
+            return Ok(());
+        }
         match slots
             .iter()
             .position(|e| self.kind(r.level, e.load(Ordering::Acquire)) == Kind::Invalid)
@@ -1401,7 +1459,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     fn clear_entries(&self, table: TableRef<'_>, iova: u64, n: u64, r: Run, gather: &mut Gather) {
         let size = r.size.get();
         let first = self.index(iova, r.level);
-        for (k, e) in table.entries[first..first + n as usize].iter().enumerate() {
+        let slots = &table.entries[first..first + n as usize];
+        if n > 1 && self.clear_leaves(table, first, iova, n, size, r.level, gather) {
+            return;
+        }
+        for (k, e) in slots.iter().enumerate() {
             let old = e.load(Ordering::Acquire);
             e.store(0, Ordering::Release);
             let at = self.external(iova + k as u64 * size);
@@ -1416,6 +1478,54 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             }
         }
         self.sync_entries(table, first, n as usize);
+    }
+
+    /// Clears the `n` entries from `first` of `table` if they are all leaves (the common bulk
+    /// unmap) in one pass, then gathers them; `false` (nothing done) otherwise. Out of line:
+    /// single-page unmaps never come here.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(never)]
+    fn clear_leaves(
+        &self,
+        table: TableRef<'_>,
+        first: usize,
+        iova: u64,
+        n: u64,
+        size: u64,
+        level: u32,
+        gather: &mut Gather,
+    ) -> bool {
+        let slots = &table.entries[first..first + n as usize];
+        if !self.all_leaves(slots, level) {
+            return false;
+        }
+        clear_all(slots, Ordering::Release);
+        self.sync_entries(table, first, n as usize);
+        let mut at = self.external(iova);
+        for _ in 0..n {
+            self.flush.add_page(gather, at, size);
+            at = Iova::new(at.get().wrapping_add(size));
+        }
+        true
+    }
+
+    /// Whether every entry of `slots` (at `level`) is a leaf: their type bits, folded with AND
+    /// and with OR, both equal the level's leaf type. Out of line: for runs of several
+    /// entries only.
+    #[inline(never)]
+    fn all_leaves(&self, slots: &[AtomicU64], level: u32) -> bool {
+        let want = if level == 3 {
+            self.fast.page_type
+        } else {
+            desc::TYPE_BLOCK
+        };
+        let (mut and, mut or) = (u64::MAX, 0);
+        for e in slots {
+            let v = e.load(Ordering::Acquire);
+            and &= v;
+            or |= v;
+        }
+        and & desc::TYPE_MASK == want && or & desc::TYPE_MASK == want
     }
 
     /// Descends to the leaf table of `iova` for an unmap at `r.level` and caches it in the
@@ -1587,6 +1697,21 @@ pub(crate) fn all_zero(slots: &[AtomicU64], order: Ordering) -> bool {
     octs.remainder().iter().all(|e| e.load(order) == 0)
 }
 
+/// Stores zero into every entry of `slots`, four per trip.
+#[inline]
+fn clear_all(slots: &[AtomicU64], order: Ordering) {
+    let mut quads = slots.chunks_exact(4);
+    for q in &mut quads {
+        q[0].store(0, order);
+        q[1].store(0, order);
+        q[2].store(0, order);
+        q[3].store(0, order);
+    }
+    for e in quads.remainder() {
+        e.store(0, order);
+    }
+}
+
 /// Writes consecutive leaves mapping `pa`, `pa + size`, ... into `slots`. Below 2^48 the packed
 /// address grows by `size` from one descriptor to the next, so each is one add from the last;
 /// above, PA\[51:48\] folds into bits \[15:12\] and each is packed afresh.
@@ -1652,6 +1777,84 @@ mod tests {
     use crate::SimMemory;
     use iopt_api::{ConfigInput, Format, Granule, NoFlush, PageSizes, Quirks};
     use proptest::prelude::*;
+
+    /// The one-entry and all-leaves unmap paths report what the entry-by-entry path does:
+    /// every page gathered, the first hole named, nothing cleared on failure.
+    #[test]
+    fn unmap_fast_paths_gather_and_refuse_like_the_loop() {
+        let cfg = Config::new(ConfigInput::new(
+            Format::Arm64S1,
+            PageSizes::GRANULE_4K,
+            48,
+            48,
+        ))
+        .unwrap();
+        let e = Engine::new(cfg, SimMemory::new(), NoFlush).unwrap();
+        let sz = PageSize::SZ_4K;
+        let (va, pa) = (0x4000_0000u64, 0x8000_0000u64);
+        let map = |i: u64, n: u64| {
+            e.map(
+                Iova::new(va + i * 0x1000),
+                PhysAddr::new(pa + i * 0x1000),
+                sz,
+                n,
+                Prot::READ,
+                &mut e.on_demand(),
+            )
+        };
+        map(0, 700).unwrap();
+        // A hole at page 600: a run over it fails there and clears nothing.
+        let mut g = Gather::new();
+        e.unmap(Iova::new(va + 600 * 0x1000), sz, 1, &mut g)
+            .unwrap();
+        assert_eq!(
+            (g.pages(), g.range()),
+            (
+                1,
+                Some((
+                    Iova::new(va + 600 * 0x1000),
+                    Iova::new(va + 601 * 0x1000 - 1)
+                ))
+            )
+        );
+        let mut g = Gather::new();
+        assert_eq!(
+            e.unmap(Iova::new(va + 520 * 0x1000), sz, 100, &mut g),
+            Err(UnmapError::NotMapped {
+                iova: Iova::new(va + 600 * 0x1000)
+            })
+        );
+        assert_eq!(g, Gather::new());
+        assert!(e.lookup(Iova::new(va + 520 * 0x1000)).is_some());
+        assert_eq!(
+            e.unmap(Iova::new(va + 600 * 0x1000), sz, 1, &mut g),
+            Err(UnmapError::NotMapped {
+                iova: Iova::new(va + 600 * 0x1000)
+            })
+        );
+        // Across two leaf tables, all leaves: every page gathered once.
+        let mut g = Gather::new();
+        assert_eq!(e.unmap(Iova::new(va), sz, 600, &mut g), Ok(600 * 0x1000));
+        assert_eq!((g.pages(), g.pgsize()), (600, 0x1000));
+        assert_eq!(
+            g.range(),
+            Some((Iova::new(va), Iova::new(va + 600 * 0x1000 - 1)))
+        );
+        assert!(e.lookup(Iova::new(va + 599 * 0x1000)).is_none());
+        assert!(e.lookup(Iova::new(va + 601 * 0x1000)).is_some());
+        // A single map into an empty entry, and refused over a leaf.
+        map(5, 1).unwrap();
+        assert_eq!(
+            map(5, 1),
+            Err(MapError::AlreadyMapped {
+                iova: Iova::new(va + 5 * 0x1000)
+            })
+        );
+        assert_eq!(
+            e.lookup(Iova::new(va + 5 * 0x1000 + 7)).map(|t| t.pa),
+            Some(PhysAddr::new(pa + 5 * 0x1000 + 7))
+        );
+    }
 
     #[test]
     fn unrolled_scan_and_fill_match_plain_loops() {
