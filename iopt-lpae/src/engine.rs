@@ -1513,7 +1513,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// and with OR, both equal the level's leaf type. Out of line: for runs of several
     /// entries only.
     #[inline(never)]
-    fn all_leaves(&self, slots: &[AtomicU64], level: u32) -> bool {
+    pub(crate) fn all_leaves(&self, slots: &[AtomicU64], level: u32) -> bool {
         let want = if level == 3 {
             self.fast.page_type
         } else {
@@ -1699,7 +1699,7 @@ pub(crate) fn all_zero(slots: &[AtomicU64], order: Ordering) -> bool {
 
 /// Stores zero into every entry of `slots`, four per trip.
 #[inline]
-fn clear_all(slots: &[AtomicU64], order: Ordering) {
+pub(crate) fn clear_all(slots: &[AtomicU64], order: Ordering) {
     let mut quads = slots.chunks_exact(4);
     for q in &mut quads {
         q[0].store(0, order);

@@ -80,7 +80,7 @@
 #![allow(clippy::many_single_char_names)]
 
 use crate::desc::{self, Kind};
-use crate::engine::{Engine, PageSource, Plan, Run, Stash, all_zero, write_leaves};
+use crate::engine::{Engine, PageSource, Plan, Run, Stash, all_zero, clear_all, write_leaves};
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
@@ -1117,7 +1117,13 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             let path = self.unmap_path(iova, r, if single { &mut kept } else { &mut fresh })?;
             let first = self.index(iova, r.level);
             let t = path.last().t;
-            for (k, e) in t.entries[first..first + n as usize].iter().enumerate() {
+            let slots = &t.entries[first..first + n as usize];
+            let scan = if n > 1 && self.all_leaves(slots, r.level) {
+                &[]
+            } else {
+                slots
+            };
+            for (k, e) in scan.iter().enumerate() {
                 let v = e.load(SC);
                 let at = self.ext(iova + k as u64 * size);
                 match self.kind_of(r.level, v) {
@@ -1158,7 +1164,14 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             let first = cfg.index(iova, r.level);
             let t = path.last().t;
             let mut removed = 0u32;
-            for (k, e) in t.entries[first..first + n as usize].iter().enumerate() {
+            let slots = &t.entries[first..first + n as usize];
+            let each = if n > 1 && self.clear_leaf_run(slots, r.level, iova, size, gather) {
+                removed = n as u32;
+                &[]
+            } else {
+                slots
+            };
+            for (k, e) in each.iter().enumerate() {
                 // The caller owns the run: nobody else writes these entries, so a load and a
                 // plain store do (as Linux's clear), not a locked exchange per entry.
                 let old = e.load(Ordering::Acquire);
@@ -1192,6 +1205,28 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         self.retire(&dead);
         drop(guard);
         result
+    }
+
+    /// Clears `slots` (a run at `level` from `iova`) if they are all leaves, in one pass, and
+    /// gathers every page; `false` (nothing done) otherwise. Out of line: bulk unmaps only.
+    #[inline(never)]
+    fn clear_leaf_run(
+        &self,
+        slots: &[AtomicU64],
+        level: u32,
+        iova: u64,
+        size: u64,
+        gather: &mut Gather,
+    ) -> bool {
+        if !self.all_leaves(slots, level) {
+            return false;
+        }
+        clear_all(slots, Ordering::Release);
+        for k in 0..slots.len() as u64 {
+            self.flush_ops()
+                .add_page(gather, self.ext(iova + k * size), size);
+        }
+        true
     }
 
     // ---- reservations --------------------------------------------------------------------
