@@ -49,11 +49,9 @@ pub(crate) struct PoolSource<'a, A: TableAlloc> {
     pub(crate) size: u64,
 }
 
-impl<A: TableAlloc> PageSource for PoolSource<'_, A> {
-    fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError> {
-        if count == 0 {
-            return Ok(());
-        }
+impl<A: TableAlloc> PoolSource<'_, A> {
+    /// Hands `f` the pool's pages once `count` of them are known to be there, under the lock.
+    fn take(&self, count: usize, f: impl FnOnce(&mut Vec<PhysAddr>)) -> Result<(), MapError> {
         {
             let mut pools = self.pools.lock();
             let pool = pools
@@ -67,12 +65,29 @@ impl<A: TableAlloc> PageSource for PoolSource<'_, A> {
                     needed: count,
                 });
             }
-            out.extend(pool.pages.drain(left - count..));
+            f(&mut pool.pages);
         }
         let n = count as u64;
         self.counters.pages_consumed.fetch_add(n, Relaxed);
         self.counters.reserved_outstanding.fetch_sub(n, Relaxed);
         Ok(())
+    }
+}
+
+impl<A: TableAlloc> PageSource for PoolSource<'_, A> {
+    fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError> {
+        if count == 0 {
+            return Ok(());
+        }
+        self.take(count, |pages| {
+            out.extend(pages.drain(pages.len() - count..));
+        })
+    }
+
+    fn obtain_one(&mut self) -> Result<PhysAddr, MapError> {
+        let mut one = PhysAddr::ZERO;
+        self.take(1, |pages| one = pages.pop().unwrap_or(PhysAddr::ZERO))?;
+        Ok(one)
     }
 
     fn give_back(&mut self, pages: &[PhysAddr]) {

@@ -42,6 +42,18 @@ pub trait PageSource {
     /// [`MapError::ReservationExhausted`]); on error `out` is unchanged and nothing is held.
     fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError>;
 
+    /// Provides one page: what a map that adds a single leaf table (the common case) needs,
+    /// without a vector. The default asks [`obtain`](Self::obtain) for one.
+    ///
+    /// # Errors
+    ///
+    /// As [`obtain`](Self::obtain).
+    fn obtain_one(&mut self) -> Result<PhysAddr, MapError> {
+        let mut one = Vec::with_capacity(1);
+        self.obtain(1, &mut one)?;
+        Ok(one.first().copied().unwrap_or(PhysAddr::ZERO))
+    }
+
     /// Takes back pages that were obtained but never became reachable. They are zeroed.
     fn give_back(&mut self, pages: &[PhysAddr]);
 }
@@ -135,26 +147,42 @@ impl<'a, A: TableAlloc + ?Sized> OnDemand<'a, A> {
     }
 }
 
+impl<A: TableAlloc + ?Sized> OnDemand<'_, A> {
+    /// Counts `calls` allocator calls that gave `pages` pages (once per request, not per page:
+    /// each count is a locked add).
+    fn count(&self, calls: u64, pages: u64) {
+        self.counters
+            .alloc_calls
+            .fetch_add(calls, Ordering::Relaxed);
+        self.counters
+            .pages_allocated
+            .fetch_add(pages, Ordering::Relaxed);
+    }
+}
+
 impl<A: TableAlloc + ?Sized> PageSource for OnDemand<'_, A> {
     fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError> {
         let start = out.len();
-        for _ in 0..count {
-            self.counters.alloc_calls.fetch_add(1, Ordering::Relaxed);
+        out.reserve(count);
+        for k in 0..count as u64 {
             match self.alloc.alloc(self.size) {
-                Ok(pa) => {
-                    self.counters
-                        .pages_allocated
-                        .fetch_add(1, Ordering::Relaxed);
-                    out.push(pa);
-                }
+                Ok(pa) => out.push(pa),
                 Err(e) => {
+                    self.count(k + 1, k);
                     let got: Vec<PhysAddr> = out.drain(start..).collect();
                     self.give_back(&got);
                     return Err(e.into());
                 }
             }
         }
+        self.count(count as u64, count as u64);
         Ok(())
+    }
+
+    fn obtain_one(&mut self) -> Result<PhysAddr, MapError> {
+        let got = self.alloc.alloc(self.size);
+        self.count(1, u64::from(got.is_ok()));
+        Ok(got?)
     }
 
     fn give_back(&mut self, pages: &[PhysAddr]) {
@@ -185,6 +213,14 @@ impl PageSource for Stash {
         let at = self.pages.len() - count;
         out.extend(self.pages.drain(at..));
         Ok(())
+    }
+
+    fn obtain_one(&mut self) -> Result<PhysAddr, MapError> {
+        self.pages.pop().ok_or(MapError::ReservationExhausted {
+            id: 0,
+            left: 0,
+            needed: 1,
+        })
     }
 
     fn give_back(&mut self, pages: &[PhysAddr]) {
@@ -1243,19 +1279,39 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let size = cfg.block_size(target);
         let leaf_type = desc::leaf_type(cfg.format(), target);
         let need = (target - level) as usize;
-        let mut pages = Vec::with_capacity(need);
-        src.obtain(need, &mut pages)?;
-        let mut chain = Vec::with_capacity(need);
-        for &p in &pages {
-            let Some(t) = self.alloc.table(p) else {
-                src.give_back(&pages);
-                return Err(MapError::BrokenTable {
-                    iova: self.external(iova),
-                    pa: p,
-                });
-            };
-            chain.push(t);
+        // At most three tables below the root: no vectors.
+        let mut held = [PhysAddr::ZERO; 4];
+        if need == 1 {
+            held[0] = src.obtain_one()?;
+        } else {
+            let mut got = Vec::with_capacity(need);
+            src.obtain(need, &mut got)?;
+            held[..need].copy_from_slice(&got);
         }
+        let pages = &held[..need];
+        let resolve = |p: PhysAddr| {
+            self.alloc.table(p).ok_or(MapError::BrokenTable {
+                iova: self.external(iova),
+                pa: p,
+            })
+        };
+        let mut tables = match resolve(pages[0]) {
+            Ok(t) => [t; 4],
+            Err(e) => {
+                src.give_back(pages);
+                return Err(e);
+            }
+        };
+        for (slot, &p) in tables.iter_mut().zip(pages).skip(1) {
+            match resolve(p) {
+                Ok(t) => *slot = t,
+                Err(e) => {
+                    src.give_back(pages);
+                    return Err(e);
+                }
+            }
+        }
+        let chain = &tables[..need];
         for i in 0..need - 1 {
             let idx = cfg.index(iova, level + 1 + i as u32);
             chain[i].entries[idx].store(self.private_link(pages[i + 1]), Ordering::Relaxed);
@@ -1263,7 +1319,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let first = cfg.index(iova, target);
         let leaves = &chain[need - 1].entries[first..first + n as usize];
         write_leaves(leaves, bits | leaf_type, pa, size, Ordering::Relaxed);
-        for &t in &chain {
+        for &t in chain {
             self.sync_table(t);
         }
         let new = desc::encode_table(cfg, pages[0]);
@@ -1282,7 +1338,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         for e in leaves {
             e.store(0, Ordering::Relaxed);
         }
-        src.give_back(&pages);
+        src.give_back(pages);
         self.counters
             .install_races_lost
             .fetch_add(1, Ordering::Relaxed);

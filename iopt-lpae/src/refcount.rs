@@ -335,6 +335,13 @@ impl<S: PageSource> PageSource for TopUp<'_, S> {
         Ok(())
     }
 
+    fn obtain_one(&mut self) -> Result<PhysAddr, MapError> {
+        match self.stash.pages.pop() {
+            Some(p) => Ok(p),
+            None => self.src.obtain_one(),
+        }
+    }
+
     fn give_back(&mut self, pages: &[PhysAddr]) {
         self.stash.pages.extend_from_slice(pages);
     }
@@ -930,19 +937,39 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let slot = &cur.t.entries[idx];
         let level = cur.level;
         let need = (target - level) as usize;
-        let mut pages = Vec::with_capacity(need);
-        src.obtain(need, &mut pages)?;
-        let mut chain = Vec::with_capacity(need);
-        for &p in &pages {
-            let Some(t) = self.allocator().table(p) else {
-                src.give_back(&pages);
-                return Err(MapError::BrokenTable {
-                    iova: self.ext(iova),
-                    pa: p,
-                });
-            };
-            chain.push(t);
+        // At most three tables below the root: no vectors.
+        let mut held = [PhysAddr::ZERO; 4];
+        if need == 1 {
+            held[0] = src.obtain_one()?;
+        } else {
+            let mut got = Vec::with_capacity(need);
+            src.obtain(need, &mut got)?;
+            held[..need].copy_from_slice(&got);
         }
+        let pages = &held[..need];
+        let resolve = |p: PhysAddr| {
+            self.allocator().table(p).ok_or(MapError::BrokenTable {
+                iova: self.ext(iova),
+                pa: p,
+            })
+        };
+        let mut tables = match resolve(pages[0]) {
+            Ok(t) => [t; 4],
+            Err(e) => {
+                src.give_back(pages);
+                return Err(e);
+            }
+        };
+        for (slot, &p) in tables.iter_mut().zip(pages).skip(1) {
+            match resolve(p) {
+                Ok(t) => *slot = t,
+                Err(e) => {
+                    src.give_back(pages);
+                    return Err(e);
+                }
+            }
+        }
+        let chain = &tables[..need];
         for (i, t) in chain.iter().enumerate() {
             if i + 1 < need {
                 t.entries[cfg.index(iova, level + 1 + i as u32)]
@@ -961,18 +988,18 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             }
         };
         if !pin(cur.t.meta, 1) {
-            reset(&chain);
-            src.give_back(&pages);
+            reset(chain);
+            src.give_back(pages);
             return Ok(false);
         }
         // The leaves come later (commit); everything else in the chain is written now.
-        for &t in &chain {
+        for &t in chain {
             self.sync_table(t);
         }
         let new = desc::encode_table(cfg, pages[0]);
         if slot.compare_exchange(0, new, SC, SC).is_err() {
-            reset(&chain);
-            src.give_back(&pages);
+            reset(chain);
+            src.give_back(pages);
             self.counters()
                 .install_races_lost
                 .fetch_add(1, Ordering::Relaxed);
@@ -981,7 +1008,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         }
         self.sync_installed(cur.t, idx, new);
         self.counters().add_live(need as u64);
-        for (i, t) in chain.into_iter().enumerate() {
+        for (i, &t) in chain.iter().enumerate() {
             path.push(Frame {
                 t,
                 pa: pages[i],

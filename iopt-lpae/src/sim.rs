@@ -215,10 +215,22 @@ impl Region {
     }
 }
 
+/// The free lists and the allocation counters, under one lock: every allocation and free
+/// takes it anyway, so the counters cost plain adds instead of a locked read-modify-write
+/// each (they were seven per page allocated).
 #[derive(Debug, Default)]
 struct FreeState {
     next_fresh: [usize; MAX_REGIONS],
     free: [Vec<usize>; MAX_REGIONS],
+    live_pages: u64,
+    live_bytes: u64,
+    peak_pages: u64,
+    alloc_calls: u64,
+    alloc_bulk_calls: u64,
+    pages_allocated: u64,
+    free_calls: u64,
+    free_bulk_calls: u64,
+    pages_freed: u64,
 }
 
 /// Counters of a [`SimMemory`].
@@ -284,21 +296,13 @@ pub struct SimMemory {
     span_mask: u64,
     regions: [OnceBox<Region>; MAX_REGIONS],
     state: spin::Mutex<FreeState>,
-    /// Page allocations so far (the index failure injection counts in).
+    /// Page allocations so far (the index failure injection counts in); written under the
+    /// `state` lock.
     alloc_index: AtomicU64,
     /// Page allocation index that fails (`u64::MAX`: none).
     fail_index: AtomicU64,
     /// Whether every allocation from `fail_index` on fails.
     fail_sticky: AtomicBool,
-    live_pages: AtomicU64,
-    live_bytes: AtomicU64,
-    peak_pages: AtomicU64,
-    alloc_calls: AtomicU64,
-    alloc_bulk_calls: AtomicU64,
-    pages_allocated: AtomicU64,
-    free_calls: AtomicU64,
-    free_bulk_calls: AtomicU64,
-    pages_freed: AtomicU64,
     injected: AtomicU64,
     bad_frees: AtomicU64,
     cleans: AtomicU64,
@@ -374,15 +378,6 @@ impl SimMemory {
             alloc_index: AtomicU64::new(0),
             fail_index: AtomicU64::new(u64::MAX),
             fail_sticky: AtomicBool::new(false),
-            live_pages: AtomicU64::new(0),
-            live_bytes: AtomicU64::new(0),
-            peak_pages: AtomicU64::new(0),
-            alloc_calls: AtomicU64::new(0),
-            alloc_bulk_calls: AtomicU64::new(0),
-            pages_allocated: AtomicU64::new(0),
-            free_calls: AtomicU64::new(0),
-            free_bulk_calls: AtomicU64::new(0),
-            pages_freed: AtomicU64::new(0),
             injected: AtomicU64::new(0),
             bad_frees: AtomicU64::new(0),
             cleans: AtomicU64::new(0),
@@ -422,16 +417,17 @@ impl SimMemory {
     #[must_use]
     pub fn stats(&self) -> SimStats {
         let r = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        let st = self.state.lock();
         SimStats {
-            live_pages: r(&self.live_pages),
-            live_bytes: r(&self.live_bytes),
-            peak_pages: r(&self.peak_pages),
-            alloc_calls: r(&self.alloc_calls),
-            alloc_bulk_calls: r(&self.alloc_bulk_calls),
-            pages_allocated: r(&self.pages_allocated),
-            free_calls: r(&self.free_calls),
-            free_bulk_calls: r(&self.free_bulk_calls),
-            pages_freed: r(&self.pages_freed),
+            live_pages: st.live_pages,
+            live_bytes: st.live_bytes,
+            peak_pages: st.peak_pages,
+            alloc_calls: st.alloc_calls,
+            alloc_bulk_calls: st.alloc_bulk_calls,
+            pages_allocated: st.pages_allocated,
+            free_calls: st.free_calls,
+            free_bulk_calls: st.free_bulk_calls,
+            pages_freed: st.pages_freed,
             injected_failures: r(&self.injected),
             bad_frees: r(&self.bad_frees),
             cleans: r(&self.cleans),
@@ -571,8 +567,12 @@ impl SimMemory {
         Err(AllocError::UnsupportedSize { size })
     }
 
+    /// Counts `count` page allocations for failure injection; `false` if one of them is the
+    /// one to fail. Called with the `state` lock held (the only writers of `alloc_index`).
     fn take_indices(&self, count: u64) -> bool {
-        let first = self.alloc_index.fetch_add(count, Ordering::SeqCst);
+        let first = self.alloc_index.load(Ordering::SeqCst);
+        self.alloc_index
+            .store(first.saturating_add(count), Ordering::SeqCst);
         let fail = self.fail_index.load(Ordering::SeqCst);
         let hit = if self.fail_sticky.load(Ordering::SeqCst) {
             first.saturating_add(count) > fail
@@ -585,86 +585,101 @@ impl SimMemory {
         !hit
     }
 
-    fn grab(&self, size: u64, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), AllocError> {
+    /// Takes `count` page indices of region `ri` under the lock: failure injection, the
+    /// availability check and the counters, then `each` for every index picked.
+    fn pick(
+        &self,
+        st: &mut FreeState,
+        (ri, region): (usize, &Region),
+        count: usize,
+        mut each: impl FnMut(usize),
+    ) -> Result<(), AllocError> {
+        let size = region.size;
         if !self.take_indices(count as u64) {
             return Err(AllocError::OutOfMemory { size, count });
         }
-        let (ri, region) = self.region_for(size)?;
-        let mut picked = Vec::with_capacity(count);
-        {
-            let mut st = self.state.lock();
-            let available = st.free[ri].len() + (region.slots - st.next_fresh[ri]);
-            if available < count {
-                return Err(AllocError::OutOfMemory { size, count });
-            }
-            for _ in 0..count {
-                let i = if let Some(i) = st.free[ri].pop() {
-                    i
-                } else {
-                    st.next_fresh[ri] += 1;
-                    st.next_fresh[ri] - 1
-                };
-                picked.push(i);
-            }
+        let available = st.free[ri].len() + (region.slots - st.next_fresh[ri]);
+        if available < count {
+            return Err(AllocError::OutOfMemory { size, count });
         }
-        for i in picked {
-            let Some(page) = region.page_init(i, self.non_coherent) else {
-                return Err(AllocError::OutOfMemory { size, count });
+        for _ in 0..count {
+            let i = if let Some(i) = st.free[ri].pop() {
+                i
+            } else {
+                st.next_fresh[ri] += 1;
+                st.next_fresh[ri] - 1
             };
-            // Whatever the memory held before is what the device sees until a clean.
-            for d in page.device {
-                d.store(STALE_DESCRIPTOR, Ordering::Relaxed);
-            }
-            page.live.store(true, Ordering::Release);
-            out.push(PhysAddr::new(region.base + i as u64 * region.stride));
+            each(i);
         }
         let n = count as u64;
-        self.pages_allocated.fetch_add(n, Ordering::Relaxed);
-        self.live_bytes.fetch_add(n * size, Ordering::Relaxed);
-        let live = self.live_pages.fetch_add(n, Ordering::SeqCst) + n;
-        self.peak_pages.fetch_max(live, Ordering::Relaxed);
+        st.pages_allocated += n;
+        st.live_bytes += n * size;
+        st.live_pages += n;
+        st.peak_pages = st.peak_pages.max(st.live_pages);
         Ok(())
     }
 
-    fn release(&self, pa: PhysAddr, size: u64) {
-        let Some((ri, region)) = self
+    /// Makes picked page `i` of `region` live (creating its chunk on first use).
+    fn hand_out(&self, region: &Region, i: usize) -> Option<PhysAddr> {
+        let page = region.page_init(i, self.non_coherent)?;
+        // Whatever the memory held before is what the device sees until a clean.
+        for d in page.device {
+            d.store(STALE_DESCRIPTOR, Ordering::Relaxed);
+        }
+        page.live.store(true, Ordering::Release);
+        Some(PhysAddr::new(region.base + i as u64 * region.stride))
+    }
+
+    /// Checks and zeroes a page being freed; returns its region and index, or counts a bad
+    /// free. The caller puts it on the free list.
+    fn retire_page(&self, pa: PhysAddr, size: u64) -> Option<(usize, usize)> {
+        let found = self
             .regions
             .iter()
             .enumerate()
             .find_map(|(i, r)| r.get().filter(|r| r.size == size).map(|r| (i, r)))
-        else {
+            .and_then(|(ri, region)| {
+                let index = region.index_of(pa.get())?;
+                Some((ri, index, region.page(index)?))
+            });
+        let Some((ri, index, page)) = found else {
             self.bad_frees.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let Some(index) = region.index_of(pa.get()) else {
-            self.bad_frees.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let Some(page) = region.page(index) else {
-            self.bad_frees.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         };
         if !page.live.swap(false, Ordering::AcqRel) {
             self.bad_frees.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         }
         for e in page.entries {
             e.store(0, Ordering::Relaxed);
         }
         page.meta.clear();
-        self.state.lock().free[ri].push(index);
-        self.pages_freed.fetch_add(1, Ordering::Relaxed);
-        self.live_bytes.fetch_sub(size, Ordering::Relaxed);
-        self.live_pages.fetch_sub(1, Ordering::SeqCst);
+        Some((ri, index))
+    }
+
+    /// Puts a retired page on its free list and counts it.
+    fn put_back(st: &mut FreeState, (ri, index): (usize, usize), size: u64) {
+        st.free[ri].push(index);
+        st.pages_freed += 1;
+        st.live_bytes -= size;
+        st.live_pages -= 1;
     }
 }
 
 impl TableAlloc for SimMemory {
     fn alloc(&self, size: u64) -> Result<PhysAddr, AllocError> {
-        self.alloc_calls.fetch_add(1, Ordering::Relaxed);
-        let mut out = Vec::with_capacity(1);
-        self.grab(size, 1, &mut out)?;
-        out.pop().ok_or(AllocError::OutOfMemory { size, count: 1 })
+        let found = self.region_for(size);
+        let mut picked = None;
+        let region = {
+            let mut st = self.state.lock();
+            st.alloc_calls += 1;
+            let found = found?;
+            self.pick(&mut st, found, 1, |i| picked = Some(i))?;
+            found.1
+        };
+        picked
+            .and_then(|i| self.hand_out(region, i))
+            .ok_or(AllocError::OutOfMemory { size, count: 1 })
     }
 
     fn alloc_bulk(
@@ -673,19 +688,43 @@ impl TableAlloc for SimMemory {
         count: usize,
         out: &mut Vec<PhysAddr>,
     ) -> Result<(), AllocError> {
-        self.alloc_bulk_calls.fetch_add(1, Ordering::Relaxed);
-        self.grab(size, count, out)
+        let found = self.region_for(size);
+        let mut picked = Vec::with_capacity(count);
+        let region = {
+            let mut st = self.state.lock();
+            st.alloc_bulk_calls += 1;
+            let found = found?;
+            self.pick(&mut st, found, count, |i| picked.push(i))?;
+            found.1
+        };
+        out.reserve(count);
+        for i in picked {
+            out.push(
+                self.hand_out(region, i)
+                    .ok_or(AllocError::OutOfMemory { size, count })?,
+            );
+        }
+        Ok(())
     }
 
     fn free(&self, pa: PhysAddr, size: u64) {
-        self.free_calls.fetch_add(1, Ordering::Relaxed);
-        self.release(pa, size);
+        let page = self.retire_page(pa, size);
+        let mut st = self.state.lock();
+        st.free_calls += 1;
+        if let Some(page) = page {
+            Self::put_back(&mut st, page, size);
+        }
     }
 
     fn free_bulk(&self, pages: &[PhysAddr], size: u64) {
-        self.free_bulk_calls.fetch_add(1, Ordering::Relaxed);
-        for &pa in pages {
-            self.release(pa, size);
+        let retired: Vec<(usize, usize)> = pages
+            .iter()
+            .filter_map(|&pa| self.retire_page(pa, size))
+            .collect();
+        let mut st = self.state.lock();
+        st.free_bulk_calls += 1;
+        for page in retired {
+            Self::put_back(&mut st, page, size);
         }
     }
 
