@@ -468,6 +468,22 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         Iova::new(local | self.fast.ext_bits)
     }
 
+    /// The size of a leaf at `level` (precomputed shifts).
+    #[inline]
+    pub(crate) fn leaf_size(&self, level: u32) -> u64 {
+        1 << self.fast.shift[level as usize & 3]
+    }
+
+    /// The type bits of a leaf at `level`: the format's page type at level 3, a block above.
+    #[inline]
+    pub(crate) fn leaf_type(&self, level: u32) -> u64 {
+        if level == 3 {
+            self.fast.page_type
+        } else {
+            desc::TYPE_BLOCK
+        }
+    }
+
     /// The leaf attribute bits for `prot` (`desc::prot_bits`, precomputed).
     #[inline]
     pub(crate) fn leaf_bits(&self, prot: Prot) -> u64 {
@@ -1108,13 +1124,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             let idx = self.index(iova, target);
             if let Some(e) = table.entries.get(idx) {
                 if e.load(Ordering::Acquire) == 0 {
-                    let leaf_type = if target == 3 {
-                        self.fast.page_type
-                    } else {
-                        desc::TYPE_BLOCK
-                    };
                     e.store(
-                        bits | leaf_type | desc::pack_pa(PhysAddr::new(pa)),
+                        bits | self.leaf_type(target) | desc::pack_pa(PhysAddr::new(pa)),
                         Ordering::Release,
                     );
                     self.sync_entries(table, idx, 1);
@@ -1570,11 +1581,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// entries only.
     #[inline(never)]
     pub(crate) fn all_leaves(&self, slots: &[AtomicU64], level: u32) -> bool {
-        let want = if level == 3 {
-            self.fast.page_type
-        } else {
-            desc::TYPE_BLOCK
-        };
+        let want = self.leaf_type(level);
         let (mut and, mut or) = (u64::MAX, 0);
         for e in slots {
             let v = e.load(Ordering::Acquire);

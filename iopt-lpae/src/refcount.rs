@@ -602,20 +602,18 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// one-frame path: only when every target entry is empty and the table is not dying (else
     /// the full walk decides).
     #[inline]
-    fn cursor_pinned(&self, iova: u64, target: u32, n: u64) -> Option<Path<'_>> {
+    fn cursor_pinned(&self, iova: u64, target: u32, n: u64) -> Option<Frame<'_>> {
         let (t, pa) = self.cursor_get(target, iova)?;
         let first = self.index(iova, target);
         let slots = t.entries.get(first..first + usize::try_from(n).ok()?)?;
-        if !slots.iter().all(|e| e.load(SC) == 0) {
+        if !all_zero(slots, SC) {
             return None;
         }
         let pins = u32::try_from(n).ok()?;
-        pin(t.meta, pins).then(|| {
-            Path::new(Frame {
-                t,
-                pa,
-                level: target,
-            })
+        pin(t.meta, pins).then_some(Frame {
+            t,
+            pa,
+            level: target,
         })
     }
 
@@ -767,9 +765,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     ) -> Result<&'s Prepared<'a>, MapError> {
         let cfg = self.config();
         let epoch = self.unlink_epoch();
-        if let Some(path) = self.cursor_pinned(iova, target, n) {
+        if let Some(leaf) = self.cursor_pinned(iova, target, n) {
             return Ok(out.insert(Prepared {
-                path,
+                path: Path::new(leaf),
                 iova,
                 level: target,
                 n,
@@ -1021,10 +1019,20 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// Writes a prepared segment's leaves (cannot fail).
     fn commit(&self, p: &Prepared<'_>, pa: u64, bits: u64, dead: &mut Vec<PhysAddr>) {
         let cfg = self.config();
-        let size = cfg.block_size(p.level);
-        let leaf_type = desc::leaf_type(cfg.format(), p.level);
+        let size = self.leaf_size(p.level);
+        let leaf_type = self.leaf_type(p.level);
         let t = p.path.last().t;
-        let first = cfg.index(p.iova, p.level);
+        let first = self.index(p.iova, p.level);
+        if p.n == 1 && p.claimed.is_empty() {
+            if let Some(e) = t.entries.get(first) {
+                e.store(
+                    bits | leaf_type | desc::pack_pa(PhysAddr::new(pa)),
+                    Ordering::Release,
+                );
+                self.sync_entries(t, first, 1);
+                return;
+            }
+        }
         if p.claimed.is_empty() {
             write_leaves(
                 &t.entries[first..first + p.n as usize],
