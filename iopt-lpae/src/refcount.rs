@@ -184,8 +184,14 @@ impl<A: TableAlloc, F: FlushOps> Drop for OpGuard<'_, A, F> {
 #[derive(Clone, Copy)]
 struct Frame<'a> {
     t: TableRef<'a>,
-    pa: PhysAddr,
     level: u32,
+}
+
+impl Frame<'_> {
+    /// The table's address.
+    fn pa(&self) -> PhysAddr {
+        self.t.pa
+    }
 }
 
 /// A walk's path from the root, without allocating: at most four levels.
@@ -513,7 +519,6 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     fn root_frame(&self) -> Option<Frame<'_>> {
         self.allocator().table(self.root()).map(|t| Frame {
             t,
-            pa: self.root(),
             level: self.config().start_level(),
         })
     }
@@ -566,12 +571,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if before != n {
             return false;
         }
-        if path[0].pa != self.root() {
+        if path[0].pa() != self.root() {
             // A path from the cursor holds the leaf table alone: walk to it for its ancestors
             // (still linked: it is, and they count the links).
             let f = path[i];
             return self
-                .path_to(iova, f.level, f.pa)
+                .path_to(iova, f.level, f.pa())
                 .is_some_and(|full| self.cascade(full.frames(), full.top(), iova, dead));
         }
         self.cascade(path, i, iova, dead)
@@ -587,15 +592,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             if self.kind_of(l, e) != Kind::Table {
                 return None;
             }
-            let (t, tpa) = self.table_of(e)?;
+            let (t, _) = self.table_of(e)?;
             l += 1;
-            path.push(Frame {
-                t,
-                pa: tpa,
-                level: l,
-            });
+            path.push(Frame { t, level: l });
         }
-        (path.last().pa == pa).then_some(path)
+        (path.last().pa() == pa).then_some(path)
     }
 
     /// The leaf table the cursor holds for a map of `n` leaves at `iova`, pinned for them, as a
@@ -603,18 +604,14 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// the full walk decides).
     #[inline]
     fn cursor_pinned(&self, iova: u64, target: u32, n: u64) -> Option<Frame<'_>> {
-        let (t, pa) = self.cursor_get(target, iova)?;
+        let (t, _) = self.cursor_get(target, iova)?;
         let first = self.index(iova, target);
         let slots = t.entries.get(first..first + usize::try_from(n).ok()?)?;
         if !all_zero(slots, SC) {
             return None;
         }
         let pins = u32::try_from(n).ok()?;
-        pin(t.meta, pins).then_some(Frame {
-            t,
-            pa,
-            level: target,
-        })
+        pin(t.meta, pins).then_some(Frame { t, level: target })
     }
 
     /// `path[i]`'s count just reached 0: claim it and every ancestor holding nothing else,
@@ -628,10 +625,10 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let mut i = i;
         loop {
             let mut top = i;
-            self.note_dead(path[top].pa, dead);
+            self.note_dead(path[top].pa(), dead);
             while top > 1 && try_claim(path[top - 1].t.meta, 1) {
                 top -= 1;
-                self.note_dead(path[top].pa, dead);
+                self.note_dead(path[top].pa(), dead);
             }
             let parent = path[top - 1];
             self.unlink(parent, cfg.index(iova, parent.level), iova);
@@ -796,18 +793,18 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 let idx = self.index(iova, level);
                 let slot = cur.t.entries.get(idx).ok_or(MapError::BrokenTable {
                     iova: self.ext(iova),
-                    pa: cur.pa,
+                    pa: cur.pa(),
                 })?;
                 let e = slot.load(SC);
                 match self.kind_of(level, e) {
                     Kind::Table => {
                         self.sync_seen(cur.t, idx, e);
-                        let (t, pa) = self.table_of(e).ok_or(MapError::BrokenTable {
+                        let (t, _) = self.table_of(e).ok_or(MapError::BrokenTable {
                             iova: self.ext(iova),
                             pa: desc::unpack_pa(e, cfg.granule()),
                         })?;
                         level += 1;
-                        path.push(Frame { t, pa, level });
+                        path.push(Frame { t, level });
                     }
                     Kind::Leaf => {
                         return Err(MapError::AlreadyMapped {
@@ -816,7 +813,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     }
                     Kind::Invalid => {
                         if self.install_chain(path, idx, iova, target, n, src, dead)? {
-                            self.cursor_set(target, iova, path.last().pa, epoch);
+                            self.cursor_set(target, iova, path.last().pa(), epoch);
                             p.pinned = n as u32;
                             return Ok(p);
                         }
@@ -827,7 +824,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 }
             }
             if let Some((pinned, claimed)) = self.prepare_leaf(path, iova, target, n, dead)? {
-                self.cursor_set(target, iova, path.last().pa, epoch);
+                self.cursor_set(target, iova, path.last().pa(), epoch);
                 p.pinned = pinned;
                 p.claimed = claimed;
                 return Ok(p);
@@ -860,7 +857,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     .get(first..first + n as usize)
                     .ok_or(MapError::BrokenTable {
                         iova: self.ext(iova),
-                        pa: cur.pa,
+                        pa: cur.pa(),
                     })?;
             let mut free = 0u32;
             let mut claimed = Vec::new();
@@ -1009,7 +1006,6 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         for (i, &t) in chain.iter().enumerate() {
             path.push(Frame {
                 t,
-                pa: pages[i],
                 level: level + 1 + i as u32,
             });
         }
@@ -1088,12 +1084,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let cfg = self.config();
         // The cursor's table holds the run's leaves (the caller owns them), so it cannot be
         // claimed under us.
-        if let Some((t, pa)) = self.cursor_get(r.level, iova) {
-            return Ok(slot.insert(Path::new(Frame {
-                t,
-                pa,
-                level: r.level,
-            })));
+        if let Some((t, _)) = self.cursor_get(r.level, iova) {
+            return Ok(slot.insert(Path::new(Frame { t, level: r.level })));
         }
         let epoch = self.unlink_epoch();
         let root = self.root_frame().ok_or(UnmapError::BrokenTable {
@@ -1123,16 +1115,16 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     });
                 }
                 Kind::Table => {
-                    let (t, pa) = self.table_of(e).ok_or(UnmapError::BrokenTable {
+                    let (t, _) = self.table_of(e).ok_or(UnmapError::BrokenTable {
                         iova: self.ext(iova),
                         pa: desc::unpack_pa(e, cfg.granule()),
                     })?;
                     level += 1;
-                    path.push(Frame { t, pa, level });
+                    path.push(Frame { t, level });
                 }
             }
         }
-        self.cursor_set(r.level, iova, path.last().pa, epoch);
+        self.cursor_set(r.level, iova, path.last().pa(), epoch);
         Ok(path)
     }
 
@@ -1544,7 +1536,6 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         taken.push(spa);
                         let child = Frame {
                             t: sub,
-                            pa: spa,
                             level: f.level + 1,
                         };
                         result = self.reserve_walk(child, at, next, w, src, taken);
@@ -1726,11 +1717,10 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     }
                 }
                 Kind::Table => {
-                    if let Some((sub, spa)) = self.table_of(e) {
+                    if let Some((sub, _)) = self.table_of(e) {
                         let dec = w.is_some_and(|w| self.needs_child(w, f.level, s));
                         let child = Frame {
                             t: sub,
-                            pa: spa,
                             level: f.level + 1,
                         };
                         if self.collapse(child, at, next, w, gather.as_deref_mut(), dec, dead) {
@@ -1748,11 +1738,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if dec_self {
             f.t.meta.reservations.fetch_sub(1, SC);
         }
-        let is_root = f.pa == self.root();
+        let is_root = f.pa() == self.root();
         let k = kids.len() as u32;
         if !is_root && try_claim(f.t.meta, k) {
             // Unlinked by the caller: that clean hides the cleared leaves too.
-            self.note_dead(f.pa, dead);
+            self.note_dead(f.pa(), dead);
             return true;
         }
         for &(idx, s) in &kids {
@@ -1763,7 +1753,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             && !is_root
             && try_claim(f.t.meta, 0)
         {
-            self.note_dead(f.pa, dead);
+            self.note_dead(f.pa(), dead);
             return true;
         }
         // It stays linked: the walker must see its cleared leaves.
