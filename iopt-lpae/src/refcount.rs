@@ -674,6 +674,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         src: &mut S,
         dead: &mut Vec<PhysAddr>,
     ) -> Result<(), MapError> {
+        // The cursor's leaf table, pinned: write straight into it (no prepared segment).
+        if let Some(leaf) = self.cursor_pinned(r.iova, r.level, r.count) {
+            self.write_pinned(leaf.t, r.iova, r.level, r.count, r.pa, bits);
+            return Ok(());
+        }
         let mut slot = None;
         let p = self.prepare(r.iova, r.level, r.count, src, dead, &mut slot)?;
         self.commit(p, r.pa, bits, dead);
@@ -1012,14 +1017,13 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         Ok(true)
     }
 
-    /// Writes a prepared segment's leaves (cannot fail).
-    fn commit(&self, p: &Prepared<'_>, pa: u64, bits: u64, dead: &mut Vec<PhysAddr>) {
-        let cfg = self.config();
-        let size = self.leaf_size(p.level);
-        let leaf_type = self.leaf_type(p.level);
-        let t = p.path.last().t;
-        let first = self.index(p.iova, p.level);
-        if p.n == 1 && p.claimed.is_empty() {
+    /// Writes `n` leaves from `iova` (mapping `pa` on) into the leaf table `t`, whose target
+    /// entries are empty and pinned for them (cannot fail).
+    #[inline]
+    fn write_pinned(&self, t: TableRef<'_>, iova: u64, level: u32, n: u64, pa: u64, bits: u64) {
+        let first = self.index(iova, level);
+        let leaf_type = self.leaf_type(level);
+        if n == 1 {
             if let Some(e) = t.entries.get(first) {
                 e.store(
                     bits | leaf_type | desc::pack_pa(PhysAddr::new(pa)),
@@ -1029,17 +1033,27 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 return;
             }
         }
+        write_leaves(
+            &t.entries[first..first + n as usize],
+            bits | leaf_type,
+            pa,
+            self.leaf_size(level),
+            Ordering::Release,
+        );
+        self.sync_entries(t, first, n as usize);
+    }
+
+    /// Writes a prepared segment's leaves (cannot fail).
+    fn commit(&self, p: &Prepared<'_>, pa: u64, bits: u64, dead: &mut Vec<PhysAddr>) {
+        let t = p.path.last().t;
         if p.claimed.is_empty() {
-            write_leaves(
-                &t.entries[first..first + p.n as usize],
-                bits | leaf_type,
-                pa,
-                size,
-                Ordering::Release,
-            );
-            self.sync_entries(t, first, p.n as usize);
+            self.write_pinned(t, p.iova, p.level, p.n, pa, bits);
             return;
         }
+        let cfg = self.config();
+        let size = self.leaf_size(p.level);
+        let leaf_type = self.leaf_type(p.level);
+        let first = self.index(p.iova, p.level);
         for (k, e) in t.entries[first..first + p.n as usize].iter().enumerate() {
             let d = bits | leaf_type | desc::pack_pa(PhysAddr::new(pa + k as u64 * size));
             match p.claimed.iter().find(|c| c.0 == k) {
@@ -1130,6 +1144,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     /// [`Engine::unmap_run`] on a refcounted engine.
     pub(crate) fn unmap_run_counted(&self, r: Run, gather: &mut Gather) -> Result<u64, UnmapError> {
+        if r.count == 1 {
+            if let Some(done) = self.unmap_one_counted(r, gather) {
+                return done;
+            }
+        }
         let guard = self.enter();
         let cfg = self.config();
         let size = r.size.get();
@@ -1254,6 +1273,43 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 .add_page(gather, self.ext(iova + k * size), size);
         }
         true
+    }
+
+    /// [`unmap_run_counted`](Self::unmap_run_counted) of one leaf without its two passes and
+    /// loops: `None` (nothing done) when the entry holds a table, which the general path
+    /// handles.
+    #[inline]
+    fn unmap_one_counted(&self, r: Run, gather: &mut Gather) -> Option<Result<u64, UnmapError>> {
+        let guard = self.enter();
+        let mut kept = None;
+        let path = match self.unmap_path(r.iova, r, &mut kept) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        let t = path.last().t;
+        let idx = self.index(r.iova, r.level);
+        let e = t.entries.get(idx)?;
+        let old = e.load(SC);
+        match self.kind_of(r.level, old) {
+            Kind::Table => return None,
+            Kind::Invalid => {
+                return Some(Err(UnmapError::NotMapped {
+                    iova: self.ext(r.iova),
+                }));
+            }
+            Kind::Leaf => {}
+        }
+        // The caller owns the entry: a load and a plain store, as in the general path.
+        e.store(0, Ordering::Release);
+        let size = r.size.get();
+        self.flush_ops().add_page(gather, self.ext(r.iova), size);
+        let mut dead = Vec::new();
+        if !self.drop_live(path.frames(), path.top(), 1, r.iova, &mut dead) {
+            self.sync_entries(t, idx, 1);
+        }
+        self.retire(&dead);
+        drop(guard);
+        Some(Ok(size))
     }
 
     // ---- reservations --------------------------------------------------------------------
