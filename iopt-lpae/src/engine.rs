@@ -297,6 +297,10 @@ struct Fast {
     /// `desc::decode_prot` for every combination of the descriptor bits it reads, indexed by
     /// [`Fast::prot_key`].
     decoded: [u8; 256],
+    /// `desc::unpack_pa` without the granule match: `(p | p << fold) & mask` of the address
+    /// field `p` (fold 36 for a 64K granule's PA\[51:48\], else 0).
+    unpack_fold: u32,
+    unpack_mask: u64,
 }
 
 impl Fast {
@@ -327,8 +331,15 @@ impl Fast {
             *p = desc::decode_prot(cfg, desc).bits() as u8;
         }
         let ttbr1 = cfg.is_ttbr1();
+        let k64 = cfg.granule() == iopt_api::Granule::K64;
         Self {
             decoded,
+            unpack_fold: if k64 { 36 } else { 0 },
+            unpack_mask: if k64 {
+                desc::ADDR_MASK << 4
+            } else {
+                desc::ADDR_MASK
+            },
             shift: [0, 1, 2, 3].map(|l| cfg.level_shift(l)),
             per_table: cfg.granule().entries() as u64,
             granule_size: cfg.granule().size(),
@@ -468,6 +479,13 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         Iova::new(local | self.fast.ext_bits)
     }
 
+    /// The output address of descriptor `entry` (`desc::unpack_pa`, branch-free).
+    #[inline]
+    pub(crate) fn unpack(&self, entry: u64) -> PhysAddr {
+        let p = entry & desc::ADDR_MASK;
+        PhysAddr::new((p | (p << self.fast.unpack_fold)) & self.fast.unpack_mask)
+    }
+
     /// The size of a leaf at `level` (precomputed shifts).
     #[inline]
     pub(crate) fn leaf_size(&self, level: u32) -> u64 {
@@ -502,7 +520,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     fn resolve(&self, entry: u64) -> Option<TableRef<'_>> {
-        self.alloc.table(desc::unpack_pa(entry, self.cfg.granule()))
+        self.alloc.table(self.unpack(entry))
     }
 
     /// `desc::kind` with the format's level-3 leaf type precomputed.
@@ -936,7 +954,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 (Kind::Table, true) => {
                     let sub = self.resolve(e).ok_or(MapError::BrokenTable {
                         iova: self.external(at),
-                        pa: desc::unpack_pa(e, self.cfg.granule()),
+                        pa: self.unpack(e),
                     })?;
                     if strict && self.subtree_has_leaf(sub, level + 1) {
                         return Err(MapError::AlreadyMapped {
@@ -947,7 +965,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 (Kind::Table, false) => {
                     let sub = self.resolve(e).ok_or(MapError::BrokenTable {
                         iova: self.external(at),
-                        pa: desc::unpack_pa(e, self.cfg.granule()),
+                        pa: self.unpack(e),
                     })?;
                     self.plan(plan, sub, level + 1, target, at, next, strict)?;
                 }
@@ -1042,6 +1060,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         {
             let bits = self.leaf_bits(prot);
             return self.map_segment(r.iova, r.pa, r.level, r.count, bits, src);
+        }
+        if self.rc.counting() {
+            return self.map_runs_counted(&[r], prot, src);
         }
         self.map_runs_general(&[r], prot, src)
     }
@@ -1150,7 +1171,6 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         src: &mut S,
     ) -> Result<Option<TableRef<'_>>, MapError> {
         let cfg = &self.cfg;
-        let granule = cfg.granule();
         'descend: loop {
             let epoch = self.unlinks.load(Ordering::Acquire);
             let mut table = self.root_table().ok_or(MapError::BrokenTable {
@@ -1169,7 +1189,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 match self.kind(level, e) {
                     Kind::Table => {
                         self.sync_seen(table, idx, e);
-                        table_pa = desc::unpack_pa(e, granule);
+                        table_pa = self.unpack(e);
                         table = self.alloc.table(table_pa).ok_or(MapError::BrokenTable {
                             iova: self.external(iova),
                             pa: table_pa,
@@ -1209,7 +1229,6 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         bits: u64,
     ) -> Result<(), MapError> {
         let cfg = &self.cfg;
-        let granule = cfg.granule();
         let size = 1 << self.fast.shift[target as usize & 3];
         let leaf_type = desc::leaf_type(cfg.format(), target);
         // At the leaf table: every target entry must be free (or an empty table).
@@ -1242,7 +1261,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     let at = self.external(iova + k as u64 * size);
                     let sub = self.resolve(v).ok_or(MapError::BrokenTable {
                         iova: at,
-                        pa: desc::unpack_pa(v, granule),
+                        pa: self.unpack(v),
                     })?;
                     if self.subtree_has_leaf(sub, target + 1) {
                         return Err(MapError::AlreadyMapped { iova: at });
@@ -1367,7 +1386,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     /// Post-order list of the tables below (and including) the table `entry` points at.
     pub(crate) fn collect_tables(&self, entry: u64, level: u32, out: &mut Vec<PhysAddr>) {
-        let pa = desc::unpack_pa(entry, self.cfg.granule());
+        let pa = self.unpack(entry);
         if let Some(t) = self.alloc.table(pa) {
             if level < 3 {
                 for e in t.entries {
@@ -1421,6 +1440,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             self.check_mapped(table, r.iova, r.count, r)?;
             self.clear_entries(table, r.iova, r.count, r, gather);
             return Ok(r.count * r.size.get());
+        }
+        if self.rc.counting() && r.count == 1 {
+            if let Some(done) = self.unmap_one_counted(r, gather) {
+                return done;
+            }
         }
         self.unmap_run_general(r, gather)
     }
@@ -1621,7 +1645,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     });
                 }
                 Kind::Table => {
-                    table_pa = desc::unpack_pa(e, self.cfg.granule());
+                    table_pa = self.unpack(e);
                     table = self.alloc.table(table_pa).ok_or(UnmapError::BrokenTable {
                         iova: self.external(iova),
                         pa: table_pa,
@@ -1661,7 +1685,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             match self.kind(level, e) {
                 Kind::Invalid => return None,
                 Kind::Table => {
-                    let pa = desc::unpack_pa(e, self.cfg.granule());
+                    let pa = self.unpack(e);
                     table = self.alloc.table(pa)?;
                     level += 1;
                     if level >= 2 && self.cursor_worth_caching(level, local) {
@@ -1670,7 +1694,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 }
                 Kind::Leaf => {
                     let size = PageSize::from_shift(self.fast.shift[level as usize & 3])?;
-                    let base = desc::unpack_pa(e, self.cfg.granule());
+                    let base = self.unpack(e);
                     return Some(Translation {
                         pa: PhysAddr::new(base.get() | (local & size.mask())),
                         size,
@@ -1722,14 +1746,14 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                             iova: self.external(iova),
                             level,
                             size,
-                            pa: desc::unpack_pa(v, self.cfg.granule()),
+                            pa: self.unpack(v),
                             prot: desc::decode_prot(&self.cfg, v),
                             descriptor: v,
                         });
                     }
                 }
                 Kind::Table => {
-                    let sub_pa = desc::unpack_pa(v, self.cfg.granule());
+                    let sub_pa = self.unpack(v);
                     if let Some(sub) = self.alloc.table(sub_pa) {
                         self.walk_table(sub, sub_pa, level + 1, iova, visit);
                     }
@@ -2021,6 +2045,8 @@ mod tests {
                 e.validate_unmap_slow(iova, size, count).ok()
             );
             prop_assert_eq!(e.leaf_bits(prot), desc::prot_bits(&cfg, prot));
+            prop_assert_eq!(e.unpack(raw.0), desc::unpack_pa(raw.0, cfg.granule()));
+            prop_assert_eq!(e.unpack(raw.1), desc::unpack_pa(raw.1, cfg.granule()));
             let d = raw.0;
             prop_assert_eq!(e.fast.decode_prot(d), desc::decode_prot(&cfg, d));
             let d = desc::prot_bits(&cfg, prot) | (raw.1 & !0x0038_0000_0000_0ffc);

@@ -417,6 +417,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         }
     }
 
+    #[inline]
     fn exit(&self, e: u64, shard: usize) {
         self.rc.active[shard].by_parity[(e & 1) as usize].fetch_sub(1, SC);
         if self.rc.pending.load(SC) != 0 {
@@ -511,7 +512,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     #[inline]
     fn table_of(&self, e: u64) -> Option<(TableRef<'_>, PhysAddr)> {
-        let pa = desc::unpack_pa(e, self.config().granule());
+        let pa = self.unpack(e);
         self.allocator().table(pa).map(|t| (t, pa))
     }
 
@@ -645,6 +646,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     // ---- map -----------------------------------------------------------------------------
 
     /// [`Engine::map_runs`] on a refcounted engine.
+    #[inline]
     pub(crate) fn map_runs_counted<S: PageSource>(
         &self,
         runs: &[Run],
@@ -806,7 +808,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         self.sync_seen(cur.t, idx, e);
                         let (t, _) = self.table_of(e).ok_or(MapError::BrokenTable {
                             iova: self.ext(iova),
-                            pa: desc::unpack_pa(e, cfg.granule()),
+                            pa: self.unpack(e),
                         })?;
                         level += 1;
                         path.push(Frame { t, level });
@@ -882,7 +884,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     Kind::Table => {
                         let (sub, spa) = self.table_of(v).ok_or(MapError::BrokenTable {
                             iova: at,
-                            pa: desc::unpack_pa(v, cfg.granule()),
+                            pa: self.unpack(v),
                         })?;
                         if self.subtree_has_leaf(sub, target + 1) {
                             return Err(MapError::AlreadyMapped { iova: at });
@@ -1131,7 +1133,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 Kind::Table => {
                     let (t, _) = self.table_of(e).ok_or(UnmapError::BrokenTable {
                         iova: self.ext(iova),
-                        pa: desc::unpack_pa(e, cfg.granule()),
+                        pa: self.unpack(e),
                     })?;
                     level += 1;
                     path.push(Frame { t, level });
@@ -1279,7 +1281,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// loops: `None` (nothing done) when the entry holds a table, which the general path
     /// handles.
     #[inline]
-    fn unmap_one_counted(&self, r: Run, gather: &mut Gather) -> Option<Result<u64, UnmapError>> {
+    pub(crate) fn unmap_one_counted(
+        &self,
+        r: Run,
+        gather: &mut Gather,
+    ) -> Option<Result<u64, UnmapError>> {
         let guard = self.enter();
         let mut kept = None;
         let path = match self.unmap_path(r.iova, r, &mut kept) {
