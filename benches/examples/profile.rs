@@ -7,8 +7,9 @@
 //! ```
 //!
 //! Phases: `map_new`, `map_present`, `unmap`, `lookup`, `bulk_map`, `bulk_map_present`,
-//! `bulk_unmap`, `map_2m`, `unmap_2m`, and `map_reserved` (single 4K maps inside a reservation
-//! made beforehand; the two designs only); backends: `alloc_ops`, `prealloc`,
+//! `bulk_unmap`, `map_2m`, `unmap_2m`, and, for the two designs only, `map_reserved` (single
+//! 4K maps inside a reservation made beforehand) and `vm_bind` (the bench's 2000 binds, per
+//! bind); backends: `alloc_ops`, `prealloc`,
 //! `aarch64-paging`. Only the `phase_*` function does the measured work, so with
 //! `--toggle-collect` the instruction count divided by the printed operation count is the cost
 //! of one operation.
@@ -76,10 +77,53 @@ fn phase_map_reserved<B: Reserving>(t: &mut B, r: &B::Res) {
     }
 }
 
+/// The bench's VM_BIND loop (`reserve.rs`): reserve at submit, map inside the reservation
+/// eight binds later; Design 1 releases at once and unbinds with `unmap`, Design 2 unbinds
+/// by releasing.
+#[inline(never)]
+fn phase_vm_bind<B: Reserving>(t: &mut B, binds: &[work::Bind]) {
+    let mut queue = std::collections::VecDeque::with_capacity(8);
+    let mut held = Vec::new();
+    let mut execute = |t: &mut B, bind: &work::Bind, r: B::Res| {
+        t.map_reserved(&r, bind.iova, bind.pa(), bind.size, bind.count);
+        if B::RELEASE_UNMAPS {
+            held.push(r);
+        } else {
+            t.release(r);
+        }
+    };
+    for bind in binds {
+        let r = t.reserve(bind.iova, bind.len(), bind.size);
+        queue.push_back((bind, r));
+        if queue.len() == 8 {
+            let (bind, r) = queue.pop_front().expect("queued");
+            execute(t, bind, r);
+        }
+    }
+    while let Some((bind, r)) = queue.pop_front() {
+        execute(t, bind, r);
+    }
+    if B::RELEASE_UNMAPS {
+        for r in held {
+            t.release(r);
+        }
+    } else {
+        for bind in binds {
+            t.unmap(bind.iova, bind.size, bind.count);
+        }
+    }
+}
+
 /// The phases that need reservations, for the designs that have them.
 fn run_reserving<B: Reserving>(phase: &str) -> u64 {
     let mut t = B::fresh();
     match phase {
+        "vm_bind" => {
+            let binds = work::vm_bind_trace(2000, 0xB1D);
+            phase_vm_bind(&mut t, &binds);
+            black_box(&t);
+            return 2000;
+        }
         "map_reserved" => {
             let r = t.reserve(BASE_IOVA, PAGES * SZ_4K, SZ_4K);
             phase_map_reserved(&mut t, &r);
