@@ -712,8 +712,13 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if count == 0 || !prot.is_accessible() || (i | p) & size.mask() != 0 {
             return None;
         }
-        let tail = count.checked_mul(size.get())? - 1;
-        let (last_i, last_p) = (i.checked_add(tail)?, p.checked_add(tail)?);
+        // One aligned leaf ends at `| (size - 1)`: no overflow to check.
+        let (last_i, last_p) = if count == 1 {
+            (i | (size.get() - 1), p | (size.get() - 1))
+        } else {
+            let tail = count.checked_mul(size.get())? - 1;
+            (i.checked_add(tail)?, p.checked_add(tail)?)
+        };
         // `pa <= last_pa`, so the last output address in range implies the first is.
         let ias = self.cfg.ias();
         if i >> ias != self.fast.iova_hi
@@ -812,7 +817,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if count == 0 || i & size.mask() != 0 {
             return None;
         }
-        let last = i.checked_add(count.checked_mul(size.get())? - 1)?;
+        // One aligned leaf ends at `i | (size - 1)`: no overflow to check.
+        let last = if count == 1 {
+            i | (size.get() - 1)
+        } else {
+            i.checked_add(count.checked_mul(size.get())? - 1)?
+        };
         let ias = self.cfg.ias();
         if i >> ias != self.fast.iova_hi || last >> ias != self.fast.iova_hi {
             return None;
