@@ -1319,38 +1319,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let size = cfg.block_size(target);
         let leaf_type = desc::leaf_type(cfg.format(), target);
         let need = (target - level) as usize;
-        // At most three tables below the root: no vectors.
-        let mut held = [PhysAddr::ZERO; 4];
-        if need == 1 {
-            held[0] = src.obtain_one()?;
-        } else {
-            let mut got = Vec::with_capacity(need);
-            src.obtain(need, &mut got)?;
-            held[..need].copy_from_slice(&got);
-        }
+        let (held, tables) = self.obtain_chain(need, iova, src)?;
         let pages = &held[..need];
-        let resolve = |p: PhysAddr| {
-            self.alloc.table(p).ok_or(MapError::BrokenTable {
-                iova: self.external(iova),
-                pa: p,
-            })
-        };
-        let mut tables = match resolve(pages[0]) {
-            Ok(t) => [t; 4],
-            Err(e) => {
-                src.give_back(pages);
-                return Err(e);
-            }
-        };
-        for (slot, &p) in tables.iter_mut().zip(pages).skip(1) {
-            match resolve(p) {
-                Ok(t) => *slot = t,
-                Err(e) => {
-                    src.give_back(pages);
-                    return Err(e);
-                }
-            }
-        }
         let chain = &tables[..need];
         for i in 0..need - 1 {
             let idx = cfg.index(iova, level + 1 + i as u32);
@@ -1383,6 +1353,49 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             .install_races_lost
             .fetch_add(1, Ordering::Relaxed);
         Ok(false)
+    }
+
+    /// Obtains the `need` (1 to 3) pages of a new chain of tables for `iova` from `src` and
+    /// resolves them, in arrays (no vectors for the common single page). A page the allocator
+    /// cannot resolve sends them all back to `src`.
+    pub(crate) fn obtain_chain<S: PageSource>(
+        &self,
+        need: usize,
+        iova: u64,
+        src: &mut S,
+    ) -> Result<([PhysAddr; 4], [TableRef<'_>; 4]), MapError> {
+        let mut held = [PhysAddr::ZERO; 4];
+        if need == 1 {
+            held[0] = src.obtain_one()?;
+        } else {
+            let mut got = Vec::with_capacity(need);
+            src.obtain(need, &mut got)?;
+            held[..need].copy_from_slice(&got);
+        }
+        let pages = &held[..need];
+        let resolve = |p: PhysAddr| {
+            self.alloc.table(p).ok_or(MapError::BrokenTable {
+                iova: self.external(iova),
+                pa: p,
+            })
+        };
+        let mut tables = match resolve(pages[0]) {
+            Ok(t) => [t; 4],
+            Err(e) => {
+                src.give_back(pages);
+                return Err(e);
+            }
+        };
+        for (slot, &p) in tables.iter_mut().zip(pages).skip(1) {
+            match resolve(p) {
+                Ok(t) => *slot = t,
+                Err(e) => {
+                    src.give_back(pages);
+                    return Err(e);
+                }
+            }
+        }
+        Ok((held, tables))
     }
 
     /// Frees the subtree of an unlinked table descriptor `entry` (its table sits at `level`)

@@ -950,38 +950,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let slot = &cur.t.entries[idx];
         let level = cur.level;
         let need = (target - level) as usize;
-        // At most three tables below the root: no vectors.
-        let mut held = [PhysAddr::ZERO; 4];
-        if need == 1 {
-            held[0] = src.obtain_one()?;
-        } else {
-            let mut got = Vec::with_capacity(need);
-            src.obtain(need, &mut got)?;
-            held[..need].copy_from_slice(&got);
-        }
+        let (held, tables) = self.obtain_chain(need, iova, src)?;
         let pages = &held[..need];
-        let resolve = |p: PhysAddr| {
-            self.allocator().table(p).ok_or(MapError::BrokenTable {
-                iova: self.ext(iova),
-                pa: p,
-            })
-        };
-        let mut tables = match resolve(pages[0]) {
-            Ok(t) => [t; 4],
-            Err(e) => {
-                src.give_back(pages);
-                return Err(e);
-            }
-        };
-        for (slot, &p) in tables.iter_mut().zip(pages).skip(1) {
-            match resolve(p) {
-                Ok(t) => *slot = t,
-                Err(e) => {
-                    src.give_back(pages);
-                    return Err(e);
-                }
-            }
-        }
         let chain = &tables[..need];
         for (i, t) in chain.iter().enumerate() {
             if i + 1 < need {
