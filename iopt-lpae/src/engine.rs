@@ -559,7 +559,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// freed since it was cached.
     #[inline(always)]
     #[allow(clippy::inline_always)] // on every single-call path; measured: not inlined otherwise
-    pub(crate) fn cursor_get(&self, level: u32, iova: u64) -> Option<(TableRef<'_>, PhysAddr)> {
+    pub(crate) fn cursor_get(&self, level: u32, iova: u64) -> Option<TableRef<'_>> {
         if level <= self.cfg.start_level() {
             return None;
         }
@@ -576,8 +576,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         {
             return None;
         }
-        let pa = PhysAddr::new(pa);
-        self.alloc.table(pa).map(|t| (t, pa))
+        self.alloc.table(PhysAddr::new(pa))
     }
 
     /// Caches `table` as the leaf table at `level` for `iova`, found when the unlink count was
@@ -1143,7 +1142,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         src: &mut S,
     ) -> Result<(), MapError> {
         let table = match self.cursor_get(target, iova) {
-            Some((table, _)) => table,
+            Some(table) => table,
             None => match self.descend_for_map(iova, pa, target, n, bits, src)? {
                 Some(table) => table,
                 None => return Ok(()),
@@ -1454,7 +1453,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             && (r.count == 1 || self.entries_in_table(r.level, r.iova, r.count) == r.count)
         {
             let table = match self.cursor_get(r.level, r.iova) {
-                Some((t, _)) => t,
+                Some(t) => t,
                 None => self.descend_for_unmap(r.iova, &r)?,
             };
             if r.count == 1 {
@@ -1694,9 +1693,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         // the table above it (cached by earlier lookups) saves the top of the descent.
         let epoch = self.unlinks.load(Ordering::Acquire);
         let (mut table, mut level) = match self.cursor_get(3, local) {
-            Some((t, _)) => (t, 3),
+            Some(t) => (t, 3),
             None => match self.cursor_get(2, local) {
-                Some((t, _)) => (t, 2),
+                Some(t) => (t, 2),
                 None => (self.root_table()?, self.cfg.start_level()),
             },
         };

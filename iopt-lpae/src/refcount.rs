@@ -616,7 +616,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     #[allow(clippy::inline_always)]
     #[inline(always)]
     fn cursor_pinned(&self, iova: u64, target: u32, n: u64) -> Option<Frame<'_>> {
-        let (t, _) = self.cursor_get(target, iova)?;
+        let t = self.cursor_get(target, iova)?;
         let first = self.index(iova, target);
         let slots = t.entries.get(first..first + usize::try_from(n).ok()?)?;
         if !all_zero(slots, SC) {
@@ -1084,7 +1084,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let cfg = self.config();
         // The cursor's table holds the run's leaves (the caller owns them), so it cannot be
         // claimed under us.
-        if let Some((t, _)) = self.cursor_get(r.level, iova) {
+        if let Some(t) = self.cursor_get(r.level, iova) {
             return Ok(slot.insert(Path::new(Frame { t, level: r.level })));
         }
         let epoch = self.unlink_epoch();
