@@ -220,6 +220,7 @@ pub fn tampered(design: Design, bug: Bug) -> LaneSpec {
         build: Box::new(move |cfg, alloc| {
             Ok(Box::new(Tamper::new(design.build(cfg, alloc)?, bug)) as Box<dyn Subject>)
         }),
+        exclusive: false,
     }
 }
 
@@ -296,6 +297,7 @@ pub fn leaky(design: Design) -> LaneSpec {
             let dev = Arc::clone(&alloc.dev);
             design.build_with(cfg, LeakyAlloc(alloc), dev)
         }),
+        exclusive: false,
     }
 }
 
@@ -309,6 +311,7 @@ pub fn no_walk_flush(design: Design) -> LaneSpec {
             let dev = SkipWalkFlush(Arc::clone(&alloc.dev));
             design.build_with(cfg, alloc, dev)
         }),
+        exclusive: false,
     }
 }
 
@@ -322,6 +325,7 @@ pub fn no_gather(design: Design) -> LaneSpec {
             let dev = SkipGather(Arc::clone(&alloc.dev));
             design.build_with(cfg, alloc, dev)
         }),
+        exclusive: false,
     }
 }
 

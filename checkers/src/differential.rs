@@ -37,7 +37,8 @@ pub fn cap(sel: u8) -> Option<CapRule> {
 }
 
 /// The lanes of the differential: Design 1 (with the input's cap) and Design 2, each against
-/// the model, and Design 1 with eager freeing against the invariants alone.
+/// the model, Design 2 again through its exclusive entry points, and Design 1 with eager
+/// freeing against the invariants alone.
 #[must_use]
 pub fn standard_lanes(input: &DiffInput) -> Vec<LaneSpec> {
     vec![
@@ -49,6 +50,9 @@ pub fn standard_lanes(input: &DiffInput) -> Vec<LaneSpec> {
             },
         ),
         LaneSpec::real("Design 2", Design::Prealloc),
+        // The exclusive (`&mut`) entry points skip Design 2's concurrency protocol on their
+        // fast paths; against the same model, they must give exactly the same answers.
+        LaneSpec::real("Design 2, exclusive", Design::Prealloc).exclusive(),
         // Not modelled: its results are not compared, but every invariant, the device's
         // flush contract, the oracle against its own walk and "an error changes nothing" are.
         LaneSpec::real("Design 1, eager free", Design::D1_EAGER),

@@ -150,6 +150,10 @@ pub struct LaneSpec {
     pub design: Design,
     /// The constructor.
     pub build: Box<Build>,
+    /// Drive maps, unmaps and lookups through the exclusive (`&mut`) entry points
+    /// ([`IoPageTable::map_mut`](iopt_api::IoPageTable::map_mut) and its siblings), which
+    /// must give exactly what the shared ones give.
+    pub exclusive: bool,
 }
 
 impl std::fmt::Debug for LaneSpec {
@@ -157,6 +161,7 @@ impl std::fmt::Debug for LaneSpec {
         f.debug_struct("LaneSpec")
             .field("name", &self.name)
             .field("design", &self.design)
+            .field("exclusive", &self.exclusive)
             .finish_non_exhaustive()
     }
 }
@@ -169,7 +174,15 @@ impl LaneSpec {
             name: name.to_string(),
             design,
             build: Box::new(move |cfg, alloc| design.build(cfg, alloc)),
+            exclusive: false,
         }
+    }
+
+    /// The same lane driven through the exclusive (`&mut`) entry points.
+    #[must_use]
+    pub fn exclusive(mut self) -> Self {
+        self.exclusive = true;
+        self
     }
 }
 
@@ -343,6 +356,8 @@ pub struct Lane {
     log: Vec<String>,
     /// Fault injection: every failure seen must be typed and change nothing.
     injecting: bool,
+    /// Maps, unmaps and lookups go through the exclusive entry points.
+    exclusive: bool,
     /// Failures injected and absorbed so far.
     pub injected_hits: u64,
     /// Translations compared with the oracle so far.
@@ -395,6 +410,7 @@ impl Lane {
             handles: Vec::new(),
             log: Vec::new(),
             injecting: inject.is_some(),
+            exclusive: spec.exclusive,
             injected_hits: 0,
             probes: 0,
         };
@@ -523,10 +539,10 @@ impl Lane {
     ///
     /// The first disagreement, with a dump.
     pub fn step(&mut self, n: usize, step: &Step) -> Result<(), Failure> {
-        let Some(table) = self.table.take() else {
+        let Some(mut table) = self.table.take() else {
             return Ok(());
         };
-        let r = self.step_on(table.as_ref(), n, step);
+        let r = self.step_on(table.as_mut(), n, step);
         self.table = Some(table);
         r
     }
@@ -570,7 +586,7 @@ impl Lane {
     }
 
     #[allow(clippy::too_many_lines)]
-    fn step_on(&mut self, t: &dyn Subject, n: usize, step: &Step) -> Result<(), Failure> {
+    fn step_on(&mut self, t: &mut dyn Subject, n: usize, step: &Step) -> Result<(), Failure> {
         let mem = Arc::clone(&self.alloc.mem);
         let before = Snapshot::take(t, &mem);
         let model_before = self.model.clone();
@@ -590,6 +606,10 @@ impl Lane {
                     return Ok(());
                 };
                 let (got, id) = match res {
+                    None if self.exclusive => (
+                        t.map_mut(Iova::new(iova), PhysAddr::new(pa), ps, count, prot),
+                        None,
+                    ),
                     None => (
                         t.map(Iova::new(iova), PhysAddr::new(pa), ps, count, prot),
                         None,
@@ -640,8 +660,11 @@ impl Lane {
                 let Some(ps) = PageSize::new(size) else {
                     return Ok(());
                 };
-                let got: Result<u64, UnmapError> =
-                    t.unmap(Iova::new(iova), ps, count, &mut self.gather);
+                let got: Result<u64, UnmapError> = if self.exclusive {
+                    t.unmap_mut(Iova::new(iova), ps, count, &mut self.gather)
+                } else {
+                    t.unmap(Iova::new(iova), ps, count, &mut self.gather)
+                };
                 let want = self.model.as_mut().map(|m| m.unmap(iova, size, count));
                 (
                     format!("{got:?}"),
@@ -652,6 +675,19 @@ impl Lane {
             }
             Step::Lookup { iova } => {
                 self.alloc.dev.access(&mem, iova);
+                if self.exclusive {
+                    let shared = t.iova_to_phys(Iova::new(iova));
+                    let mine = t.iova_to_phys_mut(Iova::new(iova));
+                    if mine != shared {
+                        return Err(self.fail_on(
+                            Some(t),
+                            format!(
+                                "after {step}: exclusive lookup of {iova:#x} gave {mine:x?}, \
+                                 the shared one {shared:x?}"
+                            ),
+                        ));
+                    }
+                }
                 self.probe(t, iova, step)?;
                 (String::new(), Some(String::new()), false, false)
             }

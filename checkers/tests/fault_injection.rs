@@ -9,15 +9,17 @@ use iopt_checkers::workloads::{self, exhaustive};
 #[test]
 fn every_allocation_of_every_workload_fails_once_and_nothing_is_lost() {
     let designs = [
-        ("Design 1", Design::D1),
-        ("Design 1, eager free", Design::D1_EAGER),
-        ("Design 2", Design::D2),
+        ("Design 1", Design::D1, false),
+        ("Design 1, eager free", Design::D1_EAGER, false),
+        ("Design 2", Design::D2, false),
+        ("Design 2, exclusive", Design::D2, true),
     ];
     let mut total = 0;
     let mut lines = Vec::new();
     for (name, steps) in workloads::all() {
-        for (dname, design) in designs {
+        for (dname, design, exclusive) in designs {
             let spec = LaneSpec::real(dname, design);
+            let spec = if exclusive { spec.exclusive() } else { spec };
             let tally = match exhaustive(&steps, &spec) {
                 Ok(t) => t,
                 Err(f) => panic!("workload {name}, {dname}:\n{f}"),

@@ -334,6 +334,49 @@ pub trait IoPageTable: Send + Sync {
     /// when nothing maps it or it lies outside the input range.
     fn iova_to_phys(&self, iova: Iova) -> Option<Translation>;
 
+    /// [`map`](IoPageTable::map) by a caller that holds the table exclusively: a driver that
+    /// serialises its page-table operations under its own lock (as panthor's `op_lock` and
+    /// msm's VM lock do) or owns the table outright. The same result and errors; a backend
+    /// may skip the protocol that lets concurrent callers share the table. The default calls
+    /// [`map`](IoPageTable::map).
+    ///
+    /// # Errors
+    ///
+    /// As [`map`](IoPageTable::map). On error the table and the allocator are unchanged.
+    fn map_mut(
+        &mut self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        self.map(iova, pa, size, count, prot)
+    }
+
+    /// [`unmap`](IoPageTable::unmap) by a caller that holds the table exclusively; see
+    /// [`map_mut`](IoPageTable::map_mut). The default calls [`unmap`](IoPageTable::unmap).
+    ///
+    /// # Errors
+    ///
+    /// As [`unmap`](IoPageTable::unmap). On error nothing changed.
+    fn unmap_mut(
+        &mut self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, UnmapError> {
+        self.unmap(iova, size, count, gather)
+    }
+
+    /// [`iova_to_phys`](IoPageTable::iova_to_phys) by a caller that holds the table
+    /// exclusively; see [`map_mut`](IoPageTable::map_mut). The default calls
+    /// [`iova_to_phys`](IoPageTable::iova_to_phys).
+    fn iova_to_phys_mut(&mut self, iova: Iova) -> Option<Translation> {
+        self.iova_to_phys(iova)
+    }
+
     /// Calls `visit` for every table and leaf, in ascending IOVA order.
     fn walk(&self, visit: &mut dyn FnMut(WalkItem));
 

@@ -654,6 +654,93 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         self.unmap_run_general(run, gather)
     }
 
+    /// [`map`](Self::map) for a caller that holds the engine exclusively, drawing missing
+    /// tables on demand: the same result and errors, without the protocol that lets
+    /// concurrent callers share a refcounted engine (on a cursor hit, no grace period and no
+    /// locked update of the leaf table's count). A driver that serialises its page-table
+    /// operations under its own lock, or owns the table outright, pays only for the walk. On
+    /// an engine that does not count this is [`map`](Self::map).
+    ///
+    /// ```
+    /// use iopt_api::{Config, ConfigInput, Format, Gather, Iova, PageSize, PageSizes, PhysAddr, Prot, NoFlush};
+    /// use iopt_lpae::{Engine, SimMemory, refcount::Policy};
+    /// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
+    /// let mem = SimMemory::new();
+    /// let mut e = Engine::with_policy(cfg, &mem, NoFlush, Policy::Refcounted)?;
+    /// let (a, b) = (Iova::new(0x4000_0000), Iova::new(0x4000_1000));
+    /// e.map_mut(a, PhysAddr::new(0x1000), PageSize::SZ_4K, 1, Prot::READ)?;
+    /// e.map_mut(b, PhysAddr::new(0x2000), PageSize::SZ_4K, 1, Prot::READ)?; // the cursor's table
+    /// assert_eq!(e.lookup_mut(b).map(|t| t.pa), Some(PhysAddr::new(0x2000)));
+    /// let mut gather = Gather::new();
+    /// e.unmap_mut(b, PageSize::SZ_4K, 1, &mut gather)?; // the table keeps `a`
+    /// e.unmap_mut(a, PageSize::SZ_4K, 1, &mut gather)?; // empties it: freed as by `unmap`
+    /// assert_eq!(mem.stats().live_pages, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`map`](Self::map).
+    #[inline]
+    pub fn map_mut(
+        &mut self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        let this: &Self = self;
+        if this.rc.counting() {
+            if let Some(run) = this.quick_map_run(iova, pa, size, count, prot) {
+                if this.map_one_exclusive(&run, prot) {
+                    return Ok(());
+                }
+                return this.map_run(run, prot, &mut this.on_demand());
+            }
+        }
+        this.map(iova, pa, size, count, prot, &mut this.on_demand())
+    }
+
+    /// [`unmap`](Self::unmap) for a caller that holds the engine exclusively: the same result
+    /// and errors; a one-leaf unmap that leaves its table non-empty needs no grace period and
+    /// no locked count update. On an engine that does not count this is
+    /// [`unmap`](Self::unmap).
+    ///
+    /// # Errors
+    ///
+    /// As [`unmap`](Self::unmap).
+    #[inline]
+    pub fn unmap_mut(
+        &mut self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, UnmapError> {
+        let this: &Self = self;
+        if this.rc.counting() && count == 1 {
+            if let Some(run) = this.quick_unmap_run(iova, size, count) {
+                if let Some(bytes) = this.unmap_one_exclusive(&run, gather) {
+                    return Ok(bytes);
+                }
+                return this.unmap_run(run, gather);
+            }
+        }
+        this.unmap(iova, size, count, gather)
+    }
+
+    /// [`lookup`](Self::lookup) for a caller that holds the engine exclusively: no grace period
+    /// (no table can be freed under it).
+    #[must_use]
+    #[inline]
+    pub fn lookup_mut(&mut self, iova: Iova) -> Option<Translation> {
+        if !self.cfg.iova_in_range(iova) {
+            return None;
+        }
+        self.lookup_in_range(iova)
+    }
+
     /// Whether a lookup that missed the cursor should cache the table at `level` it found for
     /// `iova`: only when the previous lookup that missed in this slot wanted the same table
     /// (repeated lookups in one region), so that lookups spread over many tables do not
@@ -1688,6 +1775,13 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             return None;
         }
         let _guard = self.enter();
+        self.lookup_in_range(iova)
+    }
+
+    /// The body of [`lookup`](Self::lookup) for an `iova` inside the input range. The caller
+    /// keeps the tables alive: a guard from [`enter`](Self::enter), or exclusive access.
+    #[inline]
+    fn lookup_in_range(&self, iova: Iova) -> Option<Translation> {
         let local = iova.get() & self.local_mask;
         // The last operation's leaf table usually holds the next lookup's page; failing that,
         // the table above it (cached by earlier lookups) saves the top of the descent.

@@ -1302,6 +1302,65 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         Some(Ok(size))
     }
 
+    // ---- exclusive access ----------------------------------------------------------------
+
+    /// A single-table map on a refcounted engine whose caller holds it exclusively (the
+    /// engine's `&mut self` entry points): no other operation can run, so there is no grace
+    /// period to enter and no concurrent claim to refuse, and the pin is a plain load and
+    /// store of the count instead of the three locked read-modify-writes of the shared path.
+    /// `false` (nothing done) unless the cursor holds the leaf table, every target entry is
+    /// empty and the run stays inside it; the shared path then decides, with the same result.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    pub(crate) fn map_one_exclusive(&self, r: &Run, prot: Prot) -> bool {
+        if r.count != 1 && self.seg_len(r.level, r.iova, r.count) != r.count {
+            return false;
+        }
+        let Some(t) = self.cursor_get(r.level, r.iova) else {
+            return false;
+        };
+        let first = self.index(r.iova, r.level);
+        let Some(slots) = usize::try_from(r.count)
+            .ok()
+            .and_then(|n| t.entries.get(first..first + n))
+        else {
+            return false;
+        };
+        let Ok(n) = u32::try_from(r.count) else {
+            return false;
+        };
+        let live = t.meta.live_entries.load(Ordering::Relaxed);
+        if live == DEAD || !all_zero(slots, Ordering::Relaxed) {
+            return false;
+        }
+        t.meta.live_entries.store(live + n, Ordering::Relaxed);
+        self.write_pinned(t, r.iova, r.level, r.count, r.pa, self.leaf_bits(prot));
+        true
+    }
+
+    /// A one-leaf unmap on a refcounted engine held exclusively: a plain count update, no
+    /// grace period. `None` (nothing done) unless the cursor holds the leaf table, the entry
+    /// is a leaf and the table keeps other entries (a table this unmap would empty is freed by
+    /// the shared path).
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    pub(crate) fn unmap_one_exclusive(&self, r: &Run, gather: &mut Gather) -> Option<u64> {
+        let t = self.cursor_get(r.level, r.iova)?;
+        let idx = self.index(r.iova, r.level);
+        let e = t.entries.get(idx)?;
+        let old = e.load(Ordering::Relaxed);
+        let live = t.meta.live_entries.load(Ordering::Relaxed);
+        if self.kind_of(r.level, old) != Kind::Leaf || live <= 1 || live == DEAD {
+            return None;
+        }
+        t.meta.live_entries.store(live - 1, Ordering::Relaxed);
+        e.store(0, Ordering::Release);
+        let size = r.size.get();
+        self.flush_ops().add_page(gather, self.ext(r.iova), size);
+        self.sync_entries(t, idx, 1);
+        Some(size)
+    }
+
     // ---- reservations --------------------------------------------------------------------
 
     fn want(&self, range: IovaRange, max_leaf: PageSize) -> Result<Want, ReserveError> {

@@ -250,6 +250,34 @@ macro_rules! impl_io_page_table_on_engine {
                 self.engine.lookup(iova)
             }
 
+            fn map_mut(
+                &mut self,
+                iova: ::iopt_api::Iova,
+                pa: ::iopt_api::PhysAddr,
+                size: ::iopt_api::PageSize,
+                count: u64,
+                prot: ::iopt_api::Prot,
+            ) -> Result<(), ::iopt_api::MapError> {
+                self.engine.map_mut(iova, pa, size, count, prot)
+            }
+
+            fn unmap_mut(
+                &mut self,
+                iova: ::iopt_api::Iova,
+                size: ::iopt_api::PageSize,
+                count: u64,
+                gather: &mut ::iopt_api::Gather,
+            ) -> Result<u64, ::iopt_api::UnmapError> {
+                self.engine.unmap_mut(iova, size, count, gather)
+            }
+
+            fn iova_to_phys_mut(
+                &mut self,
+                iova: ::iopt_api::Iova,
+            ) -> Option<::iopt_api::Translation> {
+                self.engine.lookup_mut(iova)
+            }
+
             fn walk(&self, visit: &mut dyn FnMut(::iopt_api::WalkItem)) {
                 self.engine.walk(visit);
             }
