@@ -2,9 +2,9 @@
 
 use criterion::measurement::WallTime;
 use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
-#[cfg(feature = "prealloc")]
-use iopt_benches::Prealloc;
 use iopt_benches::{AllocOps, BASE_IOVA, Backend, Peer, Profile, SZ_2M, pa_of};
+#[cfg(feature = "prealloc")]
+use iopt_benches::{Prealloc, PreallocMut};
 use std::hint::black_box;
 
 type Group<'a> = BenchmarkGroup<'a, WallTime>;
@@ -52,6 +52,8 @@ fn bench(c: &mut Criterion) {
     map::<AllocOps>(&mut g, n);
     #[cfg(feature = "prealloc")]
     map::<Prealloc>(&mut g, n);
+    #[cfg(feature = "prealloc")]
+    map::<PreallocMut>(&mut g, n);
     map::<Peer>(&mut g, n);
     g.finish();
 
@@ -60,6 +62,8 @@ fn bench(c: &mut Criterion) {
     unmap::<AllocOps>(&mut g, n);
     #[cfg(feature = "prealloc")]
     unmap::<Prealloc>(&mut g, n);
+    #[cfg(feature = "prealloc")]
+    unmap::<PreallocMut>(&mut g, n);
     unmap::<Peer>(&mut g, n);
     g.finish();
 }

@@ -3,9 +3,9 @@
 
 use criterion::measurement::WallTime;
 use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
-#[cfg(feature = "prealloc")]
-use iopt_benches::Prealloc;
 use iopt_benches::{AllocOps, BASE_IOVA, Backend, Peer, Profile, SZ_4K, pa_of, work};
+#[cfg(feature = "prealloc")]
+use iopt_benches::{Prealloc, PreallocMut};
 use std::hint::black_box;
 
 type Group<'a> = BenchmarkGroup<'a, WallTime>;
@@ -72,7 +72,7 @@ fn unmap_each<B: Backend>(g: &mut Group<'_>, n: u64) {
 }
 
 fn lookup<B: Backend>(g: &mut Group<'_>, n: u64, iovas: &[u64], what: &str) {
-    let t = mapped::<B>(n);
+    let mut t = mapped::<B>(n);
     assert_eq!(t.lookup(iovas[0]), Some(pa_of(iovas[0])));
     g.bench_function(BenchmarkId::new(B::NAME, what), |b| {
         b.iter(|| {
@@ -92,6 +92,8 @@ fn bench(c: &mut Criterion) {
     map_new::<AllocOps>(&mut g, n);
     #[cfg(feature = "prealloc")]
     map_new::<Prealloc>(&mut g, n);
+    #[cfg(feature = "prealloc")]
+    map_new::<PreallocMut>(&mut g, n);
     map_new::<Peer>(&mut g, n);
     g.finish();
 
@@ -100,6 +102,8 @@ fn bench(c: &mut Criterion) {
     map_present::<AllocOps>(&mut g, n);
     #[cfg(feature = "prealloc")]
     map_present::<Prealloc>(&mut g, n);
+    #[cfg(feature = "prealloc")]
+    map_present::<PreallocMut>(&mut g, n);
     map_present::<Peer>(&mut g, n);
     g.finish();
 
@@ -108,6 +112,8 @@ fn bench(c: &mut Criterion) {
     unmap_each::<AllocOps>(&mut g, n);
     #[cfg(feature = "prealloc")]
     unmap_each::<Prealloc>(&mut g, n);
+    #[cfg(feature = "prealloc")]
+    unmap_each::<PreallocMut>(&mut g, n);
     unmap_each::<Peer>(&mut g, n);
     g.finish();
 
@@ -120,10 +126,14 @@ fn bench(c: &mut Criterion) {
     lookup::<AllocOps>(&mut g, n, &same, "same");
     #[cfg(feature = "prealloc")]
     lookup::<Prealloc>(&mut g, n, &same, "same");
+    #[cfg(feature = "prealloc")]
+    lookup::<PreallocMut>(&mut g, n, &same, "same");
     lookup::<Peer>(&mut g, n, &same, "same");
     lookup::<AllocOps>(&mut g, n, &spread, "spread");
     #[cfg(feature = "prealloc")]
     lookup::<Prealloc>(&mut g, n, &spread, "spread");
+    #[cfg(feature = "prealloc")]
+    lookup::<PreallocMut>(&mut g, n, &spread, "spread");
     lookup::<Peer>(&mut g, n, &spread, "spread");
     g.finish();
 }

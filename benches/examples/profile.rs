@@ -9,14 +9,14 @@
 //! Phases: `map_new`, `map_present`, `unmap`, `lookup`, `bulk_map`, `bulk_map_present`,
 //! `bulk_unmap`, `map_2m`, `unmap_2m`, and, for the two designs only, `map_reserved` (single
 //! 4K maps inside a reservation made beforehand) and `vm_bind` (the bench's 2000 binds, per
-//! bind); backends: `alloc_ops`, `prealloc`,
-//! `aarch64-paging`. Only the `phase_*` function does the measured work, so with
+//! bind); backends: `alloc_ops`, `prealloc`, `prealloc_mut` (Design 2 through its exclusive
+//! entry points; the single-call phases only), `aarch64-paging`. Only the `phase_*` function does the measured work, so with
 //! `--toggle-collect` the instruction count divided by the printed operation count is the cost
 //! of one operation.
 
-#[cfg(feature = "prealloc")]
-use iopt_benches::Prealloc;
 use iopt_benches::{AllocOps, BASE_IOVA, Backend, Peer, Reserving, SZ_2M, SZ_4K, pa_of, work};
+#[cfg(feature = "prealloc")]
+use iopt_benches::{Prealloc, PreallocMut};
 use std::hint::black_box;
 
 const PAGES: u64 = 16_384;
@@ -38,7 +38,7 @@ fn phase_unmap<B: Backend>(t: &mut B) {
 }
 
 #[inline(never)]
-fn phase_lookup<B: Backend>(t: &B, iovas: &[u64]) {
+fn phase_lookup<B: Backend>(t: &mut B, iovas: &[u64]) {
     for &v in iovas {
         black_box(t.lookup(black_box(v)));
     }
@@ -151,7 +151,7 @@ fn run<B: Backend>(phase: &str) -> u64 {
         "lookup" => {
             t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_4K, PAGES);
             let iovas = work::spread(PAGES as usize, BASE_IOVA, PAGES, 7);
-            phase_lookup(&t, &iovas);
+            phase_lookup(&mut t, &iovas);
         }
         "bulk_map" => phase_bulk_map(&mut t),
         "bulk_map_present" => {
@@ -189,6 +189,8 @@ fn main() {
         "aarch64-paging" => run::<Peer>(phase),
         #[cfg(feature = "prealloc")]
         "prealloc" => run_reserving::<Prealloc>(phase),
+        #[cfg(feature = "prealloc")]
+        "prealloc_mut" => run::<PreallocMut>(phase),
         other => panic!("unknown backend {other}"),
     };
     println!("{phase} {backend}: {ops} operations");

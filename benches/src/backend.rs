@@ -64,8 +64,8 @@ pub trait Backend: Sized {
     /// its tables present.
     fn clear_keep_tables(&mut self, iova: u64, count: u64);
 
-    /// Translates `iova`.
-    fn lookup(&self, iova: u64) -> Option<u64>;
+    /// Translates `iova` (`&mut`: a backend may use its exclusive entry point).
+    fn lookup(&mut self, iova: u64) -> Option<u64>;
 
     /// Table pages in use (the root included), where the backend can tell.
     fn table_pages(&self) -> Option<u64>;
@@ -161,7 +161,7 @@ impl Backend for AllocOps {
     }
 
     #[inline]
-    fn lookup(&self, iova: u64) -> Option<u64> {
+    fn lookup(&mut self, iova: u64) -> Option<u64> {
         iopt_lookup(&self.0, iova)
     }
 
@@ -268,7 +268,7 @@ impl Backend for Prealloc {
     }
 
     #[inline]
-    fn lookup(&self, iova: u64) -> Option<u64> {
+    fn lookup(&mut self, iova: u64) -> Option<u64> {
         iopt_lookup(&self.table, iova)
     }
 
@@ -312,6 +312,61 @@ impl Reserving for Prealloc {
         self.table
             .pages_needed(range(iova, len), PageSize::SZ_4K)
             .expect("pages_needed")
+    }
+}
+
+/// Design 2 driven through its exclusive entry points ([`IoPageTable::map_mut`] and
+/// siblings), as a driver that serialises its page-table calls under its own lock (or owns
+/// the table) would: the same table and results as [`Prealloc`], without the protocol that
+/// lets concurrent callers share it. aarch64-paging's `map_range` takes `&mut` too.
+#[cfg(feature = "prealloc")]
+#[derive(Debug)]
+pub struct PreallocMut(pub Prealloc);
+
+#[cfg(feature = "prealloc")]
+impl Backend for PreallocMut {
+    const NAME: &'static str = "prealloc_mut";
+
+    fn fresh() -> Self {
+        Self(Prealloc::fresh())
+    }
+
+    #[inline]
+    fn map(&mut self, iova: u64, pa: u64, size: u64, count: u64) {
+        self.0
+            .table
+            .map_mut(
+                Iova::new(iova),
+                PhysAddr::new(pa),
+                page_size(size),
+                count,
+                prot(),
+            )
+            .expect("map_mut");
+    }
+
+    #[inline]
+    fn unmap(&mut self, iova: u64, size: u64, count: u64) {
+        self.0
+            .table
+            .unmap_mut(Iova::new(iova), page_size(size), count, &mut Gather::new())
+            .expect("unmap_mut");
+    }
+
+    fn clear_keep_tables(&mut self, iova: u64, count: u64) {
+        self.0.clear_keep_tables(iova, count);
+    }
+
+    #[inline]
+    fn lookup(&mut self, iova: u64) -> Option<u64> {
+        self.0
+            .table
+            .iova_to_phys_mut(Iova::new(iova))
+            .map(|t| t.pa.get())
+    }
+
+    fn table_pages(&self) -> Option<u64> {
+        self.0.table_pages()
     }
 }
 
@@ -446,7 +501,7 @@ impl Backend for Peer {
     }
 
     #[inline]
-    fn lookup(&self, iova: u64) -> Option<u64> {
+    fn lookup(&mut self, iova: u64) -> Option<u64> {
         let va = iova as usize;
         let mut out = None;
         self.0

@@ -36,7 +36,7 @@ mod profile;
 
 pub use backend::{AllocOps, Backend, LockedPeer, Peer, Reserving, Shared, cfg, prot};
 #[cfg(feature = "prealloc")]
-pub use backend::{Prealloc, SharedPrealloc};
+pub use backend::{Prealloc, PreallocMut, SharedPrealloc};
 pub use profile::Profile;
 
 /// 4 KiB.

@@ -182,7 +182,7 @@ struct Goal {
     check: Check,
 }
 
-const DESIGNS: [&str; 2] = ["alloc_ops", "prealloc"];
+const DESIGNS: [&str; 3] = ["alloc_ops", "prealloc", "prealloc_mut"];
 
 const fn goal(
     what: &'static str,
