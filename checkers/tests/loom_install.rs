@@ -29,6 +29,15 @@
 //!    another span; another reads both ids. Checked: every answer is the span its id was
 //!    published with. `a_lookaside_without_the_recheck_is_caught` drops the reader's second
 //!    sequence load and loom finds the torn read.
+//! 5. `a_grace_period_keeps_unlinked_tables_until_readers_leave`: `refcount.rs`'s epoch
+//!    protocol. A lookup announces its epoch in a slot (compare-exchange, then the fence),
+//!    walks parent → table → leaf and leaves with a release store; an unmap unlinks the table,
+//!    retires it with the epoch and reclaims at its exit, advancing the epoch only past slots
+//!    that show the current one. The freed page is rewritten by its next owner. Checked: the
+//!    lookup never reads the rewrite, and the table is freed exactly once. Loom finds the
+//!    read of a freed table when the reclaimer ignores the slots
+//!    (`a_reclaimer_that_ignores_announcements_is_caught`) and when the announcement is
+//!    relaxed with no fence (`an_announcement_without_the_fence_is_caught`).
 //!
 //! Run: `cargo test -p iopt-checkers --features loom --test loom_install --release`.
 #![cfg(feature = "loom")]
@@ -467,4 +476,149 @@ fn lookaside_reads_are_never_torn() {
 #[should_panic(expected = "torn look-aside read")]
 fn a_lookaside_without_the_recheck_is_caught() {
     lookaside_race(false);
+}
+
+// ---- the grace period ---------------------------------------------------------------------
+
+/// A leaf value the freed page's next owner writes: a reader must never see it.
+const POISON: u64 = 0xdead;
+
+/// refcount.rs `enter` / `exit` / `retire` / `reclaim` with two announcement slots.
+struct Grace {
+    epoch: AtomicU64,
+    slots: [AtomicU64; 2],
+    limbo: Mutex<Vec<(u64, usize)>>,
+    pending: AtomicUsize,
+}
+
+impl Grace {
+    fn new() -> Self {
+        Self {
+            epoch: AtomicU64::new(0),
+            slots: [AtomicU64::new(0), AtomicU64::new(0)],
+            limbo: Mutex::new(Vec::new()),
+            pending: AtomicUsize::new(0),
+        }
+    }
+
+    /// Announces the epoch in a free slot, starting at `start`; the slot taken.
+    fn enter(&self, start: usize, announce: Ordering) -> usize {
+        loop {
+            for k in 0..2 {
+                let i = (start + k) & 1;
+                if self.slots[i].load(Ordering::Relaxed) != 0 {
+                    continue;
+                }
+                let e = self.epoch.load(SC);
+                if self.slots[i]
+                    .compare_exchange(0, (e << 1) | 1, announce, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    if announce == SC {
+                        fence(SC);
+                    }
+                    return i;
+                }
+            }
+            thread::yield_now();
+        }
+    }
+
+    fn exit(&self, slot: usize, mem: &Mem, honour_slots: bool) {
+        self.slots[slot].store(0, Ordering::Release);
+        if self.pending.load(SC) != 0 {
+            self.reclaim(mem, honour_slots);
+        }
+    }
+
+    fn retire(&self, page: usize) {
+        fence(SC);
+        let e = self.epoch.load(SC);
+        self.limbo.lock().unwrap().push((e, page));
+        self.pending.fetch_add(1, SC);
+    }
+
+    fn reclaim(&self, mem: &Mem, honour_slots: bool) {
+        for _ in 0..2 {
+            fence(SC);
+            let e = self.epoch.load(SC);
+            let behind = self.slots.iter().any(|s| {
+                let v = s.load(SC);
+                v != 0 && v >> 1 != e
+            });
+            if honour_slots && behind {
+                break;
+            }
+            let _ = self.epoch.compare_exchange(e, e + 1, SC, SC);
+        }
+        let now = self.epoch.load(SC);
+        let ready: Vec<usize> = {
+            let mut limbo = self.limbo.lock().unwrap();
+            let (ready, keep): (Vec<_>, Vec<_>) = limbo.drain(..).partition(|&(e, _)| e + 2 <= now);
+            *limbo = keep;
+            ready.into_iter().map(|(_, p)| p).collect()
+        };
+        if !ready.is_empty() {
+            self.pending.fetch_sub(ready.len(), SC);
+            for p in ready {
+                // The allocator hands the page to its next owner, who writes it.
+                mem.pages[p].entries[0].store(POISON, Ordering::Relaxed);
+                mem.pages[p].freed.store(true, Ordering::Relaxed);
+                mem.frees.fetch_add(1, SC);
+            }
+        }
+    }
+}
+
+/// A lookup walks parent → table (page 0) → leaf inside the grace period while an unmap
+/// unlinks the table, retires it and reclaims at its exit. Checked: the lookup never reads
+/// the freed page's new contents, and the table is freed exactly once by the end (a last
+/// reclaim after both operations).
+fn grace_race(announce: Ordering, honour_slots: bool) {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(3);
+    model.check(move || {
+        let mem = Arc::new(Mem::new(1, &[]));
+        mem.pages[0].entries[0].store(leaf_desc(7), SC);
+        let parent = Arc::new(AtomicU64::new(table_desc(0)));
+        let grace = Arc::new(Grace::new());
+        let reader = {
+            let (mem, parent, grace) = (Arc::clone(&mem), Arc::clone(&parent), Arc::clone(&grace));
+            thread::spawn(move || {
+                let slot = grace.enter(0, announce);
+                let d = parent.load(Ordering::Acquire);
+                if d != 0 {
+                    let leaf = mem.pages[page_of(d)].entries[0].load(Ordering::Acquire);
+                    assert_ne!(leaf, POISON, "a lookup read a freed table");
+                }
+                grace.exit(slot, &mem, honour_slots);
+            })
+        };
+        let slot = grace.enter(1, announce);
+        let old = parent.swap(0, SC);
+        grace.retire(page_of(old));
+        grace.exit(slot, &mem, honour_slots);
+        reader.join().unwrap();
+        // Both operations have left: a later operation's exit frees what is left.
+        let slot = grace.enter(1, announce);
+        grace.exit(slot, &mem, honour_slots);
+        assert_eq!(mem.frees.load(SC), 1, "the unlinked table is freed once");
+    });
+}
+
+#[test]
+fn a_grace_period_keeps_unlinked_tables_until_readers_leave() {
+    grace_race(SC, true);
+}
+
+#[test]
+#[should_panic(expected = "a lookup read a freed table")]
+fn a_reclaimer_that_ignores_announcements_is_caught() {
+    grace_race(SC, false);
+}
+
+#[test]
+#[should_panic(expected = "a lookup read a freed table")]
+fn an_announcement_without_the_fence_is_caught() {
+    grace_race(Ordering::Relaxed, true);
 }

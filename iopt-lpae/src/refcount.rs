@@ -61,8 +61,11 @@
 //!    thread unlinked it. Unlinked tables are therefore not handed to the allocator at once:
 //!    they are retired with the current epoch and freed, in one `free_bulk` batch, once every
 //!    operation that was running when they were unlinked has finished (epoch-based
-//!    reclamation with two parity counters, as in SRCU or crossbeam-epoch, sharded by thread
-//!    so that disjoint operations do not share a cache line). Every counted operation, and
+//!    reclamation as in crossbeam-epoch: an operation announces the epoch it entered in, in a
+//!    slot of its own taken with one compare-exchange and left with a plain release store, and
+//!    the epoch advances only when every announcement shows the current one; threads spread
+//!    over the slots by stack address, so disjoint operations do not share a cache line, and
+//!    two parity counters take the overflow when every slot is busy). Every counted operation, and
 //!    [`Engine::lookup`] and [`Engine::walk`], runs inside an [`OpGuard`] for this. A
 //!    single-threaded caller sees every free happen before its call returns.
 //!
@@ -115,35 +118,54 @@ pub(crate) struct RcState {
     policy: Policy,
     /// Global epoch; a retired table tagged `e` is freed once the epoch reaches `e + 2`.
     epoch: AtomicU64,
-    /// Operations in flight, by the parity of the epoch they entered in, sharded by thread so
-    /// that threads working on disjoint ranges do not bounce one cache line.
-    active: [Shard; SHARDS],
+    /// Announcements of operations in flight, one operation per slot at a time, each on its
+    /// own cache lines so that threads on disjoint ranges do not bounce one line.
+    slots: [Slot; SLOTS],
+    /// Operations in flight that found every slot taken, by the parity of the epoch they
+    /// entered in.
+    overflow: Shard,
     /// Tables retired and not yet freed (fast check before taking the lock).
     pending: AtomicUsize,
     /// Retired tables with their epoch.
     limbo: spin::Mutex<Vec<(u64, PhysAddr)>>,
 }
 
-/// Shards of the in-flight counters; a power of two.
-const SHARDS: usize = 16;
+/// Announcement slots; a power of two.
+const SLOTS: usize = 32;
 
-/// One shard of the in-flight counters, on its own cache lines.
+/// One announcement: 0 when free, `(epoch << 1) | 1` while an operation that entered at
+/// `epoch` holds it. Its owner alone clears it, so leaving is a plain release store.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Slot(AtomicU64);
+
+/// Counters of operations in flight by epoch parity, on their own cache lines: the fallback
+/// when every slot is taken (more threads inside operations than slots, or nested guards).
 #[derive(Debug, Default)]
 #[repr(align(128))]
 struct Shard {
     by_parity: [AtomicUsize; 2],
 }
 
-/// The shard of the calling thread: thread stacks lie megabytes apart, while one thread's
-/// call depth moves its stack by kilobytes, so the stack address picks the shard without any
-/// thread-local storage (`no_std`). A collision only costs contention, never correctness:
-/// reclamation sums every shard.
+/// The first slot the calling thread tries: thread stacks lie megabytes apart, while one
+/// thread's call depth moves its stack by kilobytes, so the stack address spreads threads over
+/// the slots without any thread-local storage (`no_std`). A collision only costs a probe of
+/// the next slot, never correctness.
 #[inline]
-fn this_threads_shard() -> usize {
+fn this_threads_slot() -> usize {
     let probe = 0u8;
     let addr = core::ptr::from_ref(&probe).addr() as u64;
     let h = (addr >> 20).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    usize::try_from(h >> 60).unwrap_or(0) & (SHARDS - 1)
+    usize::try_from(h >> 59).unwrap_or(0) & (SLOTS - 1)
+}
+
+/// Where an operation announced itself.
+#[derive(Debug, Clone, Copy)]
+enum Entered {
+    /// It owns this slot.
+    Slot(usize),
+    /// It is counted in the overflow counter of this epoch's parity.
+    Overflow(u64),
 }
 
 impl RcState {
@@ -160,14 +182,14 @@ impl RcState {
 #[must_use = "the guard protects the tables only while it lives"]
 pub struct OpGuard<'a, A: TableAlloc, F: FlushOps> {
     engine: &'a Engine<A, F>,
-    /// The epoch entered in and the shard counted in.
-    epoch: Option<(u64, usize)>,
+    /// Where the operation announced itself (`None` on an engine that does not count).
+    entered: Option<Entered>,
 }
 
 impl<A: TableAlloc, F: FlushOps> fmt::Debug for OpGuard<'_, A, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpGuard")
-            .field("epoch", &self.epoch)
+            .field("entered", &self.entered)
             .finish_non_exhaustive()
     }
 }
@@ -175,8 +197,8 @@ impl<A: TableAlloc, F: FlushOps> fmt::Debug for OpGuard<'_, A, F> {
 impl<A: TableAlloc, F: FlushOps> Drop for OpGuard<'_, A, F> {
     #[inline]
     fn drop(&mut self) {
-        if let Some((e, shard)) = self.epoch {
-            self.engine.exit(e, shard);
+        if let Some(at) = self.entered {
+            self.engine.exit(at);
         }
     }
 }
@@ -399,28 +421,65 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if !self.rc.counting() {
             return OpGuard {
                 engine: self,
-                epoch: None,
+                entered: None,
             };
         }
-        let shard = this_threads_shard();
+        // Announce the epoch in a free slot: one compare-exchange, which on x86 is also the
+        // fence that orders the announcement before the table reads that follow. An epoch
+        // that moved on meanwhile is harmless: an older announcement only holds reclamation
+        // back further (`reclaim` waits for every slot to show the current epoch).
+        let start = this_threads_slot();
+        for k in 0..SLOTS {
+            let i = (start + k) & (SLOTS - 1);
+            let slot = &self.rc.slots[i].0;
+            if slot.load(Ordering::Relaxed) != 0 {
+                continue;
+            }
+            let e = self.rc.epoch.load(SC);
+            if slot
+                .compare_exchange(0, (e << 1) | 1, SC, Ordering::Relaxed)
+                .is_ok()
+            {
+                full_fence_after_rmw();
+                return OpGuard {
+                    engine: self,
+                    entered: Some(Entered::Slot(i)),
+                };
+            }
+        }
+        self.enter_overflow()
+    }
+
+    /// [`enter`](Self::enter) when every slot is taken: a shared counter per epoch parity,
+    /// re-checked against the epoch (a parity counter, unlike a slot, cannot say how old its
+    /// members are).
+    #[cold]
+    fn enter_overflow(&self) -> OpGuard<'_, A, F> {
         loop {
             let e = self.rc.epoch.load(SC);
-            let slot = &self.rc.active[shard].by_parity[(e & 1) as usize];
-            slot.fetch_add(1, SC);
+            let count = &self.rc.overflow.by_parity[(e & 1) as usize];
+            count.fetch_add(1, SC);
             full_fence_after_rmw();
             if self.rc.epoch.load(SC) == e {
                 return OpGuard {
                     engine: self,
-                    epoch: Some((e, shard)),
+                    entered: Some(Entered::Overflow(e)),
                 };
             }
-            slot.fetch_sub(1, SC);
+            count.fetch_sub(1, SC);
         }
     }
 
     #[inline]
-    fn exit(&self, e: u64, shard: usize) {
-        self.rc.active[shard].by_parity[(e & 1) as usize].fetch_sub(1, SC);
+    fn exit(&self, at: Entered) {
+        match at {
+            // Release: every table read of the operation happens before a reclaimer that
+            // sees the slot free.
+            Entered::Slot(i) => self.rc.slots[i].0.store(0, Ordering::Release),
+            Entered::Overflow(e) => {
+                self.rc.overflow.by_parity[(e & 1) as usize].fetch_sub(1, SC);
+            }
+        }
         if self.rc.pending.load(SC) != 0 {
             self.reclaim();
         }
@@ -450,12 +509,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             fence(SC);
             let e = self.rc.epoch.load(SC);
             let old = ((e + 1) & 1) as usize;
-            if self
-                .rc
-                .active
-                .iter()
-                .any(|s| s.by_parity[old].load(SC) != 0)
-            {
+            let behind = |s: &Slot| {
+                let v = s.0.load(SC);
+                v != 0 && v >> 1 != e
+            };
+            if self.rc.slots.iter().any(behind) || self.rc.overflow.by_parity[old].load(SC) != 0 {
                 break;
             }
             let _ = self.rc.epoch.compare_exchange(e, e + 1, SC, SC);

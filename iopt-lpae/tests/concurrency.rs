@@ -75,3 +75,55 @@ fn disjoint_threads_share_tables() {
         assert_eq!(mem.stats().bad_frees, 0);
     }
 }
+
+/// The grace period: a table unlinked while any operation that entered before is still
+/// running stays allocated until that operation leaves, whether it announced itself in a slot
+/// of its own or (every slot taken, here by 40 nested guards) in the overflow counters.
+#[test]
+fn unlinked_tables_wait_for_every_guard_slot_or_overflow() {
+    use iopt_lpae::Engine;
+    use iopt_lpae::refcount::Policy;
+    let cfg = Config::new(ConfigInput::new(
+        Format::Arm64S1,
+        PageSizes::GRANULE_4K,
+        48,
+        48,
+    ))
+    .unwrap();
+    let mem = SimMemory::new();
+    let e = Engine::with_policy(cfg, &mem, iopt_api::NoFlush, Policy::Refcounted).unwrap();
+    let iova = Iova::new(0x4000_0000);
+    let map = || {
+        e.map(
+            iova,
+            PhysAddr::new(0x1000),
+            PageSize::SZ_4K,
+            1,
+            Prot::READ,
+            &mut e.on_demand(),
+        )
+        .unwrap();
+    };
+    let unmap = || {
+        e.unmap(iova, PageSize::SZ_4K, 1, &mut Gather::new())
+            .unwrap();
+    };
+    for held in [1usize, 31, 32, 33, 40] {
+        map();
+        assert_eq!(mem.stats().live_pages, 4, "root, L1, L2, L3");
+        let guards: Vec<_> = (0..held).map(|_| e.enter()).collect();
+        unmap();
+        // L1, L2 and L3 are unlinked but still reachable by the guards' operations.
+        assert_eq!(e.deferred_frees(), 3, "{held} guards");
+        assert_eq!(mem.stats().live_pages, 4, "{held} guards");
+        // Every guard but the last (the overflow one when `held` > 32) leaves: still held.
+        let mut guards = guards;
+        let last = guards.pop();
+        drop(guards);
+        drop(e.enter());
+        assert_eq!(e.deferred_frees(), 3, "{held} guards, the last still held");
+        drop(last);
+        assert_eq!(e.deferred_frees(), 0, "{held} guards, all left");
+        assert_eq!(mem.stats().live_pages, 1, "{held} guards: the root alone");
+    }
+}
