@@ -287,6 +287,7 @@ fn full_fence_after_rmw() {
 }
 
 /// Raises a table's live count by `n` unless it is [`DEAD`].
+#[inline]
 fn pin(meta: &TableMeta, n: u32) -> bool {
     meta.live_entries
         .fetch_update(SC, SC, |c| (c != DEAD).then(|| c + n))
