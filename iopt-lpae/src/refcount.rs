@@ -212,6 +212,7 @@ struct Frame<'a> {
 
 impl Frame<'_> {
     /// The table's address.
+    #[inline]
     fn pa(&self) -> PhysAddr {
         self.t.pa
     }
@@ -225,6 +226,7 @@ struct Path<'a> {
 }
 
 impl<'a> Path<'a> {
+    #[inline]
     fn new(root: Frame<'a>) -> Self {
         Self {
             frames: [root; 4],
@@ -232,6 +234,7 @@ impl<'a> Path<'a> {
         }
     }
 
+    #[inline]
     fn push(&mut self, f: Frame<'a>) {
         self.frames[self.len] = f;
         self.len += 1;
@@ -242,10 +245,12 @@ impl<'a> Path<'a> {
         &self.frames[self.len - 1]
     }
 
+    #[inline]
     fn top(&self) -> usize {
         self.len - 1
     }
 
+    #[inline]
     fn frames(&self) -> &[Frame<'a>] {
         &self.frames[..self.len]
     }
