@@ -236,6 +236,31 @@ impl<A: TableAlloc, F: FlushOps> IoPageTable for Table<A, F> {
         dispatch!(self, t => t.iova_to_phys(iova))
     }
 
+    fn map_mut(
+        &mut self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        dispatch!(self, t => t.map_mut(iova, pa, size, count, prot))
+    }
+
+    fn unmap_mut(
+        &mut self,
+        iova: Iova,
+        size: PageSize,
+        count: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, UnmapError> {
+        dispatch!(self, t => t.unmap_mut(iova, size, count, gather))
+    }
+
+    fn iova_to_phys_mut(&mut self, iova: Iova) -> Option<Translation> {
+        dispatch!(self, t => t.iova_to_phys_mut(iova))
+    }
+
     fn walk(&self, visit: &mut dyn FnMut(WalkItem)) {
         dispatch!(self, t => t.walk(visit));
     }
