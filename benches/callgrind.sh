@@ -10,14 +10,15 @@ mkdir -p "$out"
 cargo build -q --profile bench -p iopt-benches --example profile
 bin="${CARGO_TARGET_DIR:-target}/release/examples/profile"
 phases="map_new map_present map_reserved unmap lookup bulk_map bulk_map_present bulk_unmap map_2m unmap_2m vm_bind"
-backends="alloc_ops prealloc aarch64-paging"
+backends="alloc_ops prealloc prealloc_mut aarch64-paging"
 echo "| phase | $(echo $backends | sed 's/ / | /g') |"
-echo "|---|---:|---:|---:|"
+echo "|---|---:|---:|---:|---:|"
 for ph in $phases; do
   row="| $ph |"
   for be in $backends; do
-    # Reservations are the designs' own: the peer has no such phase.
-    if [ "$be" = aarch64-paging ] && { [ "$ph" = map_reserved ] || [ "$ph" = vm_bind ]; }; then
+    # Reservations are the designs' own: the peer has no such phase, and the exclusive
+    # entry points cover map, unmap and lookup only.
+    if [ "$be" != alloc_ops ] && [ "$be" != prealloc ] && { [ "$ph" = map_reserved ] || [ "$ph" = vm_bind ]; }; then
       row="$row — |"
       continue
     fi
