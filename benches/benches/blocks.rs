@@ -11,14 +11,13 @@ type Group<'a> = BenchmarkGroup<'a, WallTime>;
 
 fn map<B: Backend>(g: &mut Group<'_>, n: u64) {
     g.bench_function(BenchmarkId::new(B::NAME, n), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             B::fresh,
-            |mut t| {
+            |t| {
                 for i in 0..n {
                     let iova = BASE_IOVA + i * SZ_2M;
                     t.map(black_box(iova), pa_of(iova), SZ_2M, 1);
                 }
-                t
             },
             BatchSize::SmallInput,
         );
@@ -27,17 +26,16 @@ fn map<B: Backend>(g: &mut Group<'_>, n: u64) {
 
 fn unmap<B: Backend>(g: &mut Group<'_>, n: u64) {
     g.bench_function(BenchmarkId::new(B::NAME, n), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             || {
                 let mut t = B::fresh();
                 t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_2M, n);
                 t
             },
-            |mut t| {
+            |t| {
                 for i in 0..n {
                     t.unmap(black_box(BASE_IOVA + i * SZ_2M), SZ_2M, 1);
                 }
-                t
             },
             BatchSize::SmallInput,
         );

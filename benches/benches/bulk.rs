@@ -11,11 +11,10 @@ type Group<'a> = BenchmarkGroup<'a, WallTime>;
 
 fn map<B: Backend>(g: &mut Group<'_>, n: u64) {
     g.bench_function(BenchmarkId::new(B::NAME, n), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             B::fresh,
-            |mut t| {
+            |t| {
                 t.map(black_box(BASE_IOVA), pa_of(BASE_IOVA), SZ_4K, n);
-                t
             },
             BatchSize::PerIteration,
         );
@@ -30,11 +29,10 @@ fn mapped<B: Backend>(n: u64) -> B {
 
 fn unmap<B: Backend>(g: &mut Group<'_>, n: u64) {
     g.bench_function(BenchmarkId::new(B::NAME, n), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             || mapped::<B>(n),
-            |mut t| {
+            |t| {
                 t.unmap(black_box(BASE_IOVA), SZ_4K, n);
-                t
             },
             BatchSize::PerIteration,
         );
@@ -72,21 +70,19 @@ fn bench(c: &mut Criterion) {
     // `alloc_ops` and Linux do (the reference figure, 2.10 ns/page, was measured so);
     // `free-subtables` is one call over the whole range.
     g.bench_function(BenchmarkId::new("aarch64-paging/free-subtables", n), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             || mapped::<Peer>(n),
-            |mut t| {
+            |t| {
                 t.unmap(black_box(BASE_IOVA), SZ_4K, n);
-                t
             },
             BatchSize::PerIteration,
         );
     });
     g.bench_function(BenchmarkId::new(Peer::NAME, n), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             || mapped::<Peer>(n),
-            |mut t| {
+            |t| {
                 t.clear_keep_tables(black_box(BASE_IOVA), n);
-                t
             },
             BatchSize::PerIteration,
         );

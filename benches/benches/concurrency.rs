@@ -29,11 +29,10 @@ fn run<S: Shared>(t: &S, threads: u64, n: u64) {
 
 fn one<S: Shared>(g: &mut BenchmarkGroup<'_, WallTime>, threads: u64, n: u64) {
     g.bench_function(BenchmarkId::new(format!("{}/new", S::NAME), threads), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             S::fresh,
             |t| {
-                run(&t, threads, n);
-                t
+                run(&*t, threads, n);
             },
             BatchSize::PerIteration,
         );
@@ -41,7 +40,7 @@ fn one<S: Shared>(g: &mut BenchmarkGroup<'_, WallTime>, threads: u64, n: u64) {
     g.bench_function(
         BenchmarkId::new(format!("{}/present", S::NAME), threads),
         |b| {
-            b.iter_batched(
+            b.iter_batched_ref(
                 || {
                     let t = S::fresh();
                     for k in 0..threads {
@@ -50,8 +49,7 @@ fn one<S: Shared>(g: &mut BenchmarkGroup<'_, WallTime>, threads: u64, n: u64) {
                     t
                 },
                 |t| {
-                    run(&t, threads, n);
-                    t
+                    run(&*t, threads, n);
                 },
                 BatchSize::PerIteration,
             );

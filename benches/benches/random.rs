@@ -10,9 +10,9 @@ use std::hint::black_box;
 
 fn run<B: Backend>(g: &mut BenchmarkGroup<'_, WallTime>, ops: &[Op]) {
     g.bench_function(BenchmarkId::new(B::NAME, ops.len()), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             B::fresh,
-            |mut t| {
+            |t| {
                 for op in ops {
                     let op = black_box(op);
                     if op.map {
@@ -21,7 +21,6 @@ fn run<B: Backend>(g: &mut BenchmarkGroup<'_, WallTime>, ops: &[Op]) {
                         t.unmap(op.iova, op.size, op.count);
                     }
                 }
-                t
             },
             BatchSize::PerIteration,
         );

@@ -49,21 +49,19 @@ fn variant(name: &str, what: &str) -> String {
 fn plain<B: Backend>(g: &mut Group<'_>, n: u64, single: bool) {
     let p = if single { "single" } else { "bulk" };
     g.bench_function(BenchmarkId::new(variant(B::NAME, "present"), p), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             || present::<B>(n),
-            |mut t| {
-                map_pages(&mut t, n, single);
-                t
+            |t| {
+                map_pages(t, n, single);
             },
             BatchSize::PerIteration,
         );
     });
     g.bench_function(BenchmarkId::new(variant(B::NAME, "new"), p), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             B::fresh,
-            |mut t| {
-                map_pages(&mut t, n, single);
-                t
+            |t| {
+                map_pages(t, n, single);
             },
             BatchSize::PerIteration,
         );
@@ -74,15 +72,14 @@ fn reserved<B: Reserving>(g: &mut Group<'_>, n: u64, single: bool) {
     let param = if single { "single" } else { "bulk" };
     let len = n * SZ_4K;
     g.bench_function(BenchmarkId::new(variant(B::NAME, "reserved"), param), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             || {
                 let mut table = B::fresh();
                 let res = table.reserve(BASE_IOVA, len, SZ_4K);
                 (table, res)
             },
-            |(mut t, r)| {
-                map_pages_reserved(&mut t, &r, n, single);
-                (t, r)
+            |(t, r)| {
+                map_pages_reserved(t, r, n, single);
             },
             BatchSize::PerIteration,
         );
@@ -90,12 +87,12 @@ fn reserved<B: Reserving>(g: &mut Group<'_>, n: u64, single: bool) {
     g.bench_function(
         BenchmarkId::new(variant(B::NAME, "reserve+map"), param),
         |b| {
-            b.iter_batched(
+            b.iter_batched_ref(
                 B::fresh,
-                |mut t| {
+                |t| {
                     let r = t.reserve(black_box(BASE_IOVA), len, SZ_4K);
-                    map_pages_reserved(&mut t, &r, n, single);
-                    (t, r)
+                    map_pages_reserved(t, &r, n, single);
+                    r
                 },
                 BatchSize::PerIteration,
             );
@@ -122,13 +119,12 @@ fn reserve_k<B: Reserving>(k: u64, map: bool) -> (B, Vec<B::Res>) {
 fn release<B: Reserving>(g: &mut Group<'_>, k: u64) {
     for (what, map) in [("unused", false), ("mapped+unmapped", true)] {
         g.bench_function(BenchmarkId::new(B::NAME, what), |b| {
-            b.iter_batched(
+            b.iter_batched_ref(
                 || reserve_k::<B>(k, map),
-                |(mut t, rs)| {
-                    for r in rs {
+                |(t, rs)| {
+                    for r in rs.drain(..) {
                         t.release(black_box(r));
                     }
-                    t
                 },
                 BatchSize::PerIteration,
             );
@@ -171,9 +167,9 @@ fn vm_bind_reserved<B: Reserving>(g: &mut Group<'_>, binds: &[Bind]) {
     g.bench_function(
         BenchmarkId::new(variant(B::NAME, "reserved"), binds.len()),
         |b| {
-            b.iter_batched(
+            b.iter_batched_ref(
                 B::fresh,
-                |mut t| {
+                |t| {
                     let mut queue = VecDeque::with_capacity(QUEUE_DEPTH);
                     let mut held = Vec::new();
                     let mut execute = |t: &mut B, bind: &Bind, r: B::Res| {
@@ -191,20 +187,19 @@ fn vm_bind_reserved<B: Reserving>(g: &mut Group<'_>, binds: &[Bind]) {
                         queue.push_back((bind, r));
                         if queue.len() == QUEUE_DEPTH {
                             let (bind, r) = queue.pop_front().expect("queued");
-                            execute(&mut t, bind, r);
+                            execute(t, bind, r);
                         }
                     }
                     while let Some((bind, r)) = queue.pop_front() {
-                        execute(&mut t, bind, r);
+                        execute(t, bind, r);
                     }
                     if B::RELEASE_UNMAPS {
                         for r in held {
                             t.release(r);
                         }
                     } else {
-                        unbind_all(&mut t, binds);
+                        unbind_all(t, binds);
                     }
-                    t
                 },
                 BatchSize::PerIteration,
             );
@@ -215,15 +210,14 @@ fn vm_bind_reserved<B: Reserving>(g: &mut Group<'_>, binds: &[Bind]) {
 /// The same binds mapped synchronously, without reservations.
 fn vm_bind_sync<B: Backend>(g: &mut Group<'_>, binds: &[Bind], name: &str) {
     g.bench_function(BenchmarkId::new(name, binds.len()), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             B::fresh,
-            |mut t| {
+            |t| {
                 for bind in binds {
                     let bind = black_box(bind);
                     t.map(bind.iova, bind.pa(), bind.size, bind.count);
                 }
-                unbind_all(&mut t, binds);
-                t
+                unbind_all(t, binds);
             },
             BatchSize::PerIteration,
         );

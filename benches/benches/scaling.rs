@@ -20,11 +20,10 @@ fn label(bytes: u64) -> String {
 fn one<B: Backend>(g: &mut BenchmarkGroup<'_, WallTime>, bytes: u64) {
     let pages = bytes / SZ_4K;
     g.bench_function(BenchmarkId::new(B::NAME, label(bytes)), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             B::fresh,
-            |mut t| {
+            |t| {
                 t.map(black_box(BASE_IOVA), pa_of(BASE_IOVA), SZ_4K, pages);
-                t
             },
             BatchSize::PerIteration,
         );

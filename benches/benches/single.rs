@@ -19,11 +19,10 @@ fn map_each<B: Backend>(t: &mut B, n: u64) {
 
 fn map_new<B: Backend>(g: &mut Group<'_>, n: u64) {
     g.bench_function(BenchmarkId::new(B::NAME, n), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             B::fresh,
-            |mut t| {
-                map_each(&mut t, n);
-                t
+            |t| {
+                map_each(t, n);
             },
             BatchSize::PerIteration,
         );
@@ -39,11 +38,10 @@ fn present<B: Backend>(n: u64) -> B {
 
 fn map_present<B: Backend>(g: &mut Group<'_>, n: u64) {
     g.bench_function(BenchmarkId::new(B::NAME, n), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             || present::<B>(n),
-            |mut t| {
-                map_each(&mut t, n);
-                t
+            |t| {
+                map_each(t, n);
             },
             BatchSize::PerIteration,
         );
@@ -58,13 +56,12 @@ fn mapped<B: Backend>(n: u64) -> B {
 
 fn unmap_each<B: Backend>(g: &mut Group<'_>, n: u64) {
     g.bench_function(BenchmarkId::new(B::NAME, n), |b| {
-        b.iter_batched(
+        b.iter_batched_ref(
             || mapped::<B>(n),
-            |mut t| {
+            |t| {
                 for i in 0..n {
                     t.unmap(black_box(BASE_IOVA + i * SZ_4K), SZ_4K, 1);
                 }
-                t
             },
             BatchSize::PerIteration,
         );
