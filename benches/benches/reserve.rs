@@ -7,7 +7,6 @@ use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use iopt_benches::Prealloc;
 use iopt_benches::work::{self, Bind};
 use iopt_benches::{AllocOps, BASE_IOVA, Backend, Peer, Profile, Reserving, SZ_2M, SZ_4K, pa_of};
-use std::collections::VecDeque;
 use std::hint::black_box;
 
 type Group<'a> = BenchmarkGroup<'a, WallTime>;
@@ -152,55 +151,14 @@ fn pages_needed<B: Reserving>(g: &mut Group<'_>) {
     }
 }
 
-const QUEUE_DEPTH: usize = 8;
-
-fn unbind_all<B: Backend>(t: &mut B, binds: &[Bind]) {
-    for bind in binds {
-        t.unmap(bind.iova, bind.size, bind.count);
-    }
-}
-
-/// Binds queued `QUEUE_DEPTH` deep: reserve at submit, map inside the reservation at execute;
-/// Design 1 releases at completion and unbinds with `unmap`, Design 2 keeps the reservation
-/// until the unbind, which is its release. Then every bind is unbound.
+/// Binds queued `QUEUE_DEPTH` deep: [`work::vm_bind_queued`].
 fn vm_bind_reserved<B: Reserving>(g: &mut Group<'_>, binds: &[Bind]) {
     g.bench_function(
         BenchmarkId::new(variant(B::NAME, "reserved"), binds.len()),
         |b| {
             b.iter_batched_ref(
                 B::fresh,
-                |t| {
-                    let mut queue = VecDeque::with_capacity(QUEUE_DEPTH);
-                    let mut held = Vec::new();
-                    let mut execute = |t: &mut B, bind: &Bind, r: B::Res| {
-                        t.map_reserved(&r, bind.iova, bind.pa(), bind.size, bind.count);
-                        if B::RELEASE_UNMAPS {
-                            held.push(r);
-                        } else {
-                            t.release(r);
-                        }
-                    };
-                    for bind in binds {
-                        let bind = black_box(bind);
-                        let leaf = bind.size;
-                        let r = t.reserve(bind.iova, bind.len(), leaf);
-                        queue.push_back((bind, r));
-                        if queue.len() == QUEUE_DEPTH {
-                            let (bind, r) = queue.pop_front().expect("queued");
-                            execute(t, bind, r);
-                        }
-                    }
-                    while let Some((bind, r)) = queue.pop_front() {
-                        execute(t, bind, r);
-                    }
-                    if B::RELEASE_UNMAPS {
-                        for r in held {
-                            t.release(r);
-                        }
-                    } else {
-                        unbind_all(t, binds);
-                    }
-                },
+                |t| work::vm_bind_queued(t, binds),
                 BatchSize::PerIteration,
             );
         },
@@ -217,7 +175,7 @@ fn vm_bind_sync<B: Backend>(g: &mut Group<'_>, binds: &[Bind], name: &str) {
                     let bind = black_box(bind);
                     t.map(bind.iova, bind.pa(), bind.size, bind.count);
                 }
-                unbind_all(t, binds);
+                work::unbind_all(t, binds);
             },
             BatchSize::PerIteration,
         );

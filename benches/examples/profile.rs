@@ -77,41 +77,10 @@ fn phase_map_reserved<B: Reserving>(t: &mut B, r: &B::Res) {
     }
 }
 
-/// The bench's VM_BIND loop (`reserve.rs`): reserve at submit, map inside the reservation
-/// eight binds later; Design 1 releases at once and unbinds with `unmap`, Design 2 unbinds
-/// by releasing.
+/// The bench's VM_BIND loop ([`work::vm_bind_queued`]).
 #[inline(never)]
 fn phase_vm_bind<B: Reserving>(t: &mut B, binds: &[work::Bind]) {
-    let mut queue = std::collections::VecDeque::with_capacity(8);
-    let mut held = Vec::new();
-    let mut execute = |t: &mut B, bind: &work::Bind, r: B::Res| {
-        t.map_reserved(&r, bind.iova, bind.pa(), bind.size, bind.count);
-        if B::RELEASE_UNMAPS {
-            held.push(r);
-        } else {
-            t.release(r);
-        }
-    };
-    for bind in binds {
-        let r = t.reserve(bind.iova, bind.len(), bind.size);
-        queue.push_back((bind, r));
-        if queue.len() == 8 {
-            let (bind, r) = queue.pop_front().expect("queued");
-            execute(t, bind, r);
-        }
-    }
-    while let Some((bind, r)) = queue.pop_front() {
-        execute(t, bind, r);
-    }
-    if B::RELEASE_UNMAPS {
-        for r in held {
-            t.release(r);
-        }
-    } else {
-        for bind in binds {
-            t.unmap(bind.iova, bind.size, bind.count);
-        }
-    }
+    work::vm_bind_queued(t, binds);
 }
 
 /// The phases that need reservations, for the designs that have them.

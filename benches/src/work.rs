@@ -1,6 +1,8 @@
 //! Deterministic workloads: the random map/unmap mix and the VM_BIND trace.
 
-use crate::{BASE_IOVA, SZ_1G, SZ_2M, SZ_4K, pa_of};
+use crate::{BASE_IOVA, Backend, Reserving, SZ_1G, SZ_2M, SZ_4K, pa_of};
+use std::collections::VecDeque;
+use std::hint::black_box;
 
 /// A small deterministic generator (xorshift64*), so every backend replays the same ops.
 #[derive(Debug, Clone)]
@@ -179,4 +181,51 @@ pub fn spread(n: usize, base: u64, pages: u64, seed: u64) -> Vec<u64> {
     (0..n)
         .map(|_| base + rng.below(pages) * SZ_4K + 0x123)
         .collect()
+}
+
+/// How many binds wait between submit and execute in the VM_BIND loop.
+pub const QUEUE_DEPTH: usize = 8;
+
+/// Unbinds every bind of `binds` with `unmap`.
+pub fn unbind_all<B: Backend>(t: &mut B, binds: &[Bind]) {
+    for bind in binds {
+        t.unmap(bind.iova, bind.size, bind.count);
+    }
+}
+
+/// The VM_BIND loop of the `vm_bind` group and the profile example: binds queued
+/// [`QUEUE_DEPTH`] deep, reserved at submit and mapped inside the reservation at execute.
+/// Design 1 releases at completion and unbinds with `unmap`; Design 2 keeps the reservation
+/// until the unbind, which is its release. Then every bind is unbound.
+pub fn vm_bind_queued<B: Reserving>(t: &mut B, binds: &[Bind]) {
+    let mut queue = VecDeque::with_capacity(QUEUE_DEPTH);
+    let mut held = Vec::new();
+    let mut execute = |t: &mut B, bind: &Bind, r: B::Res| {
+        t.map_reserved(&r, bind.iova, bind.pa(), bind.size, bind.count);
+        if B::RELEASE_UNMAPS {
+            held.push(r);
+        } else {
+            t.release(r);
+        }
+    };
+    for bind in binds {
+        let bind = black_box(bind);
+        let r = t.reserve(bind.iova, bind.len(), bind.size);
+        queue.push_back((bind, r));
+        if queue.len() == QUEUE_DEPTH {
+            if let Some((bind, r)) = queue.pop_front() {
+                execute(t, bind, r);
+            }
+        }
+    }
+    while let Some((bind, r)) = queue.pop_front() {
+        execute(t, bind, r);
+    }
+    if B::RELEASE_UNMAPS {
+        for r in held {
+            t.release(r);
+        }
+    } else {
+        unbind_all(t, binds);
+    }
 }
