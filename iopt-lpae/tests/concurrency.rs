@@ -7,15 +7,20 @@ use iopt_api::{
 };
 use iopt_lpae::{LpaeTable, SimMemory};
 
-#[test]
-fn disjoint_threads_share_tables() {
-    let cfg = Config::new(ConfigInput::new(
+/// A 48-bit stage-1 table with a 4K granule.
+fn cfg() -> Config {
+    Config::new(ConfigInput::new(
         Format::Arm64S1,
         PageSizes::GRANULE_4K,
         48,
         48,
     ))
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn disjoint_threads_share_tables() {
+    let cfg = cfg();
     for round in 0..20u64 {
         let mem = SimMemory::new();
         let t = LpaeTable::new(cfg, &mem).unwrap();
@@ -83,13 +88,7 @@ fn disjoint_threads_share_tables() {
 fn unlinked_tables_wait_for_every_guard_slot_or_overflow() {
     use iopt_lpae::Engine;
     use iopt_lpae::refcount::Policy;
-    let cfg = Config::new(ConfigInput::new(
-        Format::Arm64S1,
-        PageSizes::GRANULE_4K,
-        48,
-        48,
-    ))
-    .unwrap();
+    let cfg = cfg();
     let mem = SimMemory::new();
     let e = Engine::with_policy(cfg, &mem, iopt_api::NoFlush, Policy::Refcounted).unwrap();
     let iova = Iova::new(0x4000_0000);
