@@ -90,6 +90,15 @@
 //! them has finished. The engine's [`refcount`](iopt_lpae::refcount) module documents the
 //! protocol.
 //!
+//! That protocol costs two locked read-modify-writes per shared call (announcing the call to
+//! the grace period, and pinning the leaf table). A caller that holds the table exclusively
+//! (behind its own lock, as panthor's `op_lock` serialises its page-table calls) can use
+//! [`IoPageTable::map_mut`](iopt_api::IoPageTable::map_mut),
+//! [`unmap_mut`](iopt_api::IoPageTable::unmap_mut) and
+//! [`iova_to_phys_mut`](iopt_api::IoPageTable::iova_to_phys_mut) instead: the same results,
+//! and on a hit of the engine's leaf-table cursor neither operation (single calls take about
+//! half the time; `benches/README.md` has the figures).
+//!
 //! `no_std` + `alloc`; no `unsafe`.
 
 #![no_std]
