@@ -680,14 +680,29 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     #[allow(clippy::inline_always)]
     #[inline(always)]
     fn cursor_pinned(&self, iova: u64, target: u32, n: u64) -> Option<Frame<'_>> {
+        let (t, pins) = self.cursor_empty(iova, target, n, SC)?;
+        pin(t.meta, pins).then_some(Frame { t, level: target })
+    }
+
+    /// The leaf table the cursor holds for `n` leaves at `iova`, with `n` as a pin count, if
+    /// every target entry is empty (loaded with `order`): the check both the shared and the
+    /// exclusive cursor-hit maps make before pinning.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn cursor_empty(
+        &self,
+        iova: u64,
+        target: u32,
+        n: u64,
+        order: Ordering,
+    ) -> Option<(TableRef<'_>, u32)> {
         let t = self.cursor_get(target, iova)?;
         let first = self.index(iova, target);
         let slots = t.entries.get(first..first + usize::try_from(n).ok()?)?;
-        if !all_zero(slots, SC) {
+        if !all_zero(slots, order) {
             return None;
         }
-        let pins = u32::try_from(n).ok()?;
-        pin(t.meta, pins).then_some(Frame { t, level: target })
+        Some((t, u32::try_from(n).ok()?))
     }
 
     /// `path[i]`'s count just reached 0: claim it and every ancestor holding nothing else,
@@ -1380,21 +1395,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if r.count != 1 && self.seg_len(r.level, r.iova, r.count) != r.count {
             return false;
         }
-        let Some(t) = self.cursor_get(r.level, r.iova) else {
-            return false;
-        };
-        let first = self.index(r.iova, r.level);
-        let Some(slots) = usize::try_from(r.count)
-            .ok()
-            .and_then(|n| t.entries.get(first..first + n))
-        else {
-            return false;
-        };
-        let Ok(n) = u32::try_from(r.count) else {
+        let Some((t, n)) = self.cursor_empty(r.iova, r.level, r.count, Ordering::Relaxed) else {
             return false;
         };
         let live = t.meta.live_entries.load(Ordering::Relaxed);
-        if live == DEAD || !all_zero(slots, Ordering::Relaxed) {
+        if live == DEAD {
             return false;
         }
         t.meta.live_entries.store(live + n, Ordering::Relaxed);
