@@ -5,8 +5,8 @@ use crate::count;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering::Relaxed;
-use iopt_api::{IovaRange, MapError, PhysAddr, TableAlloc};
-use iopt_lpae::{Counters, PageSource};
+use iopt_api::{FlushOps, IovaRange, MapError, PhysAddr, TableAlloc};
+use iopt_lpae::{Counters, Engine, PageSource};
 
 /// One live reservation's record.
 #[derive(Debug)]
@@ -41,15 +41,17 @@ pub(crate) type Pools = spin::Mutex<BTreeMap<u64, Pool>>;
 /// Hands out the pages of one reservation and takes back the ones an install race left over.
 /// Never calls the allocator to obtain; gives back to the allocator only if the reservation was
 /// released while the map ran (possible only with a forged duplicate handle).
-pub(crate) struct PoolSource<'a, A: TableAlloc> {
+pub(crate) struct PoolSource<'a, A: TableAlloc, F: FlushOps> {
     pub(crate) pools: &'a Pools,
     pub(crate) id: u64,
-    pub(crate) counters: &'a Counters,
-    pub(crate) alloc: &'a A,
-    pub(crate) size: u64,
+    pub(crate) engine: &'a Engine<A, F>,
 }
 
-impl<A: TableAlloc> PoolSource<'_, A> {
+impl<A: TableAlloc, F: FlushOps> PoolSource<'_, A, F> {
+    fn counters(&self) -> &Counters {
+        self.engine.counters()
+    }
+
     /// Hands `f` the pool's pages once `count` of them are known to be there, under the lock.
     fn take(&self, count: usize, f: impl FnOnce(&mut Vec<PhysAddr>)) -> Result<(), MapError> {
         {
@@ -68,13 +70,13 @@ impl<A: TableAlloc> PoolSource<'_, A> {
             f(&mut pool.pages);
         }
         let n = count as u64;
-        self.counters.pages_consumed.fetch_add(n, Relaxed);
-        self.counters.reserved_outstanding.fetch_sub(n, Relaxed);
+        self.counters().pages_consumed.fetch_add(n, Relaxed);
+        self.counters().reserved_outstanding.fetch_sub(n, Relaxed);
         Ok(())
     }
 }
 
-impl<A: TableAlloc> PageSource for PoolSource<'_, A> {
+impl<A: TableAlloc, F: FlushOps> PageSource for PoolSource<'_, A, F> {
     fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError> {
         if count == 0 {
             return Ok(());
@@ -95,7 +97,7 @@ impl<A: TableAlloc> PageSource for PoolSource<'_, A> {
             return;
         }
         let n = pages.len() as u64;
-        self.counters.pages_consumed.fetch_sub(n, Relaxed);
+        self.counters().pages_consumed.fetch_sub(n, Relaxed);
         let back = {
             let mut pools = self.pools.lock();
             match pools.get_mut(&self.id) {
@@ -107,12 +109,14 @@ impl<A: TableAlloc> PageSource for PoolSource<'_, A> {
             }
         };
         if back {
-            self.counters.reserved_outstanding.fetch_add(n, Relaxed);
+            self.counters().reserved_outstanding.fetch_add(n, Relaxed);
         } else {
-            self.counters.reserved_unused.fetch_add(n, Relaxed);
-            self.counters.free_bulk_calls.fetch_add(1, Relaxed);
-            self.counters.pages_freed.fetch_add(n, Relaxed);
-            self.alloc.free_bulk(pages, self.size);
+            self.counters().reserved_unused.fetch_add(n, Relaxed);
+            self.counters().free_bulk_calls.fetch_add(1, Relaxed);
+            self.counters().pages_freed.fetch_add(n, Relaxed);
+            self.engine
+                .allocator()
+                .free_bulk(pages, self.engine.config().granule().size());
         }
     }
 }

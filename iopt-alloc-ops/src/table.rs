@@ -429,13 +429,35 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
         Ok(v)
     }
 
-    fn pool_source(&self, id: u64) -> PoolSource<'_, A> {
+    /// Three words, built on every reserved map: the rest is reached through the engine only
+    /// when the pool is used.
+    /// [`Reserve::map_reserved`] through the registry, checking in order: the reservations
+    /// the look-aside index does not hold, and every error. Out of line, so that the hot path
+    /// inlines into its caller small.
+    #[inline(never)]
+    fn map_reserved_checked(
+        &self,
+        reservation: &Reservation,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        let run = self.checked(reservation, || {
+            let run = self.engine.validate_map(iova, pa, size, count, prot)?;
+            // validate_map checked that `iova + size * count - 1` does not overflow.
+            Ok((run, iova.get(), iova.get() + (size.get() * count - 1)))
+        })?;
+        self.engine
+            .map_run(run, prot, &mut self.pool_source(reservation.id()))
+    }
+
+    fn pool_source(&self, id: u64) -> PoolSource<'_, A, F> {
         PoolSource {
             pools: &self.pools,
             id,
-            counters: self.engine.counters(),
-            alloc: self.engine.allocator(),
-            size: self.granule(),
+            engine: &self.engine,
         }
     }
 
@@ -487,6 +509,7 @@ impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
     /// pool holds too few the map fails with [`MapError::ReservationExhausted`] and changes
     /// nothing. Leaves larger than the reservation's leaf are allowed (they need fewer
     /// tables); smaller ones may exhaust it.
+    #[inline]
     fn map_reserved(
         &self,
         reservation: &Reservation,
@@ -497,29 +520,22 @@ impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
         prot: Prot,
     ) -> Result<(), MapError> {
         let id = reservation.id();
-        // The hot path: the look-aside index holds the reservation (so it is live, and
-        // argument errors come next) and the run lies inside its span. No lock is taken
-        // unless the map needs tables from the pool.
+        // The hot path: the look-aside index holds the reservation (so it is live), the
+        // arguments are valid and the run lies inside its span. No lock is taken unless the
+        // map needs tables from the pool. Anything else takes the checks below, in order.
         if reservation.table_id() == self.table_id {
             if let Some(span) = self.hot.get(id) {
-                let last = size
-                    .get()
-                    .checked_mul(count)
-                    .and_then(|bytes| bytes.checked_sub(1))
-                    .and_then(|tail| iova.get().checked_add(tail));
-                if span.first <= iova.get() && last.is_some_and(|last| last <= span.last) {
+                // The run's end (exclusive) in 128 bits: it cannot overflow.
+                let i = iova.get();
+                let end = u128::from(i) + u128::from(count) * u128::from(size.get());
+                if span.first <= i && end <= u128::from(span.last) + 1 {
                     // In bounds: the engine's own checks come next, as on the slow path.
                     let mut src = self.pool_source(id);
                     return self.engine.map(iova, pa, size, count, prot, &mut src);
                 }
             }
         }
-        let run = self.checked(reservation, || {
-            let run = self.engine.validate_map(iova, pa, size, count, prot)?;
-            // validate_map checked that `iova + size * count - 1` does not overflow.
-            Ok((run, iova.get(), iova.get() + (size.get() * count - 1)))
-        })?;
-        self.engine.map_run(run, prot, &mut self.pool_source(id))
+        self.map_reserved_checked(reservation, iova, pa, size, count, prot)
     }
 
     /// Returns the unused pages with one [`TableAlloc::free_bulk`] call (none if all were

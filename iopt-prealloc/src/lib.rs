@@ -274,6 +274,40 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
         self.hot.publish(id, Self::span(held.range, held.leaf));
     }
 
+    /// [`Reserve::map_reserved`] through the registry, checking in order (the handle, the
+    /// arguments, the bounds): reservations the look-aside index does not hold, and every
+    /// error. Out of line, so that the hot path inlines into its caller small.
+    #[inline(never)]
+    fn map_reserved_checked(
+        &self,
+        reservation: &Reservation,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        let id = reservation.id();
+        let held = self
+            .held(reservation)
+            .ok_or(MapError::UnknownReservation { id })?;
+        let run = self.engine.validate_map(iova, pa, size, count, prot)?;
+        let range = held.range;
+        let last = iova.get() + (count * size.get() - 1);
+        if !range.contains(iova) {
+            return Err(MapError::OutsideReservation { id, range, iova });
+        }
+        if !range.contains(Iova::new(last)) {
+            let past = range.end().unwrap_or(Iova::new(last));
+            return Err(MapError::OutsideReservation {
+                id,
+                range,
+                iova: past,
+            });
+        }
+        self.engine.map_run(run, prot, &mut NoAlloc { id })
+    }
+
     /// Returns the live reservation `r` stands for, if it is one of this table's.
     fn held(&self, r: &Reservation) -> Option<Held> {
         if r.table_id() != self.id {
@@ -318,6 +352,7 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
         Ok(Reservation::new(self.id, id, range, max_leaf, pages))
     }
 
+    #[inline]
     fn map_reserved(
         &self,
         reservation: &Reservation,
@@ -328,24 +363,25 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
         prot: Prot,
     ) -> Result<(), MapError> {
         let id = reservation.id();
-        let held = self
-            .held(reservation)
-            .ok_or(MapError::UnknownReservation { id })?;
-        let run = self.engine.validate_map(iova, pa, size, count, prot)?;
-        let range = held.range;
-        let last = iova.get() + (count * size.get() - 1);
-        if !range.contains(iova) {
-            return Err(MapError::OutsideReservation { id, range, iova });
+        // The hot path: the look-aside index holds the reservation as the handle describes it
+        // (so it is live), and the run lies inside it; the engine's argument checks come
+        // next, as on the checked path. Anything else takes the checked path, in order.
+        if reservation.table_id() == self.id {
+            if let Some(span) = self.hot.get(id) {
+                let i = iova.get();
+                // The run's end (exclusive) in 128 bits: it cannot overflow.
+                let end = u128::from(i) + u128::from(count) * u128::from(size.get());
+                if span == Self::span(reservation.range(), reservation.max_leaf())
+                    && span.first <= i
+                    && end <= u128::from(span.last) + 1
+                {
+                    return self
+                        .engine
+                        .map(iova, pa, size, count, prot, &mut NoAlloc { id });
+                }
+            }
         }
-        if !range.contains(Iova::new(last)) {
-            let past = range.end().unwrap_or(Iova::new(last));
-            return Err(MapError::OutsideReservation {
-                id,
-                range,
-                iova: past,
-            });
-        }
-        self.engine.map_run(run, prot, &mut NoAlloc { id })
+        self.map_reserved_checked(reservation, iova, pa, size, count, prot)
     }
 
     fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReserveError> {

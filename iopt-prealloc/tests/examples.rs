@@ -310,6 +310,16 @@ fn reservation_errors_are_typed_and_change_nothing() {
         t.map_reserved(&forged, iova(VA), pa(0), PageSize::SZ_2M, 1, RW),
         Err(MapError::UnknownReservation { id: 999 })
     );
+    // A live id with another range or leaf size is not that reservation, even where the
+    // map lies inside both (the look-aside hot path and the registry agree).
+    let wider = range(VA, 2 * M2);
+    for (fr, leaf) in [(wider, PageSize::SZ_2M), (r, PageSize::SZ_4K)] {
+        let forged = Reservation::new(t.id(), res.id(), fr, leaf, 0);
+        assert_eq!(
+            t.map_reserved(&forged, iova(VA), pa(0), PageSize::SZ_2M, 1, RW),
+            Err(MapError::UnknownReservation { id: res.id() })
+        );
+    }
     let theirs = other.reserve(r, PageSize::SZ_2M).unwrap();
     assert!(matches!(
         t.map_reserved(&theirs, iova(VA), pa(0), PageSize::SZ_2M, 1, RW),
