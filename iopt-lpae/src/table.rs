@@ -179,6 +179,7 @@ macro_rules! impl_io_page_table_on_engine {
                 self.engine.config()
             }
 
+            #[inline]
             fn map(
                 &self,
                 iova: ::iopt_api::Iova,
