@@ -204,6 +204,7 @@ macro_rules! impl_io_page_table_on_engine {
                     .map_runs(&runs, prot, &mut self.engine.on_demand())
             }
 
+            #[inline]
             fn unmap(
                 &self,
                 iova: ::iopt_api::Iova,
