@@ -429,8 +429,6 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
         Ok(v)
     }
 
-    /// Three words, built on every reserved map: the rest is reached through the engine only
-    /// when the pool is used.
     /// [`Reserve::map_reserved`] through the registry, checking in order: the reservations
     /// the look-aside index does not hold, and every error. Out of line, so that the hot path
     /// inlines into its caller small.
@@ -453,6 +451,8 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
             .map_run(run, prot, &mut self.pool_source(reservation.id()))
     }
 
+    /// Three words, built on every reserved map: the rest is reached through the engine only
+    /// when the pool is used.
     fn pool_source(&self, id: u64) -> PoolSource<'_, A, F> {
         PoolSource {
             pools: &self.pools,
@@ -525,10 +525,7 @@ impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
         // map needs tables from the pool. Anything else takes the checks below, in order.
         if reservation.table_id() == self.table_id {
             if let Some(span) = self.hot.get(id) {
-                // The run's end (exclusive) in 128 bits: it cannot overflow.
-                let i = iova.get();
-                let end = u128::from(i) + u128::from(count) * u128::from(size.get());
-                if span.first <= i && end <= u128::from(span.last) + 1 {
+                if span.holds(iova.get(), size.get(), count) {
                     // In bounds: the engine's own checks come next, as on the slow path.
                     let mut src = self.pool_source(id);
                     return self.engine.map(iova, pa, size, count, prot, &mut src);

@@ -42,6 +42,27 @@ pub struct Span {
     pub tag: u64,
 }
 
+impl Span {
+    /// Whether `count` leaves of `size` bytes from `iova` lie inside `[first, last]`: the
+    /// bounds check of a map inside a reservation, in 128 bits so that no argument can
+    /// overflow it (a zero count is inside wherever `iova` is; the map's own checks refuse it).
+    ///
+    /// ```
+    /// use iopt_lpae::lookaside::Span;
+    /// let s = Span { first: 0x10_0000, last: 0x1f_ffff, tag: 0 };
+    /// assert!(s.holds(0x1f_f000, 0x1000, 1));
+    /// assert!(!s.holds(0x1f_f000, 0x1000, 2));
+    /// assert!(!s.holds(0xf_f000, 0x1000, 1));
+    /// assert!(!s.holds(0x10_0000, 0x1000, u64::MAX));
+    /// ```
+    #[inline]
+    #[must_use]
+    pub fn holds(&self, iova: u64, size: u64, count: u64) -> bool {
+        let end = u128::from(iova) + u128::from(count) * u128::from(size);
+        self.first <= iova && end <= u128::from(self.last) + 1
+    }
+}
+
 /// One seqlock: `seq` is odd while a writer is inside. `id` 0 means empty.
 #[derive(Debug, Default)]
 struct Slot {

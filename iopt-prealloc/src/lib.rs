@@ -368,12 +368,8 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
         // next, as on the checked path. Anything else takes the checked path, in order.
         if reservation.table_id() == self.id {
             if let Some(span) = self.hot.get(id) {
-                let i = iova.get();
-                // The run's end (exclusive) in 128 bits: it cannot overflow.
-                let end = u128::from(i) + u128::from(count) * u128::from(size.get());
                 if span == Self::span(reservation.range(), reservation.max_leaf())
-                    && span.first <= i
-                    && end <= u128::from(span.last) + 1
+                    && span.holds(iova.get(), size.get(), count)
                 {
                     return self
                         .engine
