@@ -308,18 +308,29 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
         self.engine.map_run(run, prot, &mut NoAlloc { id })
     }
 
+    /// The look-aside entry of `r`, if the index holds this table's reservation `r.id()` as
+    /// the handle describes it (so it is live), read without a lock. `None` says nothing: ask
+    /// the registry.
+    #[inline]
+    fn hot_span(&self, r: &Reservation) -> Option<Span> {
+        if r.table_id() != self.id {
+            return None;
+        }
+        self.hot
+            .get(r.id())
+            .filter(|&span| span == Self::span(r.range(), r.max_leaf()))
+    }
+
     /// Returns the live reservation `r` stands for, if it is one of this table's.
     fn held(&self, r: &Reservation) -> Option<Held> {
         if r.table_id() != self.id {
             return None;
         }
-        if let Some(span) = self.hot.get(r.id()) {
-            if span == Self::span(r.range(), r.max_leaf()) {
-                return Some(Held {
-                    range: r.range(),
-                    leaf: r.max_leaf(),
-                });
-            }
+        if self.hot_span(r).is_some() {
+            return Some(Held {
+                range: r.range(),
+                leaf: r.max_leaf(),
+            });
         }
         let held = self.live.get(r.id())?;
         (held.range == r.range() && held.leaf == r.max_leaf()).then_some(held)
@@ -366,15 +377,11 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
         // The hot path: the look-aside index holds the reservation as the handle describes it
         // (so it is live), and the run lies inside it; the engine's argument checks come
         // next, as on the checked path. Anything else takes the checked path, in order.
-        if reservation.table_id() == self.id {
-            if let Some(span) = self.hot.get(id) {
-                if span == Self::span(reservation.range(), reservation.max_leaf())
-                    && span.holds(iova.get(), size.get(), count)
-                {
-                    return self
-                        .engine
-                        .map(iova, pa, size, count, prot, &mut NoAlloc { id });
-                }
+        if let Some(span) = self.hot_span(reservation) {
+            if span.holds(iova.get(), size.get(), count) {
+                return self
+                    .engine
+                    .map(iova, pa, size, count, prot, &mut NoAlloc { id });
             }
         }
         self.map_reserved_checked(reservation, iova, pa, size, count, prot)
