@@ -2,10 +2,9 @@
 
 use criterion::measurement::WallTime;
 use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
-use iopt_benches::{AllocOps, BASE_IOVA, Backend, Peer, Profile, SZ_2M, pa_of};
+use iopt_benches::{AllocOps, Backend, Peer, Profile, SZ_2M, work};
 #[cfg(feature = "prealloc")]
 use iopt_benches::{Prealloc, PreallocMut};
-use std::hint::black_box;
 
 type Group<'a> = BenchmarkGroup<'a, WallTime>;
 
@@ -13,12 +12,7 @@ fn map<B: Backend>(g: &mut Group<'_>, n: u64) {
     g.bench_function(BenchmarkId::new(B::NAME, n), |b| {
         b.iter_batched_ref(
             B::fresh,
-            |t| {
-                for i in 0..n {
-                    let iova = BASE_IOVA + i * SZ_2M;
-                    t.map(black_box(iova), pa_of(iova), SZ_2M, 1);
-                }
-            },
+            |t| work::map_each(t, n, SZ_2M),
             BatchSize::SmallInput,
         );
     });
@@ -27,16 +21,8 @@ fn map<B: Backend>(g: &mut Group<'_>, n: u64) {
 fn unmap<B: Backend>(g: &mut Group<'_>, n: u64) {
     g.bench_function(BenchmarkId::new(B::NAME, n), |b| {
         b.iter_batched_ref(
-            || {
-                let mut t = B::fresh();
-                t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_2M, n);
-                t
-            },
-            |t| {
-                for i in 0..n {
-                    t.unmap(black_box(BASE_IOVA + i * SZ_2M), SZ_2M, 1);
-                }
-            },
+            || work::mapped_blocks::<B>(n),
+            |t| work::unmap_each(t, n, SZ_2M),
             BatchSize::SmallInput,
         );
     });

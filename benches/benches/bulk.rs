@@ -4,7 +4,7 @@ use criterion::measurement::WallTime;
 use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 #[cfg(feature = "prealloc")]
 use iopt_benches::Prealloc;
-use iopt_benches::{AllocOps, BASE_IOVA, Backend, Peer, Profile, SZ_4K, floor, pa_of};
+use iopt_benches::{AllocOps, BASE_IOVA, Backend, Peer, Profile, SZ_4K, floor, pa_of, work};
 use std::hint::black_box;
 
 type Group<'a> = BenchmarkGroup<'a, WallTime>;
@@ -21,16 +21,10 @@ fn map<B: Backend>(g: &mut Group<'_>, n: u64) {
     });
 }
 
-fn mapped<B: Backend>(n: u64) -> B {
-    let mut t = B::fresh();
-    t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_4K, n);
-    t
-}
-
 fn unmap<B: Backend>(g: &mut Group<'_>, n: u64) {
     g.bench_function(BenchmarkId::new(B::NAME, n), |b| {
         b.iter_batched_ref(
-            || mapped::<B>(n),
+            || work::mapped::<B>(n),
             |t| {
                 t.unmap(black_box(BASE_IOVA), SZ_4K, n);
             },
@@ -71,7 +65,7 @@ fn bench(c: &mut Criterion) {
     // `free-subtables` is one call over the whole range.
     g.bench_function(BenchmarkId::new("aarch64-paging/free-subtables", n), |b| {
         b.iter_batched_ref(
-            || mapped::<Peer>(n),
+            || work::mapped::<Peer>(n),
             |t| {
                 t.unmap(black_box(BASE_IOVA), SZ_4K, n);
             },
@@ -80,7 +74,7 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function(BenchmarkId::new(Peer::NAME, n), |b| {
         b.iter_batched_ref(
-            || mapped::<Peer>(n),
+            || work::mapped::<Peer>(n),
             |t| {
                 t.clear_keep_tables(black_box(BASE_IOVA), n);
             },

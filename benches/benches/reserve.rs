@@ -11,36 +11,6 @@ use std::hint::black_box;
 
 type Group<'a> = BenchmarkGroup<'a, WallTime>;
 
-/// Maps `n` pages from `BASE_IOVA`: `n` single-page calls, or one call.
-fn map_pages<B: Backend>(t: &mut B, n: u64, single: bool) {
-    if single {
-        for i in 0..n {
-            let iova = BASE_IOVA + i * SZ_4K;
-            t.map(black_box(iova), pa_of(iova), SZ_4K, 1);
-        }
-    } else {
-        t.map(black_box(BASE_IOVA), pa_of(BASE_IOVA), SZ_4K, n);
-    }
-}
-
-fn map_pages_reserved<B: Reserving>(t: &mut B, r: &B::Res, n: u64, single: bool) {
-    if single {
-        for i in 0..n {
-            let iova = BASE_IOVA + i * SZ_4K;
-            t.map_reserved(r, black_box(iova), pa_of(iova), SZ_4K, 1);
-        }
-    } else {
-        t.map_reserved(r, black_box(BASE_IOVA), pa_of(BASE_IOVA), SZ_4K, n);
-    }
-}
-
-fn present<B: Backend>(n: u64) -> B {
-    let mut t = B::fresh();
-    t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_4K, n);
-    t.clear_keep_tables(BASE_IOVA, n);
-    t
-}
-
 fn variant(name: &str, what: &str) -> String {
     format!("{name}/{what}")
 }
@@ -49,9 +19,9 @@ fn plain<B: Backend>(g: &mut Group<'_>, n: u64, single: bool) {
     let p = if single { "single" } else { "bulk" };
     g.bench_function(BenchmarkId::new(variant(B::NAME, "present"), p), |b| {
         b.iter_batched_ref(
-            || present::<B>(n),
+            || work::present::<B>(n),
             |t| {
-                map_pages(t, n, single);
+                work::map_pages(t, n, single);
             },
             BatchSize::PerIteration,
         );
@@ -60,7 +30,7 @@ fn plain<B: Backend>(g: &mut Group<'_>, n: u64, single: bool) {
         b.iter_batched_ref(
             B::fresh,
             |t| {
-                map_pages(t, n, single);
+                work::map_pages(t, n, single);
             },
             BatchSize::PerIteration,
         );
@@ -72,13 +42,9 @@ fn reserved<B: Reserving>(g: &mut Group<'_>, n: u64, single: bool) {
     let len = n * SZ_4K;
     g.bench_function(BenchmarkId::new(variant(B::NAME, "reserved"), param), |b| {
         b.iter_batched_ref(
-            || {
-                let mut table = B::fresh();
-                let res = table.reserve(BASE_IOVA, len, SZ_4K);
-                (table, res)
-            },
+            || work::reserved::<B>(n),
             |(t, r)| {
-                map_pages_reserved(t, r, n, single);
+                work::map_pages_reserved(t, r, n, single);
             },
             BatchSize::PerIteration,
         );
@@ -90,7 +56,7 @@ fn reserved<B: Reserving>(g: &mut Group<'_>, n: u64, single: bool) {
                 B::fresh,
                 |t| {
                     let r = t.reserve(black_box(BASE_IOVA), len, SZ_4K);
-                    map_pages_reserved(t, &r, n, single);
+                    work::map_pages_reserved(t, &r, n, single);
                     r
                 },
                 BatchSize::PerIteration,

@@ -3,80 +3,47 @@
 
 use criterion::measurement::WallTime;
 use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
-use iopt_benches::{AllocOps, BASE_IOVA, Backend, Peer, Profile, SZ_4K, pa_of, work};
+use iopt_benches::{AllocOps, Backend, Peer, Profile, SZ_4K, pa_of, work};
 #[cfg(feature = "prealloc")]
 use iopt_benches::{Prealloc, PreallocMut};
-use std::hint::black_box;
 
 type Group<'a> = BenchmarkGroup<'a, WallTime>;
-
-fn map_each<B: Backend>(t: &mut B, n: u64) {
-    for i in 0..n {
-        let iova = BASE_IOVA + i * SZ_4K;
-        t.map(black_box(iova), pa_of(iova), SZ_4K, 1);
-    }
-}
 
 fn map_new<B: Backend>(g: &mut Group<'_>, n: u64) {
     g.bench_function(BenchmarkId::new(B::NAME, n), |b| {
         b.iter_batched_ref(
             B::fresh,
-            |t| {
-                map_each(t, n);
-            },
+            |t| work::map_each(t, n, SZ_4K),
             BatchSize::PerIteration,
         );
     });
-}
-
-fn present<B: Backend>(n: u64) -> B {
-    let mut t = B::fresh();
-    t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_4K, n);
-    t.clear_keep_tables(BASE_IOVA, n);
-    t
 }
 
 fn map_present<B: Backend>(g: &mut Group<'_>, n: u64) {
     g.bench_function(BenchmarkId::new(B::NAME, n), |b| {
         b.iter_batched_ref(
-            || present::<B>(n),
-            |t| {
-                map_each(t, n);
-            },
+            || work::present::<B>(n),
+            |t| work::map_each(t, n, SZ_4K),
             BatchSize::PerIteration,
         );
     });
 }
 
-fn mapped<B: Backend>(n: u64) -> B {
-    let mut t = B::fresh();
-    t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_4K, n);
-    t
-}
-
 fn unmap_each<B: Backend>(g: &mut Group<'_>, n: u64) {
     g.bench_function(BenchmarkId::new(B::NAME, n), |b| {
         b.iter_batched_ref(
-            || mapped::<B>(n),
-            |t| {
-                for i in 0..n {
-                    t.unmap(black_box(BASE_IOVA + i * SZ_4K), SZ_4K, 1);
-                }
-            },
+            || work::mapped::<B>(n),
+            |t| work::unmap_each(t, n, SZ_4K),
             BatchSize::PerIteration,
         );
     });
 }
 
 fn lookup<B: Backend>(g: &mut Group<'_>, n: u64, iovas: &[u64], what: &str) {
-    let mut t = mapped::<B>(n);
+    let mut t = work::mapped::<B>(n);
     assert_eq!(t.lookup(iovas[0]), Some(pa_of(iovas[0])));
     g.bench_function(BenchmarkId::new(B::NAME, what), |b| {
-        b.iter(|| {
-            for &v in iovas {
-                black_box(t.lookup(black_box(v)));
-            }
-        });
+        b.iter(|| work::lookup_all(&mut t, iovas));
     });
 }
 
@@ -116,8 +83,8 @@ fn bench(c: &mut Criterion) {
 
     // 1024 lookups per iteration in a 1 GiB mapped window: the same page each time (hot), and
     // pages spread over the window (leaf tables mostly out of L1).
-    let same = vec![BASE_IOVA + 0x1234_5000 % (n * SZ_4K) + 0x123; 1024];
-    let spread = work::spread(1024, BASE_IOVA, n, 7);
+    let same = work::lookup_iovas(n, false);
+    let spread = work::lookup_iovas(n, true);
     let mut g = c.benchmark_group("lookup");
     g.throughput(Throughput::Elements(1024));
     lookup::<AllocOps>(&mut g, n, &same, "same");

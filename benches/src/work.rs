@@ -229,3 +229,92 @@ pub fn vm_bind_queued<B: Reserving>(t: &mut B, binds: &[Bind]) {
         unbind_all(t, binds);
     }
 }
+
+// ---- the timed routines the benches and `paired` share -------------------------------------
+
+/// A table whose first `n` 4K pages from [`BASE_IOVA`] are mapped (one bulk call).
+#[must_use]
+pub fn mapped<B: Backend>(n: u64) -> B {
+    let mut t = B::fresh();
+    t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_4K, n);
+    t
+}
+
+/// A table whose tables for `n` 4K pages from [`BASE_IOVA`] are present and empty: mapped,
+/// then cleared with [`Backend::clear_keep_tables`].
+#[must_use]
+pub fn present<B: Backend>(n: u64) -> B {
+    let mut t = mapped::<B>(n);
+    t.clear_keep_tables(BASE_IOVA, n);
+    t
+}
+
+/// A table holding `n` 2M blocks from [`BASE_IOVA`] (one bulk call).
+#[must_use]
+pub fn mapped_blocks<B: Backend>(n: u64) -> B {
+    let mut t = B::fresh();
+    t.map(BASE_IOVA, pa_of(BASE_IOVA), SZ_2M, n);
+    t
+}
+
+/// Maps `n` leaves of `size` from [`BASE_IOVA`], one call per leaf.
+pub fn map_each<B: Backend>(t: &mut B, n: u64, size: u64) {
+    for i in 0..n {
+        let iova = BASE_IOVA + i * size;
+        t.map(black_box(iova), pa_of(iova), size, 1);
+    }
+}
+
+/// Unmaps `n` leaves of `size` from [`BASE_IOVA`], one call per leaf.
+pub fn unmap_each<B: Backend>(t: &mut B, n: u64, size: u64) {
+    for i in 0..n {
+        t.unmap(black_box(BASE_IOVA + i * size), size, 1);
+    }
+}
+
+/// Maps `n` 4K pages from [`BASE_IOVA`]: `n` single-page calls, or one call.
+pub fn map_pages<B: Backend>(t: &mut B, n: u64, single: bool) {
+    if single {
+        map_each(t, n, SZ_4K);
+    } else {
+        t.map(black_box(BASE_IOVA), pa_of(BASE_IOVA), SZ_4K, n);
+    }
+}
+
+/// [`map_pages`] inside the reservation `r`.
+pub fn map_pages_reserved<B: Reserving>(t: &mut B, r: &B::Res, n: u64, single: bool) {
+    if single {
+        for i in 0..n {
+            let iova = BASE_IOVA + i * SZ_4K;
+            t.map_reserved(r, black_box(iova), pa_of(iova), SZ_4K, 1);
+        }
+    } else {
+        t.map_reserved(r, black_box(BASE_IOVA), pa_of(BASE_IOVA), SZ_4K, n);
+    }
+}
+
+/// A fresh table with a reservation for `n` 4K pages from [`BASE_IOVA`].
+#[must_use]
+pub fn reserved<B: Reserving>(n: u64) -> (B, B::Res) {
+    let mut t = B::fresh();
+    let r = t.reserve(BASE_IOVA, n * SZ_4K, SZ_4K);
+    (t, r)
+}
+
+/// Looks up every IOVA of `iovas`.
+pub fn lookup_all<B: Backend>(t: &mut B, iovas: &[u64]) {
+    for &v in iovas {
+        black_box(t.lookup(black_box(v)));
+    }
+}
+
+/// The 1024 IOVAs of the `lookup` group for a window of `n` mapped 4K pages: the `same` page
+/// each time, or `spread` over the window.
+#[must_use]
+pub fn lookup_iovas(n: u64, spread_them: bool) -> Vec<u64> {
+    if spread_them {
+        spread(1024, BASE_IOVA, n, 7)
+    } else {
+        vec![BASE_IOVA + 0x1234_5000 % (n * SZ_4K) + 0x123; 1024]
+    }
+}
