@@ -6,34 +6,13 @@ use criterion::measurement::WallTime;
 use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 #[cfg(feature = "prealloc")]
 use iopt_benches::SharedPrealloc;
-use iopt_benches::{AllocOps, BASE_IOVA, LockedPeer, Profile, SZ_1G, SZ_4K, Shared, pa_of};
-use std::hint::black_box;
-
-fn region(thread: u64) -> u64 {
-    BASE_IOVA + thread * SZ_1G
-}
-
-fn run<S: Shared>(t: &S, threads: u64, n: u64) {
-    std::thread::scope(|s| {
-        for k in 0..threads {
-            s.spawn(move || {
-                let base = region(k);
-                for i in 0..n {
-                    let iova = base + i * SZ_4K;
-                    t.map_4k(black_box(iova), pa_of(iova));
-                }
-            });
-        }
-    });
-}
+use iopt_benches::{AllocOps, LockedPeer, Profile, Shared, work};
 
 fn one<S: Shared>(g: &mut BenchmarkGroup<'_, WallTime>, threads: u64, n: u64) {
     g.bench_function(BenchmarkId::new(format!("{}/new", S::NAME), threads), |b| {
         b.iter_batched_ref(
             S::fresh,
-            |t| {
-                run(&*t, threads, n);
-            },
+            |t| work::map_threads(&*t, threads, n),
             BatchSize::PerIteration,
         );
     });
@@ -41,16 +20,8 @@ fn one<S: Shared>(g: &mut BenchmarkGroup<'_, WallTime>, threads: u64, n: u64) {
         BenchmarkId::new(format!("{}/present", S::NAME), threads),
         |b| {
             b.iter_batched_ref(
-                || {
-                    let t = S::fresh();
-                    for k in 0..threads {
-                        t.prefill(region(k), n);
-                    }
-                    t
-                },
-                |t| {
-                    run(&*t, threads, n);
-                },
+                || work::prefilled::<S>(threads, n),
+                |t| work::map_threads(&*t, threads, n),
                 BatchSize::PerIteration,
             );
         },

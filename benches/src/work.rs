@@ -1,6 +1,6 @@
 //! Deterministic workloads: the random map/unmap mix and the VM_BIND trace.
 
-use crate::{BASE_IOVA, Backend, Reserving, SZ_1G, SZ_2M, SZ_4K, pa_of};
+use crate::{BASE_IOVA, Backend, Reserving, SZ_1G, SZ_2M, SZ_4K, Shared, pa_of};
 use std::collections::VecDeque;
 use std::hint::black_box;
 
@@ -317,4 +317,47 @@ pub fn lookup_iovas(n: u64, spread_them: bool) -> Vec<u64> {
     } else {
         vec![BASE_IOVA + 0x1234_5000 % (n * SZ_4K) + 0x123; 1024]
     }
+}
+
+/// The 1 GiB region thread `thread` maps into in the concurrency workloads.
+#[must_use]
+pub fn thread_region(thread: u64) -> u64 {
+    BASE_IOVA + thread * SZ_1G
+}
+
+/// A shared table with the tables of `n` 4K pages present in the regions of `threads`
+/// threads ([`Shared::prefill`]).
+#[must_use]
+pub fn prefilled<S: Shared>(threads: u64, n: u64) -> S {
+    let t = S::fresh();
+    for k in 0..threads {
+        t.prefill(thread_region(k), n);
+    }
+    t
+}
+
+/// `threads` threads at once, each mapping `n` single 4K pages into its own region of `t`.
+pub fn map_threads<S: Shared>(t: &S, threads: u64, n: u64) {
+    std::thread::scope(|s| {
+        for k in 0..threads {
+            s.spawn(move || {
+                let base = thread_region(k);
+                for i in 0..n {
+                    let iova = base + i * SZ_4K;
+                    t.map_4k(black_box(iova), pa_of(iova));
+                }
+            });
+        }
+    });
+}
+
+/// A dependent multiply-add chain of `n` steps: compute that touches no memory, the floor of
+/// what two threads can gain over one.
+#[must_use]
+pub fn spin(n: u64) -> u64 {
+    let mut x = black_box(1u64);
+    for i in 0..n {
+        x = x.wrapping_mul(0x5851_F42D_4C95_7F2D).wrapping_add(i);
+    }
+    x
 }

@@ -20,7 +20,7 @@
 use clap::Parser;
 use iopt_benches::{AllocOps, Backend, Peer, Profile, Reserving, SZ_2M, SZ_4K, floor, work};
 #[cfg(feature = "prealloc")]
-use iopt_benches::{Prealloc, PreallocMut};
+use iopt_benches::{Prealloc, PreallocMut, SharedPrealloc};
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -44,6 +44,17 @@ struct Lane {
     name: &'static str,
     /// Runs one round; returns the time of the timed part only.
     run: Box<dyn FnMut() -> Duration>,
+    /// How many times the workload's elements one round of this lane handles (2 for two
+    /// threads doing one thread's work each).
+    scale: u64,
+}
+
+impl Lane {
+    /// This lane handles `k` times the workload's elements per round.
+    fn scaled(mut self, k: u64) -> Self {
+        self.scale = k;
+        self
+    }
 }
 
 /// A lane that builds its input with `setup` each round and times `routine` on it; the input
@@ -63,6 +74,7 @@ fn lane<T: 'static>(
             drop(black_box(input));
             took
         }),
+        scale: 1,
     }
 }
 
@@ -79,6 +91,7 @@ fn lane_kept<T: 'static>(
             routine(&mut input);
             start.elapsed()
         }),
+        scale: 1,
     }
 }
 
@@ -91,6 +104,9 @@ struct Goal {
     at_most: f64,
     /// The one lane the goal is about (the others get their ratio as context); `None`: all.
     only: Option<&'static str>,
+    /// The lanes compared with the reference at all; `None`: every lane that is not itself a
+    /// reference.
+    lanes: Option<&'static [&'static str]>,
 }
 
 /// One workload: its lanes, the elements one round handles, and the goals its ratios meet.
@@ -179,6 +195,7 @@ fn against_peer(at_most: f64) -> Vec<Goal> {
         reference: Peer::NAME,
         at_most,
         only: None,
+        lanes: None,
     }]
 }
 
@@ -220,6 +237,7 @@ fn reservation<B: Reserving + 'static>(n: u64, single: bool) -> Workload {
             reference: "present",
             at_most: 1.0,
             only: Some("reserved"),
+            lanes: None,
         }],
     }
 }
@@ -261,6 +279,72 @@ fn lookups(n: u64, spread: bool, reps: u64) -> Workload {
     }
 }
 
+/// Thread-scaling lanes named `names`: one thread, then two at once; `routine(input, threads)`
+/// runs the threads on the input `setup(threads)` builds.
+fn thread_lanes<T: 'static>(
+    names: [&'static str; 2],
+    setup: impl Fn(u64) -> T + Copy + 'static,
+    routine: impl Fn(&mut T, u64) + Copy + 'static,
+) -> Vec<Lane> {
+    [1, 2]
+        .into_iter()
+        .zip(names)
+        .map(|(k, name)| lane(name, move || setup(k), move |t: &mut T| routine(t, k)).scaled(k))
+        .collect()
+}
+
+/// One thread mapping `n` single pages into its region of a shared table, against two threads
+/// mapping `n` each into theirs: twice the work, so the goal of 1.7× one thread's throughput is
+/// a time ratio of at most 2 / 1.7. In the same rounds, the machine's own scaling at that
+/// moment: the same two lanes running a multiply-add chain (no memory, nothing shared) about
+/// as long as a thread's maps. A host that does not run both virtual CPUs at once fails that
+/// floor too, and then the map lanes say nothing about the table.
+fn threads<S: iopt_benches::Shared + Send + 'static>(n: u64, present: bool) -> Workload {
+    let mut lanes = thread_lanes(
+        ["1 thread", "2 threads"],
+        move |k| {
+            if present {
+                work::prefilled::<S>(k, n)
+            } else {
+                <S as iopt_benches::Shared>::fresh()
+            }
+        },
+        move |t: &mut S, k| work::map_threads(&*t, k, n),
+    );
+    // A multiply-add step takes ~4 cycles; a single map ~50.
+    let steps = n * 8;
+    lanes.extend(thread_lanes(
+        ["compute, 1 thread", "compute, 2 threads"],
+        |_| (),
+        move |(), k| {
+            std::thread::scope(|s| {
+                for _ in 0..k {
+                    s.spawn(move || black_box(work::spin(steps)));
+                }
+            });
+        },
+    ));
+    let goal = |reference, lane: &'static [&'static str]| Goal {
+        reference,
+        at_most: 2.0 / 1.7,
+        only: None,
+        lanes: Some(lane),
+    };
+    Workload {
+        name: format!(
+            "threads_map_4k/{}/{}",
+            <S as iopt_benches::Shared>::NAME,
+            if present { "present" } else { "new" }
+        ),
+        elements: n,
+        lanes,
+        goals: vec![
+            goal("1 thread", &["2 threads"]),
+            goal("compute, 1 thread", &["compute, 2 threads"]),
+        ],
+    }
+}
+
 /// A bulk map of `n` 4K pages, against the peer and the store loop with table allocation.
 fn bulk(n: u64) -> Workload {
     let mut bulk = vec![lane(
@@ -298,11 +382,13 @@ fn bulk(n: u64) -> Workload {
                 reference: Peer::NAME,
                 at_most: 0.45,
                 only: None,
+                lanes: None,
             },
             Goal {
                 reference: "floor/store_loop+alloc",
                 at_most: 1.5,
                 only: None,
+                lanes: None,
             },
         ],
     }
@@ -365,6 +451,11 @@ fn workloads(p: Profile) -> Vec<Workload> {
         lookups(n, true, reps),
     ];
     w.push(bulk(n));
+    for present in [false, true] {
+        w.push(threads::<AllocOps>(p.thread_pages(), present));
+        #[cfg(feature = "prealloc")]
+        w.push(threads::<SharedPrealloc>(p.thread_pages(), present));
+    }
     let rn = p.reserve_pages();
     for single in [true, false] {
         w.push(reservation::<AllocOps>(rn, single));
@@ -396,7 +487,8 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
 struct Measured {
     workload: String,
     elements: u64,
-    lanes: Vec<(&'static str, Vec<f64>)>,
+    /// Per lane: its name, its round times in ns, its [`Lane::scale`].
+    lanes: Vec<(&'static str, Vec<f64>, u64)>,
     goals: Vec<Goal>,
 }
 
@@ -418,7 +510,12 @@ fn measure(mut w: Workload, rounds: usize) -> Measured {
     Measured {
         workload: w.name,
         elements: w.elements,
-        lanes: w.lanes.iter().map(|l| l.name).zip(times).collect(),
+        lanes: w
+            .lanes
+            .iter()
+            .zip(times)
+            .map(|(l, t)| (l.name, t, l.scale))
+            .collect(),
         goals: w.goals,
     }
 }
@@ -447,17 +544,17 @@ impl Row {
 fn rows(m: &Measured) -> Vec<Row> {
     let mut out = Vec::new();
     for g in &m.goals {
-        let Some((_, reference)) = m.lanes.iter().find(|(n, _)| *n == g.reference) else {
+        let Some((_, reference, _)) = m.lanes.iter().find(|(n, _, _)| *n == g.reference) else {
             continue;
         };
-        for (name, times) in &m.lanes {
-            if m.goals.iter().any(|x| x.reference == *name) {
+        for (name, times, scale) in &m.lanes {
+            if m.goals.iter().any(|x| x.reference == *name)
+                || g.lanes.is_some_and(|l| !l.contains(name))
+            {
                 continue;
             }
             let mut ratios: Vec<f64> = times.iter().zip(reference).map(|(a, b)| a / b).collect();
-            let mut t = times.clone();
-            #[allow(clippy::cast_precision_loss)] // element counts are far below 2^52
-            let per = median(&mut t) / m.elements as f64;
+            let per = per_element(times, m.elements * scale);
             out.push(Row {
                 workload: m.workload.clone(),
                 lane: name,
@@ -479,14 +576,23 @@ fn rows(m: &Measured) -> Vec<Row> {
 fn reference_rows(m: &Measured) -> Vec<(String, &'static str, f64)> {
     m.lanes
         .iter()
-        .filter(|(n, _)| m.goals.iter().any(|g| g.reference == *n))
-        .map(|(n, times)| {
-            let mut t = times.clone();
-            #[allow(clippy::cast_precision_loss)]
-            let per = median(&mut t) / m.elements as f64;
-            (m.workload.clone(), *n, per)
+        .filter(|(n, _, _)| m.goals.iter().any(|g| g.reference == *n))
+        .map(|(n, times, scale)| {
+            (
+                m.workload.clone(),
+                *n,
+                per_element(times, m.elements * scale),
+            )
         })
         .collect()
+}
+
+/// The median round time over `elements`, in ns.
+fn per_element(times: &[f64], elements: u64) -> f64 {
+    let mut t = times.to_vec();
+    #[allow(clippy::cast_precision_loss)] // element counts are far below 2^52
+    let per = median(&mut t) / elements as f64;
+    per
 }
 
 fn report(measured: &[Measured], rounds: usize) -> String {
@@ -561,13 +667,14 @@ mod tests {
             workload: "w".into(),
             elements: 10,
             lanes: vec![
-                ("a", vec![20.0, 40.0, 80.0]),
-                ("ref", vec![10.0, 20.0, 40.0]),
+                ("a", vec![20.0, 40.0, 80.0], 1),
+                ("ref", vec![10.0, 20.0, 40.0], 1),
             ],
             goals: vec![Goal {
                 reference: "ref",
                 at_most: 1.5,
                 only: None,
+                lanes: None,
             }],
         };
         let r = rows(&m);
@@ -586,6 +693,35 @@ mod tests {
         assert!((refs[0].2 - 2.0).abs() < 1e-12);
     }
 
+    #[test]
+    fn goals_compare_only_their_lanes() {
+        let goal = |reference, lanes: &'static [&'static str]| Goal {
+            reference,
+            at_most: 1.0,
+            only: None,
+            lanes: Some(lanes),
+        };
+        let m = Measured {
+            workload: "w".into(),
+            elements: 1,
+            lanes: vec![
+                ("a", vec![3.0], 1),
+                ("ref a", vec![2.0], 1),
+                ("b", vec![1.0], 2),
+                ("ref b", vec![2.0], 1),
+            ],
+            goals: vec![goal("ref a", &["a"]), goal("ref b", &["b"])],
+        };
+        let r = rows(&m);
+        let pairs: Vec<_> = r.iter().map(|x| (x.lane, x.reference, x.met())).collect();
+        assert_eq!(
+            pairs,
+            [("a", "ref a", Some(false)), ("b", "ref b", Some(true))]
+        );
+        // A lane handling twice the elements reports half the time per element.
+        assert!((r[1].ns_per_elem - 0.5).abs() < 1e-12);
+    }
+
     /// Every workload runs at the smoke sizes, and every lane gets a finite, positive ratio
     /// against each of its workload's references.
     #[test]
@@ -595,9 +731,14 @@ mod tests {
             .map(|w| measure(w, 2))
             .collect();
         for m in &measured {
-            let lanes = m.lanes.len() - m.goals.len();
+            let compared = m.lanes.len() - m.goals.len();
+            let expected: usize = m
+                .goals
+                .iter()
+                .map(|g| g.lanes.map_or(compared, <[&str]>::len))
+                .sum();
             let r = rows(m);
-            assert_eq!(r.len(), lanes * m.goals.len(), "{}", m.workload);
+            assert_eq!(r.len(), expected, "{}", m.workload);
             for row in &r {
                 assert!(
                     row.ratio.iter().all(|x| x.is_finite() && *x > 0.0),
@@ -608,5 +749,9 @@ mod tests {
         let text = report(&measured, 2);
         assert!(text.contains("| lookup/spread | alloc_ops |"), "{text}");
         assert!(text.contains("| bulk_map_1g_4k | alloc_ops |"), "{text}");
+        assert!(
+            text.contains("| threads_map_4k/alloc_ops/new | compute, 2 threads |"),
+            "{text}"
+        );
     }
 }
