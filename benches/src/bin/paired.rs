@@ -1,5 +1,5 @@
-//! Interleaved ratios: issue 7's single-call, block, lookup, bulk and reservation goals,
-//! measured round by round.
+//! Interleaved ratios: the speed goals (single calls, 2M blocks, lookups, bulk maps,
+//! reservations, two threads) measured round by round.
 //!
 //! criterion measures each backend for seconds, one after the other. On a machine whose speed
 //! drifts (a virtual machine sharing its host, frequency steps) the two sides of a ratio are
@@ -114,7 +114,7 @@ struct Workload {
     name: String,
     elements: u64,
     lanes: Vec<Lane>,
-    /// Lanes other lanes are compared with.
+    /// Which lanes are compared with which reference, and the bound each ratio must meet.
     goals: Vec<Goal>,
 }
 
