@@ -11,8 +11,8 @@ use crate::scan::{Scan, scan, sizes_problems};
 use compare::model::{CapRule, Model, ReservePolicy};
 use iopt_alloc_ops::{AllocOpsTable, FreePolicy, InFlightCap};
 use iopt_api::{
-    AllocError, Config, FlushOps, Gather, Iova, IovaRange, MapError, PageSize, PageSizes, PhysAddr,
-    Prot, Reservation, Reserve, ReserveError, TableAlloc, UnmapError, WalkItem,
+    AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, PageSize, PageSizes,
+    PhysAddr, Prot, Reservation, Reserve, ReserveError, TableAlloc, UnmapError, WalkItem,
 };
 use iopt_lpae::debug::render;
 use iopt_lpae::oracle::{Access, Fault, MemType, Walker};
@@ -203,8 +203,10 @@ impl Handle {
     }
 }
 
+/// A handle with `r`'s public fields, rebuilt as a driver keeping a released handle's
+/// numbers would: the table must refuse it.
 fn forge(r: &Reservation) -> Reservation {
-    Reservation::new(r.table_id(), r.id(), r.range(), r.max_leaf(), r.pages())
+    Issuer::new(r.table_id()).issue(r.id(), r.range(), r.max_leaf(), r.pages(), 0)
 }
 
 /// What an operation must not change when it fails: the walk, the allocator's live set, and
@@ -706,11 +708,11 @@ impl Lane {
                 let failed = got.is_err();
                 let handle = match got {
                     Ok(r) => Handle::Live(r),
-                    Err(_) => Handle::Dead(Reservation::new(
-                        0,
+                    Err(_) => Handle::Dead(Issuer::new(0).issue(
                         FORGED + self.handles.len() as u64,
                         range,
                         leaf,
+                        0,
                         0,
                     )),
                 };

@@ -24,12 +24,7 @@
 //!    reservation on it (pin, `reservations + 1`, unpin) and releases it (`reservations - 1`,
 //!    then try to claim): the claim's undo-and-retry rule means the table is freed exactly once
 //!    and never while reserved — neither both threads give up (a leak) nor both free it.
-//! 4. `lookaside_reads_are_never_torn`: `iopt_lpae::lookaside`'s seqlock slot. One thread
-//!    publishes reservation 1, retracts it and publishes reservation 65 (the same slot) with
-//!    another span; another reads both ids. Checked: every answer is the span its id was
-//!    published with. `a_lookaside_without_the_recheck_is_caught` drops the reader's second
-//!    sequence load and loom finds the torn read.
-//! 5. `a_grace_period_keeps_unlinked_tables_until_readers_leave`: `refcount.rs`'s epoch
+//! 4. `a_grace_period_keeps_unlinked_tables_until_readers_leave`: `refcount.rs`'s epoch
 //!    protocol. A lookup announces its epoch in a slot (compare-exchange, then the fence),
 //!    walks parent → table → leaf and leaves with a release store; an unmap unlinks the table,
 //!    retires it with the epoch and reclaims at its exit, advancing the epoch only past slots
@@ -365,117 +360,6 @@ fn reservation_race(try_claim: fn(&Page, u32) -> bool) {
         assert_eq!(mem.pages[0].entries[0].load(SC), 0);
         assert_eq!(mem.pages[1].live.load(SC), DEAD);
     });
-}
-
-// ---- 4. the look-aside index's seqlock slot -----------------------------------------------
-
-/// One slot of `iopt_lpae::lookaside::Lookaside`, with the same orderings.
-#[derive(Default)]
-struct Slot {
-    seq: AtomicU64,
-    id: AtomicU64,
-    first: AtomicU64,
-    last: AtomicU64,
-}
-
-impl Slot {
-    fn lock(&self) -> u64 {
-        loop {
-            let s = self.seq.load(Ordering::Relaxed);
-            if s & 1 == 0
-                && self
-                    .seq
-                    .compare_exchange(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            {
-                fence(Ordering::Release);
-                return s;
-            }
-            thread::yield_now();
-        }
-    }
-
-    fn publish(&self, id: u64, first: u64, last: u64) -> bool {
-        let s = self.lock();
-        let free = self.id.load(Ordering::Relaxed) == 0;
-        if free {
-            self.id.store(id, Ordering::Relaxed);
-            self.first.store(first, Ordering::Relaxed);
-            self.last.store(last, Ordering::Relaxed);
-        }
-        self.seq.store(s + 2, Ordering::Release);
-        free
-    }
-
-    fn retract(&self, id: u64) {
-        if self.id.load(Ordering::Relaxed) != id {
-            return;
-        }
-        let s = self.lock();
-        if self.id.load(Ordering::Relaxed) == id {
-            self.id.store(0, Ordering::Relaxed);
-        }
-        self.seq.store(s + 2, Ordering::Release);
-    }
-
-    fn get(&self, id: u64, recheck: bool) -> Option<(u64, u64)> {
-        let s1 = self.seq.load(Ordering::Acquire);
-        let found = self.id.load(Ordering::Relaxed);
-        let span = (
-            self.first.load(Ordering::Relaxed),
-            self.last.load(Ordering::Relaxed),
-        );
-        fence(Ordering::Acquire);
-        let s2 = if recheck {
-            self.seq.load(Ordering::Relaxed)
-        } else {
-            s1
-        };
-        (s1 == s2 && s1 & 1 == 0 && found == id).then_some(span)
-    }
-}
-
-fn span_of(id: u64) -> (u64, u64) {
-    (id << 20, (id << 20) + 0xfff)
-}
-
-fn lookaside_race(recheck: bool) {
-    // Three preemptions cover every interleaving of the reader's loads with one critical
-    // section of the writer; unbounded, the writer's spin loop makes the search explode.
-    let mut model = loom::model::Builder::new();
-    model.preemption_bound = Some(3);
-    model.check(move || {
-        let slot = Arc::new(Slot::default());
-        let writer = {
-            let slot = Arc::clone(&slot);
-            thread::spawn(move || {
-                let (f, l) = span_of(1);
-                assert!(slot.publish(1, f, l));
-                slot.retract(1);
-                let (f, l) = span_of(65);
-                assert!(slot.publish(65, f, l));
-            })
-        };
-        for id in [1, 65] {
-            if let Some(span) = slot.get(id, recheck) {
-                assert_eq!(span, span_of(id), "torn look-aside read for id {id}");
-            }
-        }
-        writer.join().unwrap();
-        assert_eq!(slot.get(65, recheck), Some(span_of(65)));
-        assert_eq!(slot.get(1, recheck), None);
-    });
-}
-
-#[test]
-fn lookaside_reads_are_never_torn() {
-    lookaside_race(true);
-}
-
-#[test]
-#[should_panic(expected = "torn look-aside read")]
-fn a_lookaside_without_the_recheck_is_caught() {
-    lookaside_race(false);
 }
 
 // ---- the grace period ---------------------------------------------------------------------

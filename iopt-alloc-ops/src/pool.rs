@@ -39,8 +39,9 @@ impl Pool {
 pub(crate) type Pools = spin::Mutex<BTreeMap<u64, Pool>>;
 
 /// Hands out the pages of one reservation and takes back the ones an install race left over.
-/// Never calls the allocator to obtain; gives back to the allocator only if the reservation was
-/// released while the map ran (possible only with a forged duplicate handle).
+/// Never calls the allocator to obtain. Gives back to the allocator only if the pool is gone,
+/// which the handle check rules out (release consumes the handle the map borrows); kept so
+/// that no page can leak if that ever changes.
 pub(crate) struct PoolSource<'a, A: TableAlloc, F: FlushOps> {
     pub(crate) pools: &'a Pools,
     pub(crate) id: u64,

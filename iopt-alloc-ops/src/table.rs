@@ -7,10 +7,9 @@ use alloc::vec::Vec;
 use core::sync::atomic::Ordering::Relaxed;
 use core::sync::atomic::{AtomicU64, AtomicUsize};
 use iopt_api::{
-    AllocError, Config, FlushOps, Gather, Iova, IovaRange, MapError, NoFlush, PageSize, PhysAddr,
-    Prot, RangeError, Reservation, Reserve, ReserveError, TableAlloc,
+    AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, NoFlush, PageSize,
+    PhysAddr, Prot, RangeError, Reservation, Reserve, ReserveError, TableAlloc,
 };
-use iopt_lpae::lookaside::{Lookaside, Span};
 use iopt_lpae::refcount::Policy;
 use iopt_lpae::{Engine, split_range};
 
@@ -51,16 +50,20 @@ pub enum InFlightCap {
 #[derive(Debug)]
 pub struct AllocOpsTable<A: TableAlloc, F: FlushOps = NoFlush> {
     engine: Engine<A, F>,
-    table_id: u64,
+    /// Stamps this table's reservation handles (see [`Reservation`]).
+    issuer: Issuer,
     next_id: AtomicU64,
     policy: CountPolicy,
     cap: InFlightCap,
     in_flight: AtomicUsize,
     pools: Pools,
-    /// Live single-interval reservations, read without the pools lock on the map hot path.
-    /// Boxed: 2.5 KiB would make the table (and the facade's enum) large.
-    hot: alloc::boxed::Box<Lookaside>,
 }
+
+/// The handle word of a reservation whose maps may lie anywhere in its range (one interval);
+/// a batch over disjoint ranges gets [`SCATTERED`] and its maps are checked against the pool.
+const CONTIGUOUS: u64 = 1;
+/// The handle word of a batch reservation over disjoint ranges.
+const SCATTERED: u64 = 0;
 
 impl<A: TableAlloc> AllocOpsTable<A, NoFlush> {
     /// Builds an empty table with no flush callbacks, the [`CountPolicy::WorstCase`] policy
@@ -101,13 +104,12 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
         };
         Ok(Self {
             engine: Engine::with_policy(cfg, alloc, flush, policy)?,
-            table_id: NEXT_TABLE_ID.fetch_add(1, Relaxed),
+            issuer: Issuer::new(NEXT_TABLE_ID.fetch_add(1, Relaxed)),
             next_id: AtomicU64::new(1),
             policy: CountPolicy::default(),
             cap: InFlightCap::default(),
             in_flight: AtomicUsize::new(0),
             pools: spin::Mutex::new(BTreeMap::new()),
-            hot: alloc::boxed::Box::default(),
         })
     }
 
@@ -150,7 +152,7 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
     /// Returns this table's identity (what [`Reservation::table_id`] holds).
     #[must_use]
     pub fn table_id(&self) -> u64 {
-        self.table_id
+        self.issuer.table_id()
     }
 
     /// Returns the engine, for inspection.
@@ -175,9 +177,7 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
     /// unknown handle.
     #[must_use]
     pub fn reservation_left(&self, reservation: &Reservation) -> Option<usize> {
-        if reservation.table_id() != self.table_id {
-            return None;
-        }
+        self.issuer.word(reservation)?;
         self.pools
             .lock()
             .get(&reservation.id())
@@ -385,13 +385,10 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
         c.pages_reserved.fetch_add(n as u64, Relaxed);
         c.reserved_outstanding.fetch_add(n as u64, Relaxed);
         let id = self.next_id.fetch_add(1, Relaxed);
-        let single = match covers[..] {
-            [(first, last)] => Some(Span {
-                first,
-                last,
-                tag: 0,
-            }),
-            _ => None,
+        let word = if covers.len() == 1 {
+            CONTIGUOUS
+        } else {
+            SCATTERED
         };
         let mut pools = self.pools.lock();
         pools.insert(
@@ -403,11 +400,8 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
                 pages,
             },
         );
-        if let Some(span) = single {
-            self.hot.publish(id, span);
-        }
         drop(pools);
-        Ok(Reservation::new(self.table_id, id, range, leaf, n))
+        Ok(self.issuer.issue(id, range, leaf, n, word))
     }
 
     /// Checks a reserved map in the order both designs use: the handle, then the arguments
@@ -419,7 +413,7 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
         args: impl FnOnce() -> Result<(T, u64, u64), MapError>,
     ) -> Result<T, MapError> {
         let id = r.id();
-        if r.table_id() != self.table_id {
+        if self.issuer.word(r).is_none() {
             return Err(MapError::UnknownReservation { id });
         }
         let pools = self.pools.lock();
@@ -429,9 +423,9 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
         Ok(v)
     }
 
-    /// [`Reserve::map_reserved`] through the registry, checking in order: the reservations
-    /// the look-aside index does not hold, and every error. Out of line, so that the hot path
-    /// inlines into its caller small.
+    /// [`Reserve::map_reserved`] through the registry, checking in order: batch reservations
+    /// over disjoint ranges, and every error. Out of line, so that the hot path inlines into
+    /// its caller small.
     #[inline(never)]
     fn map_reserved_checked(
         &self,
@@ -519,18 +513,14 @@ impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
         count: u64,
         prot: Prot,
     ) -> Result<(), MapError> {
-        let id = reservation.id();
-        // The hot path: the look-aside index holds the reservation (so it is live), the
-        // arguments are valid and the run lies inside its span. No lock is taken unless the
+        // The hot path: this table issued the handle (so, borrowed, it is live), the
+        // reservation is one interval and the run lies inside it. No lock is taken unless the
         // map needs tables from the pool. Anything else takes the checks below, in order.
-        if reservation.table_id() == self.table_id {
-            if let Some(span) = self.hot.get(id) {
-                if span.holds(iova.get(), size.get(), count) {
-                    // In bounds: the engine's own checks come next, as on the slow path.
-                    let mut src = self.pool_source(id);
-                    return self.engine.map(iova, pa, size, count, prot, &mut src);
-                }
-            }
+        if self.issuer.word(reservation) == Some(CONTIGUOUS) && reservation.holds(iova, size, count)
+        {
+            // In bounds: the engine's own checks come next, as on the slow path.
+            let mut src = self.pool_source(reservation.id());
+            return self.engine.map(iova, pa, size, count, prot, &mut src);
         }
         self.map_reserved_checked(reservation, iova, pa, size, count, prot)
     }
@@ -543,12 +533,11 @@ impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
         let unknown = ReserveError::UnknownReservation {
             id: reservation.id(),
         };
-        if reservation.table_id() != self.table_id {
+        if self.issuer.word(&reservation).is_none() {
             return Err(unknown);
         }
         let pool = {
             let mut pools = self.pools.lock();
-            self.hot.retract(reservation.id());
             pools.remove(&reservation.id()).ok_or(unknown)?
         };
         let n = pool.pages.len() as u64;

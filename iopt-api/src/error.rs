@@ -118,7 +118,8 @@ pub enum MapError {
         /// The block's IOVA.
         iova: Iova,
     },
-    /// The reservation handle belongs to another table or was already released.
+    /// The handle was not issued by this table: another table's, or one rebuilt from a
+    /// released handle's fields.
     #[error("reservation #{id} is not live on this table")]
     UnknownReservation {
         /// The reservation.
@@ -260,7 +261,8 @@ pub enum ReserveError {
         /// The IOVA of the leaf.
         iova: Iova,
     },
-    /// The reservation belongs to another table or was already released.
+    /// The handle was not issued by this table: another table's, or one rebuilt from a
+    /// released handle's fields.
     #[error("reservation #{id} is not live on this table")]
     UnknownReservation {
         /// The reservation.

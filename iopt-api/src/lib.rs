@@ -55,6 +55,6 @@ pub use flush::{FlushOps, Gather, NoFlush};
 pub use prot::Prot;
 pub use size::{PageSize, PageSizes};
 pub use table::{
-    IoPageTable, PaRun, Registers, Reservation, Reserve, Stats, Tcr, Translation, Vtcr, WalkItem,
-    push_pa_run,
+    IoPageTable, Issuer, PaRun, Registers, Reservation, Reserve, Stats, Tcr, Translation, Vtcr,
+    WalkItem, push_pa_run,
 };

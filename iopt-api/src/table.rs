@@ -422,29 +422,28 @@ pub trait IoPageTable: Send + Sync {
 /// Returned by [`Reserve::reserve`] and consumed by [`Reserve::release`]; dropping it without
 /// releasing keeps its pages held until the table is dropped, which is almost always a bug,
 /// hence `#[must_use]`.
+///
+/// A handle is a capability. The table that issues it stamps it with its [`Issuer`]'s secret
+/// key, which no method, `Debug` or `Hash` reveals, and it is neither `Clone` nor `Copy`. So a
+/// handle the table accepts is one it issued, and since [`Reserve::release`] takes the handle
+/// by value, the reservation stays live for as long as any `&Reservation` is borrowed: a map
+/// inside it needs no look-up in the table's registry to know that. A handle rebuilt from the
+/// public fields (another issuer's key) is refused as unknown.
 #[must_use = "a reservation holds table pages until it is released"]
-#[derive(PartialEq, Eq, Hash)]
+#[derive(PartialEq, Eq)]
 pub struct Reservation {
     table: u64,
     id: u64,
     range: IovaRange,
     leaf: PageSize,
     pages: usize,
+    /// The issuer's secret: never read outside [`Issuer::word`].
+    key: u64,
+    /// A word the backend chose when it issued the handle.
+    word: u64,
 }
 
 impl Reservation {
-    /// Creates a handle. Backends call this; a handle forged by anyone else is rejected by
-    /// the table as unknown.
-    pub const fn new(table: u64, id: u64, range: IovaRange, leaf: PageSize, pages: usize) -> Self {
-        Self {
-            table,
-            id,
-            range,
-            leaf,
-            pages,
-        }
-    }
-
     /// Returns the identity of the table that made it.
     #[must_use]
     pub const fn table_id(&self) -> u64 {
@@ -474,6 +473,36 @@ impl Reservation {
     pub const fn pages(&self) -> usize {
         self.pages
     }
+
+    /// Whether `count` leaves of `size` from `iova` lie inside the reserved range, computed
+    /// in 128 bits so that no argument overflows it (a zero count lies inside wherever
+    /// `iova` does; a map refuses it anyway).
+    ///
+    /// ```
+    /// use iopt_api::{Iova, IovaRange, Issuer, PageSize};
+    /// let range = IovaRange::new(Iova::new(0x10_0000), 0x10_0000, 0x1000).unwrap();
+    /// let r = Issuer::new(1).issue(1, range, PageSize::SZ_4K, 0, 0);
+    /// assert!(r.holds(Iova::new(0x1f_f000), PageSize::SZ_4K, 1));
+    /// assert!(!r.holds(Iova::new(0x1f_f000), PageSize::SZ_4K, 2));
+    /// assert!(!r.holds(Iova::new(0xf_f000), PageSize::SZ_4K, 1));
+    /// assert!(!r.holds(Iova::new(0x10_0000), PageSize::SZ_4K, u64::MAX));
+    /// ```
+    #[inline]
+    #[must_use]
+    pub fn holds(&self, iova: Iova, size: PageSize, count: u64) -> bool {
+        let first = self.range.start().get();
+        let end = u128::from(first) + u128::from(self.range.len());
+        let i = iova.get();
+        first <= i && u128::from(i) + u128::from(count) * u128::from(size.get()) <= end
+    }
+}
+
+impl core::hash::Hash for Reservation {
+    /// Hashes the table and the reservation identity only: a hasher must not learn the key.
+    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+        self.table.hash(state);
+        self.id.hash(state);
+    }
 }
 
 impl fmt::Debug for Reservation {
@@ -484,6 +513,92 @@ impl fmt::Debug for Reservation {
             self.id, self.table, self.range, self.leaf, self.pages
         )
     }
+}
+
+/// What a backend issues [`Reservation`] handles with: a table identity and a secret key.
+///
+/// [`issue`](Self::issue) stamps each handle with the key; [`word`](Self::word) recognises the
+/// handles this issuer made. The key comes from a global counter and the issuer's address,
+/// mixed: it guards against handles rebuilt by mistake (from a released handle's fields, or
+/// another table's), not against code that sets out to read private memory, which could
+/// forge anything.
+///
+/// ```
+/// use iopt_api::{Iova, IovaRange, Issuer, PageSize};
+/// let range = IovaRange::new(Iova::new(0x20_0000), 0x20_0000, 0x1000)?;
+/// let issuer = Issuer::new(7);
+/// let r = issuer.issue(1, range, PageSize::SZ_4K, 1, 42);
+/// assert_eq!(issuer.word(&r), Some(42));
+/// // Same table id, same fields, another key: not a handle this issuer made.
+/// let copy = Issuer::new(7).issue(r.id(), r.range(), r.max_leaf(), r.pages(), 42);
+/// assert_eq!(issuer.word(&copy), None);
+/// # Ok::<(), iopt_api::RangeError>(())
+/// ```
+pub struct Issuer {
+    table: u64,
+    key: u64,
+}
+
+impl Issuer {
+    /// An issuer for table `table` with a fresh key.
+    #[must_use]
+    pub fn new(table: u64) -> Self {
+        static SALT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+        let n = SALT.fetch_add(0x9E37_79B9_7F4A_7C15, core::sync::atomic::Ordering::Relaxed);
+        let here = core::ptr::addr_of!(n) as usize as u64;
+        Self {
+            table,
+            key: mix(n ^ here.rotate_left(29) ^ table.rotate_left(47)),
+        }
+    }
+
+    /// Returns the table identity the issued handles carry.
+    #[must_use]
+    pub const fn table_id(&self) -> u64 {
+        self.table
+    }
+
+    /// Issues a handle for reservation `id` of `range` with leaves up to `leaf`, which took
+    /// `pages` pages, carrying `word` for the backend's own use.
+    pub const fn issue(
+        &self,
+        id: u64,
+        range: IovaRange,
+        leaf: PageSize,
+        pages: usize,
+        word: u64,
+    ) -> Reservation {
+        Reservation {
+            table: self.table,
+            id,
+            range,
+            leaf,
+            pages,
+            key: self.key,
+            word,
+        }
+    }
+
+    /// The word `r` was issued with, if this issuer issued it (`None` for a handle of
+    /// another table or a rebuilt one).
+    #[inline]
+    #[must_use]
+    pub fn word(&self, r: &Reservation) -> Option<u64> {
+        (r.key == self.key && r.table == self.table).then_some(r.word)
+    }
+}
+
+impl fmt::Debug for Issuer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Issuer(table {})", self.table)
+    }
+}
+
+/// splitmix64's finaliser: spreads every input bit over the output.
+const fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Reservation of table pages ahead of maps: the contract both designs fulfil differently.
@@ -519,8 +634,8 @@ pub trait Reserve: IoPageTable {
     ///
     /// # Errors
     ///
-    /// [`ReserveError::UnknownReservation`] for a handle of another table or one already
-    /// released; [`ReserveError::StillMapped`] where the backend refuses to drop mappings.
+    /// [`ReserveError::UnknownReservation`] for a handle this table did not issue (another
+    /// table's, or one rebuilt from a released handle's fields); [`ReserveError::StillMapped`] where the backend refuses to drop mappings.
     /// On error the handle is returned inside the error's data where possible; nothing changed.
     fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReserveError>;
 

@@ -16,9 +16,7 @@
 //! - [`oracle`]: a hardware-walk oracle that translates from register values and raw memory,
 //!   sharing no code with the engine, so each checks the other;
 //! - [`LpaeTable`]: the on-demand reference table (Linux's behaviour) on the engine;
-//! - [`debug`]: the descriptors on one IOVA's path and a readable dump of a whole tree;
-//! - [`lookaside`]: a lock-free index of live reservations both designs consult before their
-//!   registry lock on the reserved-map hot path.
+//! - [`debug`]: the descriptors on one IOVA's path and a readable dump of a whole tree.
 //!
 //! ```
 //! use iopt_api::{Config, ConfigInput, Format, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot};
@@ -49,7 +47,6 @@ pub mod debug;
 pub mod desc;
 pub mod dirty;
 pub mod engine;
-pub mod lookaside;
 pub mod oracle;
 pub mod refcount;
 pub mod regs;

@@ -73,8 +73,10 @@
 //!   reservation, then drops the counts and frees every table left with neither live entries
 //!   nor reservations, in one batch after one [`FlushOps::flush_walk`] per unlinked subtree.
 //!   Release therefore cannot fail for a live handle (the cleanup path of a fence-signalling
-//!   job must not fail), and a table another reservation holds survives. Releasing twice, or a
-//!   handle of another table, is [`ReserveError::UnknownReservation`].
+//!   job must not fail), and a table another reservation holds survives. A handle of another
+//!   table, or one rebuilt from a released handle's fields, is
+//!   [`ReserveError::UnknownReservation`]: handles carry the table's secret key (see
+//!   [`Reservation`]), and the one the table issued is consumed by its release.
 //! - **Differences from [`LpaeTable`](iopt_lpae::LpaeTable)** on plain map/unmap sequences:
 //!   none in results, errors or translations, except that an unmap at a block size over a
 //!   slot that Linux would still hold an *empty* table in (left behind by earlier small
@@ -107,63 +109,17 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
-use alloc::collections::BTreeMap;
 use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use iopt_api::{
-    AllocError, Config, FlushOps, Gather, Iova, IovaRange, MapError, NoFlush, PageSize, PhysAddr,
-    Prot, Reservation, Reserve, ReserveError, TableAlloc,
+    AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, NoFlush, PageSize,
+    PhysAddr, Prot, Reservation, Reserve, ReserveError, TableAlloc,
 };
-use iopt_lpae::lookaside::{Lookaside, Span};
 use iopt_lpae::refcount::Policy;
 use iopt_lpae::{Engine, PageSource};
 
 /// Identities of tables, so a reservation of one table is refused by another.
 static NEXT_TABLE: AtomicU64 = AtomicU64::new(1);
-
-/// What the table remembers of a live reservation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Held {
-    range: IovaRange,
-    leaf: PageSize,
-}
-
-/// Shards of the live-reservation registry; a power of two.
-const SHARDS: usize = 16;
-
-/// One shard of the registry, on cache lines of its own.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Shard(spin::Mutex<BTreeMap<u64, Held>>);
-
-/// The live reservations by id, sharded by id: a map inside a reservation takes one
-/// uncontended lock, and threads working in different reservations take different ones.
-#[derive(Debug, Default)]
-struct Registry {
-    shards: [Shard; SHARDS],
-}
-
-impl Registry {
-    fn shard(&self, id: u64) -> &spin::Mutex<BTreeMap<u64, Held>> {
-        &self.shards[(id as usize) & (SHARDS - 1)].0
-    }
-
-    fn get(&self, id: u64) -> Option<Held> {
-        self.shard(id).lock().get(&id).copied()
-    }
-
-    fn insert(&self, id: u64, held: Held) {
-        self.shard(id).lock().insert(id, held);
-    }
-
-    fn remove(&self, id: u64) -> Option<Held> {
-        self.shard(id).lock().remove(&id)
-    }
-
-    fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.0.lock().len()).sum()
-    }
-}
 
 /// The source of maps bound to a reservation: it has no pages to give.
 struct NoAlloc {
@@ -195,21 +151,20 @@ impl PageSource for NoAlloc {
 /// [crate docs](crate) for the semantics.
 pub struct PreallocTable<A: TableAlloc, F: FlushOps = NoFlush> {
     engine: Engine<A, F>,
-    id: u64,
+    /// Stamps this table's reservation handles. A handle it recognises is live (release
+    /// consumes it) and says what it reserved, so the table keeps no registry.
+    issuer: Issuer,
     next: AtomicU64,
-    /// Boxed: 2 KiB of padded shards would make the table (and the facade's enum) large.
-    live: alloc::boxed::Box<Registry>,
-    /// The live reservations again, read without a lock on the reserved-map hot path (span =
-    /// the handle's range, tag = its leaf size).
-    hot: alloc::boxed::Box<Lookaside>,
+    /// Live reservations.
+    live: AtomicUsize,
 }
 
 impl<A: TableAlloc, F: FlushOps> fmt::Debug for PreallocTable<A, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PreallocTable")
-            .field("id", &self.id)
+            .field("id", &self.issuer.table_id())
             .field("root", &self.engine.root())
-            .field("reservations", &self.live.len())
+            .field("reservations", &self.live_reservations())
             .finish_non_exhaustive()
     }
 }
@@ -234,10 +189,9 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
     pub fn with_flush(cfg: Config, alloc: A, flush: F) -> Result<Self, AllocError> {
         Ok(Self {
             engine: Engine::with_policy(cfg, alloc, flush, Policy::Refcounted)?,
-            id: NEXT_TABLE.fetch_add(1, Ordering::Relaxed),
+            issuer: Issuer::new(NEXT_TABLE.fetch_add(1, Ordering::Relaxed)),
             next: AtomicU64::new(1),
-            live: alloc::boxed::Box::default(),
-            hot: alloc::boxed::Box::default(),
+            live: AtomicUsize::new(0),
         })
     }
 
@@ -250,33 +204,18 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
     /// Returns this table's identity (what [`Reservation::table_id`] holds).
     #[must_use]
     pub fn id(&self) -> u64 {
-        self.id
+        self.issuer.table_id()
     }
 
     /// Returns how many reservations are live.
     #[must_use]
     pub fn live_reservations(&self) -> usize {
-        self.live.len()
+        self.live.load(Ordering::Relaxed)
     }
 
-    /// What the look-aside index keeps for a reservation of `range` with `leaf`.
-    fn span(range: IovaRange, leaf: PageSize) -> Span {
-        Span {
-            first: range.start().get(),
-            last: range.last().get(),
-            tag: leaf.get(),
-        }
-    }
-
-    /// Records live reservation `id` in the registry, then in the look-aside index.
-    fn admit(&self, id: u64, held: Held) {
-        self.live.insert(id, held);
-        self.hot.publish(id, Self::span(held.range, held.leaf));
-    }
-
-    /// [`Reserve::map_reserved`] through the registry, checking in order (the handle, the
-    /// arguments, the bounds): reservations the look-aside index does not hold, and every
-    /// error. Out of line, so that the hot path inlines into its caller small.
+    /// [`Reserve::map_reserved`] with every check, in order (the handle, the arguments, the
+    /// bounds): maps the hot path does not take, and every error. Out of line, so that the hot
+    /// path inlines into its caller small.
     #[inline(never)]
     fn map_reserved_checked(
         &self,
@@ -288,11 +227,11 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
         prot: Prot,
     ) -> Result<(), MapError> {
         let id = reservation.id();
-        let held = self
-            .held(reservation)
-            .ok_or(MapError::UnknownReservation { id })?;
+        if self.issuer.word(reservation).is_none() {
+            return Err(MapError::UnknownReservation { id });
+        }
         let run = self.engine.validate_map(iova, pa, size, count, prot)?;
-        let range = held.range;
+        let range = reservation.range();
         let last = iova.get() + (count * size.get() - 1);
         if !range.contains(iova) {
             return Err(MapError::OutsideReservation { id, range, iova });
@@ -306,34 +245,6 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
             });
         }
         self.engine.map_run(run, prot, &mut NoAlloc { id })
-    }
-
-    /// The look-aside entry of `r`, if the index holds this table's reservation `r.id()` as
-    /// the handle describes it (so it is live), read without a lock. `None` says nothing: ask
-    /// the registry.
-    #[inline]
-    fn hot_span(&self, r: &Reservation) -> Option<Span> {
-        if r.table_id() != self.id {
-            return None;
-        }
-        self.hot
-            .get(r.id())
-            .filter(|&span| span == Self::span(r.range(), r.max_leaf()))
-    }
-
-    /// Returns the live reservation `r` stands for, if it is one of this table's.
-    fn held(&self, r: &Reservation) -> Option<Held> {
-        if r.table_id() != self.id {
-            return None;
-        }
-        if self.hot_span(r).is_some() {
-            return Some(Held {
-                range: r.range(),
-                leaf: r.max_leaf(),
-            });
-        }
-        let held = self.live.get(r.id())?;
-        (held.range == r.range() && held.leaf == r.max_leaf()).then_some(held)
     }
 }
 
@@ -353,14 +264,8 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
     fn reserve(&self, range: IovaRange, max_leaf: PageSize) -> Result<Reservation, ReserveError> {
         let pages = self.engine.reserve_tables(range, max_leaf)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.admit(
-            id,
-            Held {
-                range,
-                leaf: max_leaf,
-            },
-        );
-        Ok(Reservation::new(self.id, id, range, max_leaf, pages))
+        self.live.fetch_add(1, Ordering::Relaxed);
+        Ok(self.issuer.issue(id, range, max_leaf, pages, 0))
     }
 
     #[inline]
@@ -373,35 +278,26 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
         count: u64,
         prot: Prot,
     ) -> Result<(), MapError> {
-        let id = reservation.id();
-        // The hot path: the look-aside index holds the reservation as the handle describes it
-        // (so it is live), and the run lies inside it; the engine's argument checks come
-        // next, as on the checked path. Anything else takes the checked path, in order.
-        if let Some(span) = self.hot_span(reservation) {
-            if span.holds(iova.get(), size.get(), count) {
-                return self
-                    .engine
-                    .map(iova, pa, size, count, prot, &mut NoAlloc { id });
-            }
+        // The hot path: this table issued the handle (so, borrowed, it is live) and the run
+        // lies inside it; the engine's argument checks come next, as on the checked path.
+        // Anything else takes the checked path, in order.
+        if self.issuer.word(reservation).is_some() && reservation.holds(iova, size, count) {
+            let id = reservation.id();
+            return self
+                .engine
+                .map(iova, pa, size, count, prot, &mut NoAlloc { id });
         }
         self.map_reserved_checked(reservation, iova, pa, size, count, prot)
     }
 
     fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReserveError> {
         let id = reservation.id();
-        if self.held(&reservation).is_none() {
+        if self.issuer.word(&reservation).is_none() {
             return Err(ReserveError::UnknownReservation { id });
         }
-        // Remove first, so a concurrent second release of the same handle fails (from the
-        // look-aside index before the registry, so neither outlives the other).
-        self.hot.retract(id);
-        let Some(held) = self.live.remove(id) else {
-            return Err(ReserveError::UnknownReservation { id });
-        };
-        if let Err(e) = self.engine.release_tables(held.range, held.leaf, gather) {
-            self.admit(id, held);
-            return Err(e);
-        }
+        let (range, leaf) = (reservation.range(), reservation.max_leaf());
+        self.engine.release_tables(range, leaf, gather)?;
+        self.live.fetch_sub(1, Ordering::Relaxed);
         Ok(())
     }
 

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use iopt_api::{
-    FlushOps, Gather, IoPageTable, Iova, IovaRange, MapError, PageSize, PageSizes, Prot,
+    FlushOps, Gather, IoPageTable, Iova, IovaRange, Issuer, MapError, PageSize, PageSizes, Prot,
     Reservation, Reserve, ReserveError, UnmapError,
 };
 use iopt_lpae::SimMemory;
@@ -305,16 +305,21 @@ fn reservation_errors_are_typed_and_change_nothing() {
         }
     );
     // Another table's handle, and a forged one.
-    let forged = Reservation::new(t.id(), 999, r, PageSize::SZ_2M, 0);
+    let forged = Issuer::new(t.id()).issue(999, r, PageSize::SZ_2M, 0, 0);
     assert_eq!(
         t.map_reserved(&forged, iova(VA), pa(0), PageSize::SZ_2M, 1, RW),
         Err(MapError::UnknownReservation { id: 999 })
     );
-    // A live id with another range or leaf size is not that reservation, even where the
-    // map lies inside both (the look-aside hot path and the registry agree).
+    // A handle rebuilt from a live one's fields is not that reservation, with the same range
+    // and leaf size or others, even where the map lies inside both: only the handle the
+    // table issued carries its key.
     let wider = range(VA, 2 * M2);
-    for (fr, leaf) in [(wider, PageSize::SZ_2M), (r, PageSize::SZ_4K)] {
-        let forged = Reservation::new(t.id(), res.id(), fr, leaf, 0);
+    for (fr, leaf) in [
+        (r, PageSize::SZ_2M),
+        (wider, PageSize::SZ_2M),
+        (r, PageSize::SZ_4K),
+    ] {
+        let forged = Issuer::new(t.id()).issue(res.id(), fr, leaf, res.pages(), 0);
         assert_eq!(
             t.map_reserved(&forged, iova(VA), pa(0), PageSize::SZ_2M, 1, RW),
             Err(MapError::UnknownReservation { id: res.id() })
@@ -348,7 +353,7 @@ fn reservation_errors_are_typed_and_change_nothing() {
     assert_eq!((dump(&t), mem.live_set()), snap);
 
     // Double release: the second handle (same id, range and leaf) is unknown.
-    let copy = Reservation::new(t.id(), res.id(), res.range(), res.max_leaf(), res.pages());
+    let copy = Issuer::new(t.id()).issue(res.id(), res.range(), res.max_leaf(), res.pages(), 0);
     t.release(res, &mut Gather::new()).unwrap();
     assert!(matches!(
         t.release(copy, &mut Gather::new()),
