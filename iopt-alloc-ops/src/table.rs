@@ -520,7 +520,9 @@ impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
         {
             // In bounds: the engine's own checks come next, as on the slow path.
             let mut src = self.pool_source(reservation.id());
-            return self.engine.map(iova, pa, size, count, prot, &mut src);
+            return self
+                .engine
+                .map_within(iova, pa, size, count, prot, &mut src);
         }
         self.map_reserved_checked(reservation, iova, pa, size, count, prot)
     }

@@ -474,9 +474,9 @@ impl Reservation {
         self.pages
     }
 
-    /// Whether `count` leaves of `size` from `iova` lie inside the reserved range, computed
-    /// in 128 bits so that no argument overflows it (a zero count lies inside wherever
-    /// `iova` does; a map refuses it anyway).
+    /// Whether `count` leaves of `size` from `iova` lie inside the reserved range, for any
+    /// arguments (no overflow; a zero count lies inside wherever `iova` does, and a map
+    /// refuses it anyway).
     ///
     /// ```
     /// use iopt_api::{Iova, IovaRange, Issuer, PageSize};
@@ -490,10 +490,11 @@ impl Reservation {
     #[inline]
     #[must_use]
     pub fn holds(&self, iova: Iova, size: PageSize, count: u64) -> bool {
-        let first = self.range.start().get();
-        let end = u128::from(first) + u128::from(self.range.len());
-        let i = iova.get();
-        first <= i && u128::from(i) + u128::from(count) * u128::from(size.get()) <= end
+        // `off < len` puts `iova` inside; then the run fits if its length does not pass
+        // the bytes left (`count` leaves of `size`, a power of two, as one shift).
+        let off = iova.get().wrapping_sub(self.range.start().get());
+        let left = self.range.len().wrapping_sub(off);
+        off < self.range.len() && count <= left >> size.shift()
     }
 }
 

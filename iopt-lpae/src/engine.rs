@@ -625,7 +625,38 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         prot: Prot,
         src: &mut S,
     ) -> Result<(), MapError> {
-        if let Some(run) = self.quick_map_run(iova, pa, size, count, prot) {
+        if let Some(run) = self.quick_map_run::<true>(iova, pa, size, count, prot) {
+            return self.map_run(run, prot, src);
+        }
+        let run = self.validate_map_slow(iova, pa, size, count, prot)?;
+        self.map_runs_general(&[run], prot, src)
+    }
+
+    /// [`map`](Self::map) of a run the caller has already proved to lie inside a range it
+    /// checked against the input address size (a reservation's: both designs refuse to
+    /// reserve outside it): the same result and errors, without checking the IOVA against the input address size again. The
+    /// caller's proof is trusted: a debug assertion catches a run outside the input address
+    /// size, and a release build maps it where its low `ias` bits point.
+    ///
+    /// # Errors
+    ///
+    /// As [`map`](Self::map).
+    #[inline]
+    pub fn map_within<S: PageSource>(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+        src: &mut S,
+    ) -> Result<(), MapError> {
+        if let Some(run) = self.quick_map_run::<false>(iova, pa, size, count, prot) {
+            debug_assert!(
+                self.quick_map_run::<true>(iova, pa, size, count, prot)
+                    .is_some(),
+                "map_within: {iova} + {count} x {size} is outside the input address size"
+            );
             return self.map_run(run, prot, src);
         }
         let run = self.validate_map_slow(iova, pa, size, count, prot)?;
@@ -692,7 +723,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     ) -> Result<(), MapError> {
         let this: &Self = self;
         if this.rc.counting() {
-            if let Some(run) = this.quick_map_run(iova, pa, size, count, prot) {
+            if let Some(run) = this.quick_map_run::<true>(iova, pa, size, count, prot) {
                 if this.map_one_exclusive(&run, prot) {
                     return Ok(());
                 }
@@ -775,7 +806,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         count: u64,
         prot: Prot,
     ) -> Result<Run, MapError> {
-        match self.quick_map_run(iova, pa, size, count, prot) {
+        match self.quick_map_run::<true>(iova, pa, size, count, prot) {
             Some(run) => Ok(run),
             None => self.validate_map_slow(iova, pa, size, count, prot),
         }
@@ -785,7 +816,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// tested in as few branches as possible; `None` if any check fails (the slow path then
     /// finds which, in Linux's order).
     #[inline]
-    fn quick_map_run(
+    fn quick_map_run<const CHECK_IOVA: bool>(
         &self,
         iova: Iova,
         pa: PhysAddr,
@@ -807,8 +838,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         };
         // `pa <= last_pa`, so the last output address in range implies the first is.
         let ias = self.cfg.ias();
-        if i >> ias != self.fast.iova_hi
-            || last_i >> ias != self.fast.iova_hi
+        if (CHECK_IOVA && (i >> ias != self.fast.iova_hi || last_i >> ias != self.fast.iova_hi))
             || !self.cfg.pa_in_range(PhysAddr::new(last_p))
         {
             return None;
@@ -2153,7 +2183,7 @@ mod tests {
             let size = PageSize::from_shift(shift).unwrap();
             let prot = Prot::from_bits_retain(prot);
             prop_assert_eq!(
-                e.quick_map_run(iova, pa, size, count, prot),
+                e.quick_map_run::<true>(iova, pa, size, count, prot),
                 e.validate_map_slow(iova, pa, size, count, prot).ok()
             );
             prop_assert_eq!(

@@ -285,7 +285,7 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
             let id = reservation.id();
             return self
                 .engine
-                .map(iova, pa, size, count, prot, &mut NoAlloc { id });
+                .map_within(iova, pa, size, count, prot, &mut NoAlloc { id });
         }
         self.map_reserved_checked(reservation, iova, pa, size, count, prot)
     }
