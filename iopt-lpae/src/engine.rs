@@ -625,18 +625,15 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         prot: Prot,
         src: &mut S,
     ) -> Result<(), MapError> {
-        if let Some(run) = self.quick_map_run::<true>(iova, pa, size, count, prot) {
-            return self.map_run(run, prot, src);
-        }
-        let run = self.validate_map_slow(iova, pa, size, count, prot)?;
-        self.map_runs_general(&[run], prot, src)
+        self.map_checking::<true, S>(iova, pa, size, count, prot, src)
     }
 
     /// [`map`](Self::map) of a run the caller has already proved to lie inside a range it
     /// checked against the input address size (a reservation's: both designs refuse to
-    /// reserve outside it): the same result and errors, without checking the IOVA against the input address size again. The
-    /// caller's proof is trusted: a debug assertion catches a run outside the input address
-    /// size, and a release build maps it where its low `ias` bits point.
+    /// reserve outside it): the same result and errors, without checking the IOVA against
+    /// the input address size again. The caller's proof is trusted: a debug assertion
+    /// catches a run outside the input address size, and a release build maps it where its
+    /// low `ias` bits point.
     ///
     /// # Errors
     ///
@@ -651,12 +648,30 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         prot: Prot,
         src: &mut S,
     ) -> Result<(), MapError> {
-        if let Some(run) = self.quick_map_run::<false>(iova, pa, size, count, prot) {
-            debug_assert!(
-                self.quick_map_run::<true>(iova, pa, size, count, prot)
+        debug_assert!(
+            self.quick_map_run::<false>(iova, pa, size, count, prot)
+                .is_none()
+                || self
+                    .quick_map_run::<true>(iova, pa, size, count, prot)
                     .is_some(),
-                "map_within: {iova} + {count} x {size} is outside the input address size"
-            );
+            "map_within: {iova} + {count} x {size} is outside the input address size"
+        );
+        self.map_checking::<false, S>(iova, pa, size, count, prot, src)
+    }
+
+    /// [`map`](Self::map), checking the IOVA against the input address size on the quick
+    /// path only if `CHECK_IOVA` (errors still come from the full checks, in Linux's order).
+    #[inline]
+    fn map_checking<const CHECK_IOVA: bool, S: PageSource>(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: PageSize,
+        count: u64,
+        prot: Prot,
+        src: &mut S,
+    ) -> Result<(), MapError> {
+        if let Some(run) = self.quick_map_run::<CHECK_IOVA>(iova, pa, size, count, prot) {
             return self.map_run(run, prot, src);
         }
         let run = self.validate_map_slow(iova, pa, size, count, prot)?;
