@@ -519,8 +519,8 @@ impl fmt::Debug for Reservation {
 /// What a backend issues [`Reservation`] handles with: a table identity and a secret key.
 ///
 /// [`issue`](Self::issue) stamps each handle with the key; [`word`](Self::word) recognises the
-/// handles this issuer made. The key comes from a global counter and the issuer's address,
-/// mixed: it guards against handles rebuilt by mistake (from a released handle's fields, or
+/// handles this issuer made. The key mixes a global counter, a stack address and the table
+/// identity: it guards against handles rebuilt by mistake (from a released handle's fields, or
 /// another table's), not against code that sets out to read private memory, which could
 /// forge anything.
 ///

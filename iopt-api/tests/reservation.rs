@@ -4,12 +4,13 @@ use iopt_api::{Iova, IovaRange, Issuer, PageSize};
 use proptest::prelude::*;
 use std::hash::BuildHasher;
 
-/// The bounds check written the obvious way, in 128 bits.
+/// The bounds check written the obvious way, in 128 bits: `iova` inside the range, and the
+/// run's end not past it (so a zero-leaf run is inside exactly where `iova` is).
 fn model(range: IovaRange, iova: u64, size: u64, count: u64) -> bool {
     let first = u128::from(range.start().get());
     let end = first + u128::from(range.len());
     let i = u128::from(iova);
-    first <= i && i + u128::from(count) * u128::from(size) <= end
+    first <= i && i < end && i + u128::from(count) * u128::from(size) <= end
 }
 
 fn sizes() -> impl Strategy<Value = PageSize> {
@@ -73,6 +74,16 @@ fn holds_at_the_top_of_the_address_space() {
     assert!(!r.holds(Iova::new(u64::MAX - 0xfff), PageSize::SZ_4K, 2));
     assert!(!r.holds(Iova::new(0), PageSize::SZ_4K, 1));
     assert!(!r.holds(Iova::new(u64::MAX - 0xf_ffff), PageSize::SZ_4K, u64::MAX));
+}
+
+/// A run of no leaves lies inside exactly where its IOVA does: not at the range's end.
+#[test]
+fn an_empty_run_is_inside_where_its_iova_is() {
+    let range = IovaRange::new(Iova::new(0x1000), 0x1000, 0x1000).unwrap();
+    let r = Issuer::new(1).issue(1, range, PageSize::SZ_4K, 0, 0);
+    assert!(r.holds(Iova::new(0x1000), PageSize::SZ_4K, 0));
+    assert!(!r.holds(Iova::new(0x2000), PageSize::SZ_4K, 0));
+    assert!(!r.holds(Iova::new(0), PageSize::SZ_4K, 0));
 }
 
 #[test]
