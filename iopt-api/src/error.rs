@@ -24,6 +24,17 @@ pub enum AllocError {
         /// Bytes per table asked for.
         size: u64,
     },
+    /// The allocator returned a page the table cannot use: not resolvable by
+    /// [`TableAlloc::table`](crate::TableAlloc::table), smaller than asked, not aligned to its
+    /// size, not zeroed, or at an address a table descriptor cannot hold or the output
+    /// address size does not reach. The page was given back; nothing changed.
+    #[error("table allocator returned an unusable page at {pa} for a {size:#x}-byte table")]
+    BadPage {
+        /// The page's physical address.
+        pa: PhysAddr,
+        /// Bytes per table asked for.
+        size: u64,
+    },
 }
 
 /// Why a map was refused. Nothing was changed.

@@ -25,8 +25,8 @@ use crate::desc::{self, Kind};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 use iopt_api::{
-    Config, FlushOps, Gather, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, Stats,
-    TableAlloc, TableRef, Translation, UnmapError, WalkItem,
+    AllocError, Config, FlushOps, Gather, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot,
+    Stats, TableAlloc, TableRef, Translation, UnmapError, WalkItem,
 };
 
 /// Where a map gets the table pages it must install.
@@ -389,6 +389,10 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// The allocator's error if the root cannot be allocated.
     pub fn new(cfg: Config, alloc: A, flush: F) -> Result<Self, iopt_api::AllocError> {
         let root = alloc.alloc(cfg.pgd_bytes())?;
+        if let Err(e) = check_page(&cfg, &alloc, root, cfg.pgd_bytes()) {
+            alloc.free(root, cfg.pgd_bytes());
+            return Err(e);
+        }
         let counters = Counters::default();
         if !cfg.coherent_walk() {
             // The zeroed root must reach memory before the registers point a walker at it.
@@ -1504,11 +1508,10 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             held[..need].copy_from_slice(&got);
         }
         let pages = &held[..need];
+        let _ = iova;
         let resolve = |p: PhysAddr| {
-            self.alloc.table(p).ok_or(MapError::BrokenTable {
-                iova: self.external(iova),
-                pa: p,
-            })
+            check_page(&self.cfg, &self.alloc, p, self.fast.granule_size)
+                .map_err(|source| MapError::Alloc { source })
         };
         let mut tables = match resolve(pages[0]) {
             Ok(t) => [t; 4],
@@ -1831,13 +1834,31 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         // The last operation's leaf table usually holds the next lookup's page; failing that,
         // the table above it (cached by earlier lookups) saves the top of the descent.
         let epoch = self.unlinks.load(Ordering::Acquire);
-        let (mut table, mut level) = match self.cursor_get(3, local) {
-            Some(t) => (t, 3),
-            None => match self.cursor_get(2, local) {
-                Some(t) => (t, 2),
-                None => (self.root_table()?, self.cfg.start_level()),
-            },
+        let cached = match self.cursor_get(3, local) {
+            Some(t) => Some((t, 3)),
+            None => self.cursor_get(2, local).map(|t| (t, 2)),
         };
+        if let Some((table, level)) = cached {
+            if let Some(found) = self.lookup_below(table, level, local, epoch) {
+                return Some(found);
+            }
+            // A cursor names a table that was linked when it was checked; on a counting
+            // engine it may have been claimed since (emptied by other callers' unmaps), and
+            // the page then lives in the table that replaced it. A leaf found is an answer,
+            // a miss is not: only a walk from the root may say "not mapped".
+        }
+        self.lookup_below(self.root_table()?, self.cfg.start_level(), local, epoch)
+    }
+
+    /// The descent of [`lookup_in_range`](Self::lookup_in_range) from `table` at `level`.
+    #[inline]
+    fn lookup_below<'a>(
+        &'a self,
+        mut table: TableRef<'a>,
+        mut level: u32,
+        local: u64,
+        epoch: u64,
+    ) -> Option<Translation> {
         loop {
             let e = table
                 .entries
@@ -1921,6 +1942,39 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 }
             }
         }
+    }
+}
+
+/// Resolves a page `alloc` just handed out for a `size`-byte table and checks that the table
+/// can use it: resolvable, at least `size` bytes of entries, aligned to `size`, with zeroed
+/// metadata, and at an address that a table descriptor can hold and the output address size
+/// reaches. A page that fails would make descriptors point elsewhere than the table written
+/// (an address folded into other bits), or a walk run off its entries.
+///
+/// # Errors
+///
+/// [`AllocError::BadPage`]; the caller gives the page back.
+pub(crate) fn check_page<'a, A: TableAlloc + ?Sized>(
+    cfg: &Config,
+    alloc: &'a A,
+    pa: PhysAddr,
+    size: u64,
+) -> Result<TableRef<'a>, AllocError> {
+    let bad = AllocError::BadPage { pa, size };
+    let t = alloc.table(pa).ok_or(bad)?;
+    let p = pa.get();
+    let big_enough = (t.entries.len() as u64).saturating_mul(8) >= size;
+    let aligned = size.is_power_of_two() && p & (size - 1) == 0;
+    let reachable = p
+        .checked_add(size - 1)
+        .is_some_and(|last| cfg.pa_in_range(PhysAddr::new(last)));
+    let encodable = desc::unpack_pa(desc::pack_pa(pa), cfg.granule()) == pa;
+    let fresh = t.meta.live_entries.load(Ordering::Relaxed) == 0
+        && t.meta.reservations.load(Ordering::Relaxed) == 0;
+    if big_enough && aligned && reachable && encodable && fresh {
+        Ok(t)
+    } else {
+        Err(bad)
     }
 }
 

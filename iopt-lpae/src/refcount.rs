@@ -83,7 +83,7 @@
 #![allow(clippy::many_single_char_names)]
 
 use crate::desc::{self, Kind};
-use crate::engine::{Engine, PageSource, Plan, Run, Stash, all_zero, clear_all, write_leaves};
+use crate::engine::{Engine, PageSource, Plan, Run, Stash, all_zero, write_leaves};
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
@@ -128,7 +128,20 @@ pub(crate) struct RcState {
     pending: AtomicUsize,
     /// Retired tables with their epoch.
     limbo: spin::Mutex<Vec<(u64, PhysAddr)>>,
+    /// The epoch at which the limbo was last drained of every table then ready (a hint,
+    /// written under the limbo's lock).
+    drained_at: AtomicU64,
+    /// The slot, and the announcement in it, that stopped the last reclaim (a hint: see
+    /// `reclaim`).
+    blocked_slot: AtomicUsize,
+    blocked_by: AtomicU64,
 }
+
+/// Retired tables waiting for a grace period beyond which no operation claims the tables it
+/// empties: they stay linked, empty, for later maps to reuse, until reclamation catches up.
+/// This bounds what one stalled operation can hold back (a thread parked in a `walk`
+/// callback, say) to this many tables plus what the operations in flight retire themselves.
+pub const LIMBO_LIMIT: usize = 4096;
 
 /// Announcement slots; a power of two.
 const SLOTS: usize = 32;
@@ -266,7 +279,18 @@ struct Prepared<'a> {
     pinned: u32,
     /// Empty, unreserved tables in the segment's slots, claimed, to be replaced by leaves:
     /// (index in the segment, table address).
-    claimed: Vec<(usize, PhysAddr)>,
+    claimed: Vec<(usize, PhysAddr, u64)>,
+}
+
+/// What one attempt of a one-leaf unmap on a counting engine came to.
+enum LeafStep {
+    /// Finished, with this answer.
+    Done(Result<u64, UnmapError>),
+    /// The entry changed under it, or the cursor's table answered "not mapped": walk again
+    /// from the root.
+    Retry,
+    /// The entry holds a table: the general path removes it.
+    Table,
 }
 
 /// The reservation plan of [`Engine::reserve_tables`]: which slots need a table below them.
@@ -297,6 +321,23 @@ fn pin(meta: &TableMeta, n: u32) -> bool {
     meta.live_entries
         .fetch_update(SC, SC, |c| (c != DEAD).then(|| c + n))
         .is_ok()
+}
+
+/// Lowers a table's live count by `n` (pins given back, or entries this caller removed) and
+/// returns the count before, unless the table is [`DEAD`]: then an overlapping block unmap
+/// has torn its subtree down (see `collect_dead`) and the count means nothing any more. Every
+/// unit given back was added by this caller (a pin, or an entry it wrote), so the count never
+/// goes below zero; a debug build checks.
+#[inline]
+fn unpin(meta: &TableMeta, n: u32) -> Option<u32> {
+    // SeqCst: a zero this produces is what `try_claim`'s exchange must see, ordered with the
+    // entry exchange that removed the last leaf (see `unmap_leaf_once`).
+    let before = meta
+        .live_entries
+        .fetch_update(SC, SC, |c| (c != DEAD).then(|| c.wrapping_sub(n)))
+        .ok()?;
+    debug_assert!(before >= n, "live count {before} lowered by {n}");
+    Some(before)
 }
 
 /// Claims a table for freeing: its live count must be exactly `expected` (the claimer's own
@@ -511,20 +552,45 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     /// Advances the epoch as far as finished operations allow and frees, in one batch, every
     /// retired table no running operation can still reach.
     fn reclaim(&self) {
+        // A stalled operation holds the epoch back. While the slot that stopped the last
+        // attempt still shows the same announcement (an epoch older than the current one, and
+        // the epoch only grows), no attempt can succeed and nothing new became free: two loads
+        // instead of a scan of every slot, so a stall costs the other operations nothing.
+        let b = self.rc.blocked_slot.load(Ordering::Relaxed);
+        if let Some(s) = self.rc.slots.get(b) {
+            let v = self.rc.blocked_by.load(Ordering::Relaxed);
+            if v != 0
+                && s.0.load(Ordering::Relaxed) == v
+                && self.rc.drained_at.load(Ordering::Relaxed) == self.rc.epoch.load(SC)
+            {
+                return;
+            }
+        }
         for _ in 0..2 {
             fence(SC);
             let e = self.rc.epoch.load(SC);
             let old = ((e + 1) & 1) as usize;
-            let behind = |s: &Slot| {
+            let behind = self.rc.slots.iter().position(|s| {
                 let v = s.0.load(SC);
                 v != 0 && v >> 1 != e
-            };
-            if self.rc.slots.iter().any(behind) || self.rc.overflow.by_parity[old].load(SC) != 0 {
+            });
+            if let Some(i) = behind {
+                let v = self.rc.slots[i].0.load(SC);
+                self.rc.blocked_by.store(v, Ordering::Relaxed);
+                self.rc.blocked_slot.store(i, Ordering::Relaxed);
+                break;
+            }
+            if self.rc.overflow.by_parity[old].load(SC) != 0 {
                 break;
             }
             let _ = self.rc.epoch.compare_exchange(e, e + 1, SC, SC);
         }
         let now = self.rc.epoch.load(SC);
+        // Tables retired after the last drain carry an epoch at least that drain's, so none
+        // of them is ready unless the epoch moved since: scan the limbo once per epoch.
+        if self.rc.drained_at.load(Ordering::Relaxed) == now {
+            return;
+        }
         let ready: Vec<PhysAddr> = {
             let mut limbo = self.rc.limbo.lock();
             let mut ready = Vec::new();
@@ -536,6 +602,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     true
                 }
             });
+            self.rc.drained_at.fetch_max(now, Ordering::Relaxed);
             ready
         };
         if !ready.is_empty() {
@@ -609,10 +676,24 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     /// Clears the table descriptor at `idx` of `parent` (its table was claimed) and flushes
     /// the walk caches for the span it covered.
-    fn unlink(&self, parent: Frame<'_>, idx: usize, iova_in_slot: u64) {
+    ///
+    /// Returns `false` (nothing done) when the entry no longer links `child`: an overlapping
+    /// block unmap removed it first, lowered `parent`'s count for it and left the claimed
+    /// `child` to its claimer (see `collect_dead`).
+    fn unlink(&self, parent: Frame<'_>, idx: usize, iova_in_slot: u64, child: PhysAddr) -> bool {
         let cfg = self.config();
-        let old = parent.t.entries[idx].swap(0, SC);
-        debug_assert_eq!(self.kind_of(parent.level, old), Kind::Table);
+        let Some(slot) = parent.t.entries.get(idx) else {
+            return false;
+        };
+        let old = slot.load(SC);
+        if self.kind_of(parent.level, old) != Kind::Table || self.unpack(old) != child {
+            return false;
+        }
+        // SeqCst: ordered with the claim of `child` before it and the parent's count update
+        // after it, which other claimers read.
+        if slot.compare_exchange(old, 0, SC, SC).is_err() {
+            return false;
+        }
         self.note_unlinked();
         self.sync_entries(parent.t, idx, 1);
         let span = cfg.block_size(parent.level);
@@ -621,6 +702,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             span,
             cfg.granule().size(),
         );
+        true
     }
 
     /// Lowers the live count of `path[i]` by `n` and frees it, and the ancestors it leaves
@@ -638,14 +720,16 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if n == 0 {
             return false;
         }
-        let before = path[i].t.meta.live_entries.fetch_sub(n, SC);
-        debug_assert!(before >= n && before != DEAD);
-        before == n && self.emptied(path, i, iova, dead)
+        unpin(path[i].t.meta, n) == Some(n) && self.emptied(path, i, iova, dead)
     }
 
     /// [`drop_live`](Self::drop_live) after `path[i]`'s count reached zero.
     #[inline(never)]
     fn emptied(&self, path: &[Frame<'_>], i: usize, iova: u64, dead: &mut Vec<PhysAddr>) -> bool {
+        if self.rc.pending.load(Ordering::Relaxed) >= LIMBO_LIMIT {
+            // Reclamation is held back (see `LIMBO_LIMIT`): keep the table linked and empty.
+            return false;
+        }
         if path[0].pa() != self.root() {
             // A path from the cursor holds the leaf table alone: walk to it for its ancestors
             // (still linked: it is, and they count the links).
@@ -722,8 +806,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 self.note_dead(path[top].pa(), dead);
             }
             let parent = path[top - 1];
-            self.unlink(parent, cfg.index(iova, parent.level), iova);
-            if parent.t.meta.live_entries.fetch_sub(1, SC) != 1 {
+            if !self.unlink(parent, cfg.index(iova, parent.level), iova, path[top].pa())
+                || unpin(parent.t.meta, 1) != Some(1)
+            {
                 return true;
             }
             i = top - 1;
@@ -768,13 +853,18 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     ) -> Result<(), MapError> {
         // The cursor's leaf table, pinned: write straight into it (no prepared segment).
         if let Some(leaf) = self.cursor_pinned(r.iova, r.level, r.count) {
-            self.write_pinned(leaf.t, r.iova, r.level, r.count, r.pa, bits);
-            return Ok(());
+            return self
+                .write_pinned(leaf.t, r.iova, r.level, r.count, r.pa, bits)
+                .map_err(|(k, units)| {
+                    self.drop_live(&[leaf], 0, units, r.iova, dead);
+                    MapError::AlreadyMapped {
+                        iova: self.ext(r.iova + k * r.size.get()),
+                    }
+                });
         }
         let mut slot = None;
         let p = self.prepare(r.iova, r.level, r.count, src, dead, &mut slot)?;
-        self.commit(p, r.pa, bits, dead);
-        Ok(())
+        self.commit(p, r.pa, bits, dead)
     }
 
     /// Several segments: plan (conflicts, exact missing count), obtain once, prepare every
@@ -836,11 +926,23 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             top.src.give_back(&top.stash.pages);
             return Err(e);
         }
-        for (p, pa) in &prepared {
-            self.commit(p, *pa, bits, dead);
+        let mut result = Ok(());
+        for (i, (p, pa)) in prepared.iter().enumerate() {
+            if let Err(e) = self.commit(p, *pa, bits, dead) {
+                // An overlapping operation changed an entry since the plan: undo the segments
+                // written before, and release the ones not yet written.
+                for (q, qpa) in &prepared[..i] {
+                    self.uncommit(q, *qpa, bits, dead);
+                }
+                for (q, _) in &prepared[i + 1..] {
+                    self.abort(q, dead);
+                }
+                result = Err(e);
+                break;
+            }
         }
         top.src.give_back(&top.stash.pages);
-        Ok(())
+        result
     }
 
     /// Makes the leaf table of a segment exist and pins it for the segment's leaves, checking
@@ -942,7 +1044,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         target: u32,
         n: u64,
         dead: &mut Vec<PhysAddr>,
-    ) -> Result<Option<(u32, Vec<(usize, PhysAddr)>)>, MapError> {
+    ) -> Result<Option<(u32, Vec<(usize, PhysAddr, u64)>)>, MapError> {
         let cfg = self.config();
         let size = cfg.block_size(target);
         {
@@ -982,20 +1084,20 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         if sub.meta.reservations.load(SC) != 0 {
                             return Err(MapError::ReservedTable { iova: at });
                         }
-                        claimed.push((k, spa));
+                        claimed.push((k, spa, v));
                     }
                 }
             }
             if !pin(cur.t.meta, free) {
                 return Ok(None);
             }
-            for (j, &(k, spa)) in claimed.iter().enumerate() {
+            for (j, &(k, spa, _)) in claimed.iter().enumerate() {
                 if !self
                     .allocator()
                     .table(spa)
                     .is_some_and(|t| try_claim(t.meta, 0))
                 {
-                    for &(_, done) in &claimed[..j] {
+                    for &(_, done, _) in &claimed[..j] {
                         if let Some(t) = self.allocator().table(done) {
                             t.meta.live_entries.store(0, SC);
                         }
@@ -1080,69 +1182,145 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     }
 
     /// Writes `n` leaves from `iova` (mapping `pa` on) into the leaf table `t`, whose target
-    /// entries are empty and pinned for them (cannot fail).
+    /// entries were empty and are pinned for them: each with a compare-exchange from zero, so
+    /// that an overlapping map that got there first is seen, not overwritten with its count
+    /// unit lost. On such a conflict at entry `k` the leaves written so far are taken back and
+    /// `Err((k, units))` says how many count units the caller gives back (the pins of the
+    /// entries not written, and of those taken back; a leaf an overlapping unmap removed first
+    /// was counted off by it).
     // Measured (callgrind): left to `#[inline]` it stays out of line, 25 instructions of
     // call overhead per single-leaf map.
     #[allow(clippy::inline_always)]
     #[inline(always)]
-    fn write_pinned(&self, t: TableRef<'_>, iova: u64, level: u32, n: u64, pa: u64, bits: u64) {
+    fn write_pinned(
+        &self,
+        t: TableRef<'_>,
+        iova: u64,
+        level: u32,
+        n: u64,
+        pa: u64,
+        bits: u64,
+    ) -> Result<(), (u64, u32)> {
         let first = self.index(iova, level);
-        let leaf_type = self.leaf_type(level);
-        if n == 1 {
-            if let Some(e) = t.entries.get(first) {
-                e.store(
-                    bits | leaf_type | desc::pack_pa(PhysAddr::new(pa)),
-                    Ordering::Release,
-                );
-                self.sync_entries(t, first, 1);
-                return;
+        let attrs = bits | self.leaf_type(level);
+        let size = self.leaf_size(level);
+        let slots = &t.entries[first..first + n as usize];
+        let at = |k: usize| attrs | desc::pack_pa(PhysAddr::new(pa + k as u64 * size));
+        for (k, e) in slots.iter().enumerate() {
+            // SeqCst, as every entry transition on a counting engine: ordered with the pin
+            // before it and with the count updates of whoever removes the leaf later.
+            if e.compare_exchange(0, at(k), SC, SC).is_err() {
+                let taken_back = slots[..k]
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, e)| e.compare_exchange(at(j), 0, SC, SC).is_ok())
+                    .count() as u32;
+                self.sync_entries(t, first, k);
+                return Err((k as u64, (n - k as u64) as u32 + taken_back));
             }
         }
-        write_leaves(
-            &t.entries[first..first + n as usize],
-            bits | leaf_type,
-            pa,
-            self.leaf_size(level),
-            Ordering::Release,
-        );
         self.sync_entries(t, first, n as usize);
+        Ok(())
     }
 
-    /// Writes a prepared segment's leaves (cannot fail).
-    fn commit(&self, p: &Prepared<'_>, pa: u64, bits: u64, dead: &mut Vec<PhysAddr>) {
+    /// Writes a prepared segment's leaves: fails only when an overlapping operation changed
+    /// one of its entries since it was prepared (a caller bug); the segment is then undone
+    /// (its pins given back, the empty tables it claimed freed) and the error names the entry.
+    fn commit(
+        &self,
+        p: &Prepared<'_>,
+        pa: u64,
+        bits: u64,
+        dead: &mut Vec<PhysAddr>,
+    ) -> Result<(), MapError> {
         let t = p.path.last().t;
-        if p.claimed.is_empty() {
-            self.write_pinned(t, p.iova, p.level, p.n, pa, bits);
-            return;
-        }
-        let cfg = self.config();
         let size = self.leaf_size(p.level);
+        if p.claimed.is_empty() {
+            return self
+                .write_pinned(t, p.iova, p.level, p.n, pa, bits)
+                .map_err(|(k, units)| {
+                    self.drop_live(p.path.frames(), p.path.top(), units, p.iova, dead);
+                    MapError::AlreadyMapped {
+                        iova: self.ext(p.iova + k * size),
+                    }
+                });
+        }
         let leaf_type = self.leaf_type(p.level);
         let first = self.index(p.iova, p.level);
-        for (k, e) in t.entries[first..first + p.n as usize].iter().enumerate() {
-            let d = bits | leaf_type | desc::pack_pa(PhysAddr::new(pa + k as u64 * size));
-            match p.claimed.iter().find(|c| c.0 == k) {
-                None => e.store(d, SC),
-                Some(&(_, table)) => {
-                    e.swap(d, SC);
-                    self.note_unlinked();
-                    self.sync_entries(t, first + k, 1);
-                    self.flush_ops().flush_walk(
-                        self.ext(p.iova + k as u64 * size),
-                        size,
-                        cfg.granule().size(),
-                    );
+        let slots = &t.entries[first..first + p.n as usize];
+        let d = |k: usize| bits | leaf_type | desc::pack_pa(PhysAddr::new(pa + k as u64 * size));
+        let claim = |k: usize| p.claimed.iter().find(|c| c.0 == k);
+        for (k, e) in slots.iter().enumerate() {
+            let expected = claim(k).map_or(0, |c| c.2);
+            if e.compare_exchange(expected, d(k), SC, SC).is_ok() {
+                if let Some(&(_, table, _)) = claim(k) {
+                    // The link's count unit is now the leaf's.
+                    self.replaced_table(t, first + k, p.iova + k as u64 * size, size);
                     self.note_dead(table, dead);
                 }
+                continue;
             }
+            // Take back what this call wrote, give back the pins of what it did not, and
+            // unlink the tables it claimed and did not yet replace.
+            let mut units = 0u32;
+            for (j, e) in slots.iter().enumerate() {
+                match (j < k, claim(j)) {
+                    (true, _) => units += u32::from(e.compare_exchange(d(j), 0, SC, SC).is_ok()),
+                    (false, None) => units += 1,
+                    (false, Some(&(_, table, link))) => {
+                        if e.compare_exchange(link, 0, SC, SC).is_ok() {
+                            self.replaced_table(t, first + j, p.iova + j as u64 * size, size);
+                            units += 1;
+                        }
+                        // Unlinked here or by the overlapping unmap that got there first
+                        // (which leaves a claimed table to its claimer): retired once, here.
+                        self.note_dead(table, dead);
+                    }
+                }
+            }
+            self.sync_entries(t, first, p.n as usize);
+            self.drop_live(p.path.frames(), p.path.top(), units, p.iova, dead);
+            return Err(MapError::AlreadyMapped {
+                iova: self.ext(p.iova + k as u64 * size),
+            });
         }
         self.sync_entries(t, first, p.n as usize);
+        Ok(())
+    }
+
+    /// After the table descriptor at `idx` of `t` (covering `size` bytes from `iova`) was
+    /// replaced: no cursor may lead to the old table, and the walker forgets it.
+    fn replaced_table(&self, t: TableRef<'_>, idx: usize, iova: u64, size: u64) {
+        self.note_unlinked();
+        self.sync_entries(t, idx, 1);
+        self.flush_ops()
+            .flush_walk(self.ext(iova), size, self.config().granule().size());
+    }
+
+    /// Takes back the leaves a committed segment wrote, where they are still its own.
+    fn uncommit(&self, p: &Prepared<'_>, pa: u64, bits: u64, dead: &mut Vec<PhysAddr>) {
+        let t = p.path.last().t;
+        let first = self.index(p.iova, p.level);
+        let attrs = bits | self.leaf_type(p.level);
+        let size = self.leaf_size(p.level);
+        let units = t.entries[first..first + p.n as usize]
+            .iter()
+            .enumerate()
+            .filter(|&(k, e)| {
+                let d = attrs | desc::pack_pa(PhysAddr::new(pa + k as u64 * size));
+                e.compare_exchange(d, 0, SC, SC).is_ok()
+            })
+            .count() as u32;
+        if !self.drop_live(p.path.frames(), p.path.top(), units, p.iova, dead) {
+            self.sync_entries(t, first, p.n as usize);
+        }
     }
 
     /// Undoes a prepared segment: releases its claims and pins (freeing what that empties).
     fn abort(&self, p: &Prepared<'_>, dead: &mut Vec<PhysAddr>) {
-        for &(_, table) in &p.claimed {
+        for &(_, table, _) in &p.claimed {
             if let Some(t) = self.allocator().table(table) {
+                // Unclaimed: empty, still linked, freed by whoever empties it next.
                 t.meta.live_entries.store(0, SC);
             }
         }
@@ -1158,13 +1336,18 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         &'a self,
         iova: u64,
         r: Run,
+        from_root: bool,
         slot: &'s mut Option<Path<'a>>,
     ) -> Result<&'s Path<'a>, UnmapError> {
         let cfg = self.config();
-        // The cursor's table holds the run's leaves (the caller owns them), so it cannot be
-        // claimed under us.
-        if let Some(t) = self.cursor_get(r.level, iova) {
-            return Ok(slot.insert(Path::new(Frame { t, level: r.level })));
+        // A cursor names a table that was linked when the cursor was checked, but it may have
+        // been claimed since (emptied by others): the caller retries from the root when the
+        // cursor's table does not hold what it came to remove. A table holding the caller's
+        // leaves cannot be claimed, so a hit is final.
+        if !from_root {
+            if let Some(t) = self.cursor_get(r.level, iova) {
+                return Ok(slot.insert(Path::new(Frame { t, level: r.level })));
+            }
         }
         let epoch = self.unlink_epoch();
         let root = self.root_frame().ok_or(UnmapError::BrokenTable {
@@ -1215,7 +1398,6 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             }
         }
         let guard = self.enter();
-        let cfg = self.config();
         let size = r.size.get();
         // Check pass: every entry valid, no reserved table to remove. A run inside one leaf
         // table keeps its path for the clear pass: the leaves it holds keep the tables alive.
@@ -1224,46 +1406,32 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let (mut iova, mut left) = (r.iova, r.count);
         while left > 0 {
             let n = self.seg_len(r.level, iova, left);
-            let mut fresh = None;
-            let path = self.unmap_path(iova, r, if single { &mut kept } else { &mut fresh })?;
-            let first = self.index(iova, r.level);
-            let t = path.last().t;
-            let slots = &t.entries[first..first + n as usize];
-            let scan = if n > 1 && self.all_leaves(slots, r.level) {
-                &[]
-            } else {
-                slots
-            };
-            for (k, e) in scan.iter().enumerate() {
-                let v = e.load(SC);
-                let at = self.ext(iova + k as u64 * size);
-                match self.kind_of(r.level, v) {
-                    Kind::Invalid => return Err(UnmapError::NotMapped { iova: at }),
-                    Kind::Table => {
-                        if self
-                            .table_of(v)
-                            .is_some_and(|(sub, _)| sub.meta.reservations.load(SC) != 0)
-                        {
-                            return Err(UnmapError::ReservedTable { iova: at });
-                        }
-                    }
-                    Kind::Leaf => {}
+            let mut from_root = false;
+            loop {
+                let mut fresh = None;
+                let slot = if single { &mut kept } else { &mut fresh };
+                let path = self.unmap_path(iova, r, from_root, slot)?;
+                let cursor = path.frames()[0].pa() != self.root();
+                match self.check_segment(path.last().t, iova, n, r) {
+                    // The cursor's table may have been claimed since (see `unmap_path`).
+                    Err(UnmapError::NotMapped { .. }) if cursor => from_root = true,
+                    res => break res?,
                 }
             }
             iova += n * size;
             left -= n;
         }
-        // Clear pass.
+        // Clear pass. A run over several leaf tables walks from the root again: a cursor could
+        // name a claimed table that never held the run.
         let mut dead = Vec::new();
         let (mut iova, mut left) = (r.iova, r.count);
         let mut result = Ok(r.count * size);
         while left > 0 {
             let n = self.seg_len(r.level, iova, left);
             let mut fresh = None;
-            // Only a run inside one leaf table kept its path (and it has one segment).
             let path = match kept.as_ref() {
                 Some(p) => p,
-                None => match self.unmap_path(iova, r, &mut fresh) {
+                None => match self.unmap_path(iova, r, true, &mut fresh) {
                     Ok(p) => p,
                     Err(e) => {
                         // Only a concurrent overlapping operation (a caller bug) gets here.
@@ -1272,43 +1440,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     }
                 },
             };
-            let first = cfg.index(iova, r.level);
             let t = path.last().t;
-            let mut removed = 0u32;
-            let slots = &t.entries[first..first + n as usize];
-            let each = if n > 1 && self.clear_leaf_run(slots, r.level, iova, size, gather) {
-                removed = n as u32;
-                &[]
-            } else {
-                slots
-            };
-            for (k, e) in each.iter().enumerate() {
-                // The caller owns the run: nobody else writes these entries, so a load and a
-                // plain store do (as Linux's clear), not a locked exchange per entry.
-                let old = e.load(Ordering::Acquire);
-                e.store(0, Ordering::Release);
-                let at = self.ext(iova + k as u64 * size);
-                match self.kind_of(r.level, old) {
-                    Kind::Leaf => {
-                        self.flush_ops().add_page(gather, at, size);
-                        removed += 1;
-                    }
-                    Kind::Table => {
-                        // Linux semantics: an unmap at block size removes the table and all
-                        // it holds; it is freed after the walk flush (and the grace period).
-                        self.note_unlinked();
-                        self.sync_entries(t, first + k, 1);
-                        self.flush_ops().flush_walk(at, size, cfg.granule().size());
-                        self.collect_tables(old, r.level + 1, &mut dead);
-                        removed += 1;
-                    }
-                    Kind::Invalid => {}
-                }
-            }
+            let removed = self.clear_segment(t, iova, n, r, gather, &mut dead);
             // A table this empties is unlinked (that clean suffices); one that survives must
             // show the walker its cleared entries.
             if !self.drop_live(path.frames(), path.top(), removed, iova, &mut dead) {
-                self.sync_entries(t, first, n as usize);
+                self.sync_entries(t, self.index(iova, r.level), n as usize);
             }
             iova += n * size;
             left -= n;
@@ -1318,26 +1455,109 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         result
     }
 
-    /// Clears `slots` (a run at `level` from `iova`) if they are all leaves, in one pass, and
-    /// gathers every page; `false` (nothing done) otherwise. Out of line: bulk unmaps only.
-    #[inline(never)]
-    fn clear_leaf_run(
+    /// The check pass of a counted unmap over the `n` entries from `iova` of leaf table `t`:
+    /// every entry valid, no reserved table among them.
+    fn check_segment(&self, t: TableRef<'_>, iova: u64, n: u64, r: Run) -> Result<(), UnmapError> {
+        let size = r.size.get();
+        let first = self.index(iova, r.level);
+        let slots = t
+            .entries
+            .get(first..first + n as usize)
+            .ok_or(UnmapError::BrokenTable {
+                iova: self.ext(iova),
+                pa: t.pa,
+            })?;
+        if n > 1 && self.all_leaves(slots, r.level) {
+            return Ok(());
+        }
+        for (k, e) in slots.iter().enumerate() {
+            let v = e.load(SC);
+            let at = self.ext(iova + k as u64 * size);
+            match self.kind_of(r.level, v) {
+                Kind::Invalid => return Err(UnmapError::NotMapped { iova: at }),
+                Kind::Table => {
+                    if self
+                        .table_of(v)
+                        .is_some_and(|(sub, _)| sub.meta.reservations.load(SC) != 0)
+                    {
+                        return Err(UnmapError::ReservedTable { iova: at });
+                    }
+                }
+                Kind::Leaf => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The clear pass over the `n` checked entries from `iova` of leaf table `t`: removes each
+    /// with an exchange and returns how many this call removed (only those lower the count:
+    /// an overlapping unmap that got there first counted its own). A removed table descriptor
+    /// takes its subtree with it (Linux semantics for an unmap at block size), retired after
+    /// the walk flush.
+    fn clear_segment(
         &self,
-        slots: &[AtomicU64],
-        level: u32,
+        t: TableRef<'_>,
         iova: u64,
-        size: u64,
+        n: u64,
+        r: Run,
         gather: &mut Gather,
-    ) -> bool {
-        if !self.all_leaves(slots, level) {
-            return false;
+        dead: &mut Vec<PhysAddr>,
+    ) -> u32 {
+        let cfg = self.config();
+        let size = r.size.get();
+        let first = self.index(iova, r.level);
+        let slots = &t.entries[first..first + n as usize];
+        let mut removed = 0u32;
+        for (k, e) in slots.iter().enumerate() {
+            let mut old = e.load(SC);
+            let at = self.ext(iova + k as u64 * size);
+            loop {
+                if self.kind_of(r.level, old) == Kind::Invalid {
+                    break;
+                }
+                // SeqCst as every entry transition on a counting engine (see `unmap_leaf_once`).
+                match e.compare_exchange(old, 0, SC, SC) {
+                    Ok(_) => {
+                        removed += 1;
+                        if self.kind_of(r.level, old) == Kind::Table {
+                            self.note_unlinked();
+                            self.sync_entries(t, first + k, 1);
+                            self.flush_ops().flush_walk(at, size, cfg.granule().size());
+                            self.collect_dead(old, r.level + 1, dead);
+                        } else {
+                            self.flush_ops().add_page(gather, at, size);
+                        }
+                        break;
+                    }
+                    Err(now) => old = now,
+                }
+            }
         }
-        clear_all(slots, Ordering::Release);
-        for k in 0..slots.len() as u64 {
-            self.flush_ops()
-                .add_page(gather, self.ext(iova + k * size), size);
+        removed
+    }
+
+    /// Marks every table of the unlinked subtree under `entry` (at `level`) claimed and lists
+    /// it in `dead`, children first. A table some other operation claimed first is left to
+    /// it, with everything below it (a claimer owns the whole chain it claims), so every
+    /// table is retired exactly once; a later pin of any of them fails.
+    fn collect_dead(&self, entry: u64, level: u32, dead: &mut Vec<PhysAddr>) {
+        let pa = self.unpack(entry);
+        let Some(t) = self.allocator().table(pa) else {
+            return;
+        };
+        // SeqCst: ordered with the pins (`pin`) and claims (`try_claim`) on the same count.
+        if t.meta.live_entries.swap(DEAD, SC) == DEAD {
+            return;
         }
-        true
+        if level < 3 {
+            for e in t.entries {
+                let v = e.load(SC);
+                if self.kind_of(level, v) == Kind::Table {
+                    self.collect_dead(v, level + 1, dead);
+                }
+            }
+        }
+        dead.push(pa);
     }
 
     /// [`unmap_run_counted`](Self::unmap_run_counted) of one leaf without its two passes and
@@ -1350,35 +1570,72 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         gather: &mut Gather,
     ) -> Option<Result<u64, UnmapError>> {
         let guard = self.enter();
-        let mut kept = None;
-        let path = match self.unmap_path(r.iova, r, &mut kept) {
+        let mut dead = Vec::new();
+        let mut from_root = false;
+        let out = loop {
+            let mut kept = None;
+            match self.unmap_leaf_once(r, from_root, &mut kept, gather, &mut dead) {
+                LeafStep::Retry => from_root = true,
+                LeafStep::Done(x) => break Some(x),
+                LeafStep::Table => break None,
+            }
+        };
+        self.retire(&dead);
+        drop(guard);
+        out
+    }
+
+    /// One attempt of [`unmap_one_counted`](Self::unmap_one_counted), from the cursor's table
+    /// unless `from_root`.
+    #[inline]
+    fn unmap_leaf_once<'a>(
+        &'a self,
+        r: Run,
+        from_root: bool,
+        kept: &mut Option<Path<'a>>,
+        gather: &mut Gather,
+        dead: &mut Vec<PhysAddr>,
+    ) -> LeafStep {
+        let path = match self.unmap_path(r.iova, r, from_root, kept) {
             Ok(p) => p,
-            Err(e) => return Some(Err(e)),
+            Err(e) => return LeafStep::Done(Err(e)),
         };
         let t = path.last().t;
         let idx = self.index(r.iova, r.level);
-        let e = t.entries.get(idx)?;
+        let Some(e) = t.entries.get(idx) else {
+            return LeafStep::Done(Err(UnmapError::BrokenTable {
+                iova: self.ext(r.iova),
+                pa: t.pa,
+            }));
+        };
         let old = e.load(SC);
         match self.kind_of(r.level, old) {
-            Kind::Table => return None,
+            Kind::Table => return LeafStep::Table,
+            // A cursor may name a table claimed since it was cached (empty, or it could not
+            // have been claimed): only a walk from the root may answer "not mapped".
+            Kind::Invalid if !from_root && path.frames()[0].pa() != self.root() => {
+                return LeafStep::Retry;
+            }
             Kind::Invalid => {
-                return Some(Err(UnmapError::NotMapped {
+                return LeafStep::Done(Err(UnmapError::NotMapped {
                     iova: self.ext(r.iova),
                 }));
             }
             Kind::Leaf => {}
         }
-        // The caller owns the entry: a load and a plain store, as in the general path.
-        e.store(0, Ordering::Release);
+        // Exactly once: only the caller whose exchange removes the leaf counts it, so two
+        // overlapping unmaps of one page cannot both lower the table's count. SeqCst, as every
+        // entry transition on a counting engine: it is ordered with the count updates (pins,
+        // claims) that other threads make on the same table.
+        if e.compare_exchange(old, 0, SC, SC).is_err() {
+            return LeafStep::Retry;
+        }
         let size = r.size.get();
         self.flush_ops().add_page(gather, self.ext(r.iova), size);
-        let mut dead = Vec::new();
-        if !self.drop_live(path.frames(), path.top(), 1, r.iova, &mut dead) {
+        if !self.drop_live(path.frames(), path.top(), 1, r.iova, dead) {
             self.sync_entries(t, idx, 1);
         }
-        self.retire(&dead);
-        drop(guard);
-        Some(Ok(size))
+        LeafStep::Done(Ok(size))
     }
 
     // ---- exclusive access ----------------------------------------------------------------
@@ -1403,7 +1660,15 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             return false;
         }
         t.meta.live_entries.store(live + n, Ordering::Relaxed);
-        self.write_pinned(t, r.iova, r.level, r.count, r.pa, self.leaf_bits(prot));
+        let first = self.index(r.iova, r.level);
+        write_leaves(
+            &t.entries[first..first + r.count as usize],
+            self.leaf_bits(prot) | self.leaf_type(r.level),
+            r.pa,
+            self.leaf_size(r.level),
+            Ordering::Release,
+        );
+        self.sync_entries(t, first, r.count as usize);
         true
     }
 
@@ -1706,7 +1971,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         }
                         self.sync_seen(f.t, idx, e);
                         sub.meta.reservations.fetch_add(1, SC);
-                        sub.meta.live_entries.fetch_sub(1, SC);
+                        unpin(sub.meta, 1);
                         taken.push(spa);
                         let child = Frame {
                             t: sub,
@@ -1742,7 +2007,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                             return true;
                         }
                         if pinned {
-                            f.t.meta.live_entries.fetch_sub(1, SC);
+                            unpin(f.t.meta, 1);
                         }
                         Self::dismantle(&built, src);
                         self.counters()
@@ -1768,13 +2033,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     ) -> Result<PhysAddr, ReserveError> {
         let cfg = self.config();
         let p = src.take()?;
-        let Some(t) = self.allocator().table(p) else {
-            src.pages.push(p);
-            return Err(ReserveError::Alloc {
-                source: AllocError::UnsupportedSize {
-                    size: cfg.granule().size(),
-                },
-            });
+        let t = match crate::engine::check_page(cfg, self.allocator(), p, cfg.granule().size()) {
+            Ok(t) => t,
+            Err(source) => {
+                src.pages.push(p);
+                return Err(ReserveError::Alloc { source });
+            }
         };
         t.meta.reservations.store(1, Ordering::Relaxed);
         built.push((p, t));
@@ -1872,7 +2136,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let mut cleared = 0u32;
         // First and last entry cleared (slots come in ascending order).
         let mut span: Option<(usize, usize)> = None;
-        let mut kids: Vec<(usize, u64)> = Vec::new();
+        let mut kids: Vec<(usize, u64, PhysAddr)> = Vec::new();
         self.slots(f.level, a, b, |s, at, next| {
             let idx = cfg.index(at, f.level);
             let Some(slot) = f.t.entries.get(idx) else {
@@ -1882,8 +2146,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             match self.kind_of(f.level, e) {
                 Kind::Leaf => {
                     if let (Some(g), Some(w)) = (gather.as_deref_mut(), w) {
-                        if s >= w.start && s + bs <= w.end {
-                            slot.swap(0, SC);
+                        // Counted only if this exchange removed it (exactly once, as
+                        // `unmap_leaf_once`).
+                        if s >= w.start
+                            && s + bs <= w.end
+                            && slot.compare_exchange(e, 0, SC, SC).is_ok()
+                        {
                             span = Some(span.map_or((idx, idx), |(lo, _)| (lo, idx)));
                             self.flush_ops().add_page(g, self.ext(s), bs);
                             cleared += 1;
@@ -1891,14 +2159,14 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     }
                 }
                 Kind::Table => {
-                    if let Some((sub, _)) = self.table_of(e) {
+                    if let Some((sub, spa)) = self.table_of(e) {
                         let dec = w.is_some_and(|w| self.needs_child(w, f.level, s));
                         let child = Frame {
                             t: sub,
                             level: f.level + 1,
                         };
                         if self.collapse(child, at, next, w, gather.as_deref_mut(), dec, dead) {
-                            kids.push((idx, s));
+                            kids.push((idx, s, spa));
                         }
                     }
                 }
@@ -1907,7 +2175,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             true
         });
         if cleared > 0 {
-            f.t.meta.live_entries.fetch_sub(cleared, SC);
+            unpin(f.t.meta, cleared);
         }
         if dec_self {
             f.t.meta.reservations.fetch_sub(1, SC);
@@ -1919,11 +2187,13 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             self.note_dead(f.pa(), dead);
             return true;
         }
-        for &(idx, s) in &kids {
-            self.unlink(f, idx, s);
-        }
-        if k > 0
-            && f.t.meta.live_entries.fetch_sub(k, SC) == k
+        // Links an overlapping block unmap removed first were counted off by it.
+        let unlinked = kids
+            .iter()
+            .filter(|&&(idx, s, child)| self.unlink(f, idx, s, child))
+            .count() as u32;
+        if unlinked > 0
+            && unpin(f.t.meta, unlinked) == Some(unlinked)
             && !is_root
             && try_claim(f.t.meta, 0)
         {
