@@ -552,19 +552,28 @@ impl Config {
         self.concat_tables
     }
 
-    /// Returns the IOVA shift of `level`: `(4 - level) * bpl + 3`.
+    /// Returns the IOVA shift of `level`: `(4 - level) * bpl + 3` for the levels 0..=3, and
+    /// 64 (a shift past every address bit) for any other level.
     #[must_use]
     pub const fn level_shift(&self, level: u32) -> u32 {
+        if level > 3 {
+            return 64;
+        }
         (4 - level) * self.granule.bits_per_level() + 3
     }
 
-    /// Returns the size a leaf at `level` maps.
+    /// Returns the size a leaf at `level` maps, or 0 for a level outside 0..=3.
     #[must_use]
     pub const fn block_size(&self, level: u32) -> u64 {
-        1 << self.level_shift(level)
+        // Every granule's level 0 shift is below 64 (55 at most, with 64 KiB).
+        match 1u64.checked_shl(self.level_shift(level)) {
+            Some(size) => size,
+            None => 0,
+        }
     }
 
-    /// Returns the index of `iova` in a table at `level` (high bits beyond IAS drop out).
+    /// Returns the index of `iova` in a table at `level` (high bits beyond IAS drop out), or
+    /// 0 for a level outside 0..=3.
     #[must_use]
     pub const fn index(&self, iova: u64, level: u32) -> usize {
         let bits = if level == self.start_level {
@@ -572,7 +581,10 @@ impl Config {
         } else {
             self.granule.bits_per_level()
         };
-        ((iova >> self.level_shift(level)) & ((1u64 << bits) - 1)) as usize
+        let Some(above) = iova.checked_shr(self.level_shift(level)) else {
+            return 0;
+        };
+        (above & ((1u64 << bits) - 1)) as usize
     }
 
     /// Returns the entry count of a table at `level`.
