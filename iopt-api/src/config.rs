@@ -298,7 +298,8 @@ pub enum ConfigError {
         /// The granule.
         granule: Granule,
     },
-    /// OAS above 52 or not one of 32, 36, 40, 42, 44, 48, 52 (stage 1 and 2).
+    /// OAS above 52 or not one of 32, 36, 40, 42, 44, 48, 52 (stage 1 and 2); for Mali, no
+    /// wider than a page (12 bits or fewer; Linux accepts these, but they map nothing).
     #[error("output address size {oas} has no IPS/PS encoding")]
     BadOas {
         /// OAS after clamping.
@@ -425,7 +426,14 @@ impl Config {
         let mut pgd_bits = va_bits - bpl * (levels - 1);
         let mut concat_tables = 1;
 
-        if format != Format::Mali && ips_encoding(oas).is_none() {
+        // Mali has no IPS field: Linux takes any OAS up to 40, but one that cannot address a
+        // page beyond the first maps nothing, so it is refused here.
+        let oas_ok = if format == Format::Mali {
+            oas > pg_shift
+        } else {
+            ips_encoding(oas).is_some()
+        };
+        if !oas_ok {
             return Err(ConfigError::BadOas { oas });
         }
         match format {

@@ -112,3 +112,39 @@ proptest! {
         }
     }
 }
+
+/// Mali has no IPS encoding to reject odd output sizes with, but an output size that cannot
+/// address one page beyond the first is no configuration: a typed error, like every other
+/// format's bad OAS. Every size from a page up to Linux's limit of 40 bits stays accepted.
+#[test]
+fn mali_rejects_an_output_size_below_a_page() {
+    let mali = |ias, oas| {
+        Config::new(ConfigInput::new(
+            Format::Mali,
+            PageSizes::GRANULE_4K,
+            ias,
+            oas,
+        ))
+    };
+    for oas in 0..=12 {
+        assert_eq!(
+            mali(48, oas),
+            Err(iopt_api::ConfigError::BadOas { oas }),
+            "oas {oas}"
+        );
+    }
+    for oas in 13..=40 {
+        let cfg = mali(48, oas).unwrap();
+        assert_eq!(cfg.oas(), oas);
+    }
+    for oas in 41..=64 {
+        assert!(matches!(
+            mali(48, oas),
+            Err(iopt_api::ConfigError::FormatLimit { .. })
+        ));
+    }
+    // What the golden matrix and panfrost use.
+    for (ias, oas) in [(48, 40), (33, 40), (39, 39), (40, 36), (48, 32), (32, 32)] {
+        assert!(mali(ias, oas).is_ok(), "ias {ias} oas {oas}");
+    }
+}
