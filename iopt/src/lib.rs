@@ -72,7 +72,7 @@ pub use iopt_api::*;
 pub use iopt_lpae::{LpaeTable, SimLayout, SimMemory, SimStats, debug, desc, dirty, oracle, regs};
 
 #[cfg(feature = "alloc-ops")]
-pub use iopt_alloc_ops::{AllocOpsTable, CountPolicy, InFlightCap};
+pub use iopt_alloc_ops::{AllocOpsTable, CountPolicy, FreePolicy, InFlightCap};
 #[cfg(feature = "prealloc")]
 pub use iopt_prealloc::PreallocTable;
 
