@@ -49,7 +49,7 @@ mod table;
 pub use addr::{Iova, IovaRange, PhysAddr, RangeError};
 pub use alloc_ops::{TableAlloc, TableMeta, TableRef};
 pub use config::{Config, ConfigError, ConfigInput, Format, Granule, Quirks, ips_encoding};
-pub use dirty::{DirtyBitmap, DirtyFlags, DirtySink};
+pub use dirty::{BitmapError, DirtyBitmap, DirtyFlags, DirtySink};
 pub use error::{AllocError, DirtyError, MapError, ReserveError, UnmapError};
 pub use flush::{FlushOps, Gather, NoFlush};
 pub use prot::Prot;
