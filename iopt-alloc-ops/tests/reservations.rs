@@ -293,13 +293,14 @@ fn outside_and_unknown_reservations() {
     let forged_id = res.id();
     let theirs_id = theirs.id();
     let forged = Issuer::new(t.table_id()).issue(forged_id, r, PageSize::SZ_4K, 3, 1);
-    assert_eq!(
-        t.release(theirs, &mut Gather::new()),
-        Err(ReserveError::UnknownReservation { id: theirs_id })
-    );
+    let (theirs, why) = t
+        .release(theirs, &mut Gather::new())
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(why, ReserveError::UnknownReservation { id: theirs_id });
     t.release(res, &mut Gather::new()).unwrap();
     assert_eq!(
-        t.release(forged, &mut Gather::new()),
+        t.release(forged, &mut Gather::new()).map_err(|e| e.error()),
         Err(ReserveError::UnknownReservation { id: forged_id })
     );
     let forged = Issuer::new(t.table_id()).issue(forged_id, r, PageSize::SZ_4K, 3, 1);
@@ -309,9 +310,10 @@ fn outside_and_unknown_reservations() {
     );
     assert_eq!(t.reservation_left(&forged), None);
     t.release(batch, &mut Gather::new()).unwrap();
-    // `theirs` was consumed by the failed release above; `other` still holds its pool and
-    // returns it when dropped.
+    // The failed release above gave `theirs` back, its pool intact: `other` takes it.
     assert_eq!(other.live_reservations(), 1);
+    other.release(theirs, &mut Gather::new()).unwrap();
+    assert_eq!(other.live_reservations(), 0);
     drop(other);
     drop(t);
     assert_eq!(mem.stats().live_pages, 0);
@@ -626,7 +628,7 @@ fn many_live_reservations_and_their_copies() {
             Err(MapError::UnknownReservation { id: res.id() })
         );
         assert_eq!(
-            t.release(copy(), &mut Gather::new()),
+            t.release(copy(), &mut Gather::new()).map_err(|e| e.error()),
             Err(ReserveError::UnknownReservation { id: res.id() })
         );
         assert_eq!(t.reservation_left(&copy()), None);
@@ -647,4 +649,61 @@ fn many_live_reservations_and_their_copies() {
     }
     drop(t);
     assert_eq!(mem.stats().live_pages, 0);
+}
+
+/// A release sent to the wrong table, or with a rebuilt handle, fails and gives the handle
+/// back with the reservation intact: the right table still maps inside it without the
+/// allocator and its release returns every page.
+#[test]
+fn failed_release_returns_the_handle() {
+    let (mem_a, mem_b) = (SimMemory::new(), SimMemory::new());
+    let a = AllocOpsTable::new(full_cfg(), &mem_a).unwrap();
+    let b = AllocOpsTable::new(full_cfg(), &mem_b).unwrap();
+    let r = range(VA, 4 * M2);
+    let res = a.reserve(r, PageSize::SZ_4K).unwrap();
+    let (id, pages) = (res.id(), res.pages());
+    let before_b = (dump(&b), mem_b.stats());
+
+    let err = b.release(res, &mut Gather::new()).unwrap_err();
+    assert_eq!(err.error(), ReserveError::UnknownReservation { id });
+    assert_eq!(err.reservation().id(), id);
+    assert!(err.to_string().contains("not live on this table"), "{err}");
+    assert!(core::error::Error::source(&err).is_some());
+    assert_eq!(
+        (dump(&b), mem_b.stats()),
+        before_b,
+        "the wrong table changed"
+    );
+    let res = err.into_reservation();
+
+    // Intact on the table that issued it.
+    assert_eq!(a.reservation_left(&res), Some(pages));
+    assert_eq!(a.live_reservations(), 1);
+    assert_eq!(a.in_flight(), pages);
+    let calls = alloc_calls(&mem_a);
+    a.map_reserved(&res, r.start(), pa(0), PageSize::SZ_4K, 3, RW)
+        .unwrap();
+    assert_eq!(alloc_calls(&mem_a), calls, "the map drew on the pool");
+
+    // A rebuilt handle is refused and handed back unchanged too.
+    let forged = Issuer::new(a.table_id()).issue(id, r, PageSize::SZ_4K, pages, 1);
+    let (forged, e) = a
+        .release(forged, &mut Gather::new())
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(e, ReserveError::UnknownReservation { id });
+    assert_eq!(forged.id(), id);
+    assert_eq!(a.live_reservations(), 1);
+
+    // The right table takes it: the unused pages come back.
+    let used = mem_a.stats().live_pages;
+    let left = a.reservation_left(&res).unwrap();
+    assert!(left < pages);
+    a.release(res, &mut Gather::new()).unwrap();
+    assert_eq!(a.live_reservations(), 0);
+    assert_eq!(a.in_flight(), 0);
+    assert_eq!(mem_a.stats().live_pages, used - left as u64);
+    assert_eq!(a.stats().reserved_outstanding, 0);
+    drop(a);
+    assert_eq!(mem_a.stats().live_pages, 0);
 }

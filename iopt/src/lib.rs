@@ -295,7 +295,7 @@ impl<A: TableAlloc, F: FlushOps> Reserve for Table<A, F> {
         dispatch!(self, t => t.map_reserved(reservation, iova, pa, size, count, prot))
     }
 
-    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReserveError> {
+    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReleaseError> {
         dispatch!(self, t => t.release(reservation, gather))
     }
 
