@@ -258,7 +258,8 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
     ///
     /// # Errors
     ///
-    /// As [`Reserve::reserve`]; [`ReserveError::Range`] for an empty slice.
+    /// As [`Reserve::reserve`]; [`ReserveError::Range`] for an empty slice;
+    /// [`ReserveError::Alloc`] also when the set of ranges cannot be allocated.
     pub fn reserve_batch(
         &self,
         ranges: &[IovaRange],
@@ -268,6 +269,9 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
     }
 
     /// [`reserve_batch`](Self::reserve_batch) with an explicit policy.
+    ///
+    /// The union of `ranges` is sorted and merged once here, so a map bound to the handle
+    /// checks its bounds by binary search, whatever the batch's size.
     ///
     /// # Errors
     ///
@@ -279,7 +283,7 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
         policy: CountPolicy,
     ) -> Result<Reservation, ReserveError> {
         let n = self.count(ranges, leaf, policy)?;
-        let covers = count::union(ranges);
+        let covers = count::union(ranges)?;
         let lo = covers.first().map_or(0, |c| c.0);
         let hi = covers.last().map_or(0, |c| c.1);
         let hull = hull(lo, hi).ok_or(ReserveError::OutOfRange { range: ranges[0] })?;

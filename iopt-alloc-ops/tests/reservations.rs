@@ -707,3 +707,70 @@ fn failed_release_returns_the_handle() {
     drop(a);
     assert_eq!(mem_a.stats().live_pages, 0);
 }
+
+/// A batch over many disjoint ranges: a map inside any one of them is accepted, and one that
+/// leaves the union (before the first, between two, after the last, or straddling an edge) is
+/// refused at the first IOVA outside, the table unchanged.
+#[test]
+fn batch_bounds_over_many_ranges() {
+    let mem = SimMemory::new();
+    let t = AllocOpsTable::new(full_cfg(), &mem).unwrap();
+    // 1000 two-page ranges, one every 16 KiB, given out of order; two of them touch.
+    let n = 1000u64;
+    let at = |i: u64| VA + i * 4 * K4;
+    let mut ranges: Vec<_> = (0..n).map(|i| range(at(i), 2 * K4)).collect();
+    ranges.push(range(at(n - 1) + 2 * K4, K4)); // extends the last range to three pages
+    ranges.reverse();
+    ranges.swap(3, 700);
+    let batch = t
+        .reserve_batch_with(&ranges, PageSize::SZ_4K, CountPolicy::MsmMerged)
+        .unwrap();
+    assert_eq!(batch.range(), range(at(0), at(n - 1) + 3 * K4 - at(0)));
+    let outside = |iova: u64, count: u64, first_out: u64| {
+        let before = dump(&t);
+        assert_eq!(
+            t.map_reserved(&batch, Iova::new(iova), pa(0), PageSize::SZ_4K, count, RW),
+            Err(MapError::OutsideReservation {
+                id: batch.id(),
+                range: batch.range(),
+                iova: Iova::new(first_out)
+            }),
+            "map of {count} page(s) at {iova:#x}"
+        );
+        assert_eq!(dump(&t), before);
+    };
+    outside(at(0) - K4, 1, at(0) - K4);
+    outside(at(0) - K4, 2, at(0) - K4);
+    for i in [0, 1, 499, 998] {
+        outside(at(i) + 2 * K4, 1, at(i) + 2 * K4); // the gap after range i
+        outside(at(i) + 3 * K4, 1, at(i) + 3 * K4);
+        outside(at(i) + K4, 2, at(i) + 2 * K4); // straddles its end
+        outside(at(i), 4, at(i) + 2 * K4); // covers the gap up to the next range
+    }
+    outside(at(n - 1) + 3 * K4, 1, at(n - 1) + 3 * K4);
+    outside(at(n - 1) + K4, 3, at(n - 1) + 3 * K4);
+    outside(at(n + 100), 1, at(n + 100));
+    // Inside: every range, both pages, the merged tail's three.
+    for i in (0..n).rev() {
+        t.map_reserved(
+            &batch,
+            Iova::new(at(i)),
+            pa(i * 2 * K4),
+            PageSize::SZ_4K,
+            2,
+            RW,
+        )
+        .unwrap();
+    }
+    t.map_reserved(
+        &batch,
+        Iova::new(at(n - 1) + 2 * K4),
+        pa(0),
+        PageSize::SZ_4K,
+        1,
+        RW,
+    )
+    .unwrap();
+    assert_eq!(leaves(&t).len() as u64, 2 * n + 1);
+    t.release(batch, &mut Gather::new()).unwrap();
+}
