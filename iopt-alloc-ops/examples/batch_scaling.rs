@@ -34,7 +34,7 @@ fn per_map(cfg: Config, n: u64, order: &[u64]) -> Result<f64, Box<dyn std::error
             Prot::READ,
         )?;
     }
-    let ns = start.elapsed().as_nanos() as f64 / n as f64;
+    let ns = start.elapsed().as_secs_f64() * 1e9 / f64::from(u32::try_from(n)?);
     t.release(res, &mut Gather::new())?;
     Ok(ns)
 }

@@ -356,6 +356,16 @@ fn leaf_levels(sizes: u64, start_level: u32, bpl: u32) -> [u8; 64] {
     out
 }
 
+/// Whether a (clamped) output size is one `format` can use: one with an IPS/PS encoding, or
+/// for Mali, which has no such field (Linux takes any OAS up to 40), one wider than a page, as
+/// a narrower one maps nothing but the first page.
+const fn oas_usable(format: Format, oas: u32, pg_shift: u32) -> bool {
+    match format {
+        Format::Mali => oas > pg_shift,
+        _ => ips_encoding(oas).is_some(),
+    }
+}
+
 impl Config {
     /// Validates `input` and derives the geometry the way Linux does for `input.format`.
     ///
@@ -426,14 +436,7 @@ impl Config {
         let mut pgd_bits = va_bits - bpl * (levels - 1);
         let mut concat_tables = 1;
 
-        // Mali has no IPS field: Linux takes any OAS up to 40, but one that cannot address a
-        // page beyond the first maps nothing, so it is refused here.
-        let oas_ok = if format == Format::Mali {
-            oas > pg_shift
-        } else {
-            ips_encoding(oas).is_some()
-        };
-        if !oas_ok {
+        if !oas_usable(format, oas, pg_shift) {
             return Err(ConfigError::BadOas { oas });
         }
         match format {

@@ -340,7 +340,6 @@ impl ReleaseError {
     }
 
     /// Returns the handle, still live on the table that issued it.
-    #[must_use]
     pub const fn reservation(&self) -> &Reservation {
         &self.reservation
     }
