@@ -18,8 +18,8 @@ use crate::env::{Device, Hooked};
 use crate::lane::{Build, Design, LaneSpec, Subject};
 use iopt_api::{
     AllocError, Config, FlushOps, Gather, Granule, IoPageTable, Iova, IovaRange, MapError,
-    PageSize, PhysAddr, Prot, Registers, Reservation, Reserve, ReserveError, Stats, TableAlloc,
-    TableRef, Translation, UnmapError, WalkItem,
+    PageSize, PhysAddr, Prot, Registers, ReleaseError, Reservation, Reserve, ReserveError, Stats,
+    TableAlloc, TableRef, Translation, UnmapError, WalkItem,
 };
 use iopt_lpae::desc::Kind;
 use std::sync::Arc;
@@ -196,7 +196,7 @@ impl Reserve for Tamper {
         )
     }
 
-    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReserveError> {
+    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReleaseError> {
         self.inner.release(reservation, gather)
     }
 

@@ -194,7 +194,12 @@ pub fn derive(i: &ConfigInput) -> Result<Geometry, ConfigError> {
     let mut start = 4 - levels;
     let mut pgd_bits = va - bpl * (levels - 1);
     let mut concat = 1;
-    if i.format != Format::Mali && ips(oas).is_none() {
+    let oas_ok = if i.format == Format::Mali {
+        oas > pg_shift
+    } else {
+        ips(oas).is_some()
+    };
+    if !oas_ok {
         return Err(ConfigError::BadOas { oas });
     }
     match i.format {

@@ -739,7 +739,9 @@ impl Lane {
                     }
                     Handle::Dead(r) => (forge(r), r.id()),
                 };
-                let got = t.release(r, &mut self.gather);
+                // The model knows the reason only; a refused handle (a forged or dead one
+                // here) is dropped with the error.
+                let got = t.release(r, &mut self.gather).map_err(|e| e.error());
                 let want = self.model.as_mut().map(|m| m.release(id));
                 (
                     format!("{got:?}"),

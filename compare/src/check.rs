@@ -42,8 +42,8 @@
 
 use crate::model::{Model, ReservePolicy};
 use iopt_api::{
-    Gather, IoPageTable, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, Reservation, Reserve,
-    ReserveError, UnmapError, WalkItem,
+    Gather, IoPageTable, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, ReleaseError,
+    Reservation, Reserve, ReserveError, UnmapError, WalkItem,
 };
 use iopt_lpae::SimMemory;
 use iopt_lpae::oracle::{Access, Walker};
@@ -381,11 +381,12 @@ impl Checker {
         table: &T,
         mem: &SimMemory,
         id: u64,
-        got: &Result<(), ReserveError>,
+        got: &Result<(), ReleaseError>,
     ) -> CheckResult<()> {
         let call = Call::Release { res: id };
         let want = self.model.release(id);
-        if *got != want {
+        let got = got.as_ref().map(|&()| ()).map_err(ReleaseError::error);
+        if got != want {
             return Err(self.diverge(
                 call,
                 "release result",
@@ -733,7 +734,7 @@ impl<'a, T: Reserve + ?Sized> CheckedTable<'a, T> {
     /// # Errors
     ///
     /// A divergence; otherwise `Ok` with the backend's result.
-    pub fn release(&mut self, res: Reservation) -> CheckResult<Result<(), ReserveError>> {
+    pub fn release(&mut self, res: Reservation) -> CheckResult<Result<(), ReleaseError>> {
         let id = res.id();
         let got = self.table.release(res, &mut Gather::new());
         self.checker.release(self.table, self.mem, id, &got)?;

@@ -12,7 +12,7 @@ use compare::workload::{Kind, Params, generate};
 use iopt_alloc_ops::AllocOpsTable;
 use iopt_api::{
     Config, Gather, IoPageTable, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, Registers,
-    Reservation, Reserve, ReserveError, Stats, Translation, UnmapError, WalkItem,
+    ReleaseError, Reservation, Reserve, ReserveError, Stats, Translation, UnmapError, WalkItem,
 };
 use iopt_lpae::SimMemory;
 use std::sync::Arc;
@@ -119,7 +119,7 @@ impl Reserve for Faulty {
             _ => self.inner.map_reserved(r, iova, pa, size, count, prot),
         }
     }
-    fn release(&self, r: Reservation, gather: &mut Gather) -> Result<(), ReserveError> {
+    fn release(&self, r: Reservation, gather: &mut Gather) -> Result<(), ReleaseError> {
         self.inner.release(r, gather)
     }
     fn pages_needed(&self, range: IovaRange, leaf: PageSize) -> Result<usize, ReserveError> {

@@ -6,7 +6,7 @@
 //! ([`Engine::pages_needed`](iopt_lpae::Engine::pages_needed)).
 
 use alloc::vec::Vec;
-use iopt_api::{Config, Iova, IovaRange, PageSize, RangeError, ReserveError};
+use iopt_api::{AllocError, Config, Iova, IovaRange, PageSize, RangeError, ReserveError};
 
 /// msm's in-flight cap (commit b74fae5492d1): 1024 pre-allocated pages per VM.
 pub const MSM_CAP_PAGES: usize = 1024;
@@ -217,39 +217,55 @@ pub fn unmap_block(cfg: &Config) -> Option<u64> {
     leaf_table_span(cfg, cfg.leaf_level(smallest)?)
 }
 
-/// Sorts and merges ranges that overlap or touch: the set of IOVAs a batch reservation covers.
-pub(crate) fn union(ranges: &[IovaRange]) -> Vec<(u64, u64)> {
-    let mut v: Vec<(u64, u64)> = ranges
-        .iter()
-        .map(|r| (r.start().get(), r.last().get()))
-        .collect();
+/// Sorts and merges ranges that overlap or touch: the set of IOVAs a batch reservation covers,
+/// built once when the reservation is made, so each map's bounds check is a binary search.
+///
+/// # Errors
+///
+/// [`AllocError::OutOfMemory`] (with the bytes of one interval and the ranges' count) when the
+/// set cannot be allocated: the allocation is fallible, as a batch may hold many ranges.
+pub(crate) fn union(ranges: &[IovaRange]) -> Result<Vec<(u64, u64)>, AllocError> {
+    let mut v: Vec<(u64, u64)> = Vec::new();
+    v.try_reserve_exact(ranges.len())
+        .map_err(|_| AllocError::OutOfMemory {
+            size: core::mem::size_of::<(u64, u64)>() as u64,
+            count: ranges.len(),
+        })?;
+    v.extend(ranges.iter().map(|r| (r.start().get(), r.last().get())));
     v.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
-    for (s, l) in v {
-        match out.last_mut() {
-            Some((_, last)) if s <= last.saturating_add(1) => *last = (*last).max(l),
-            _ => out.push((s, l)),
+    // Merge in place: `v[..kept]` is the merged prefix.
+    let mut kept = 0;
+    for i in 0..v.len() {
+        let (s, l) = v[i];
+        if kept > 0 && s <= v[kept - 1].1.saturating_add(1) {
+            v[kept - 1].1 = v[kept - 1].1.max(l);
+        } else {
+            v[kept] = (s, l);
+            kept += 1;
         }
     }
-    out
+    v.truncate(kept);
+    v.shrink_to_fit();
+    Ok(v)
 }
 
-/// Returns the first IOVA of `[start, last]` that no interval of `set` (sorted, merged) covers.
+/// Returns the first IOVA of `[start, last]` that no interval of `set` covers. `set` is sorted
+/// and merged (as [`union`] builds it: no two intervals overlap or touch), so the run is
+/// covered exactly when one interval holds both ends: a binary search, O(log n).
 pub(crate) fn first_uncovered(set: &[(u64, u64)], start: u64, last: u64) -> Option<u64> {
-    let mut at = start;
-    for &(s, l) in set {
-        if l < at {
-            continue;
-        }
-        if s > at {
-            return Some(at);
-        }
-        if l >= last {
-            return None;
-        }
-        at = l + 1;
+    // The last interval starting at or before `start`.
+    let Some(i) = set.partition_point(|&(s, _)| s <= start).checked_sub(1) else {
+        return Some(start);
+    };
+    let (_, l) = set[i];
+    if l < start {
+        Some(start)
+    } else if l >= last {
+        None
+    } else {
+        // `l < last`, so no overflow; the next interval starts past `l + 1` (merged).
+        Some(l + 1)
     }
-    Some(at)
 }
 
 #[cfg(test)]
@@ -262,16 +278,61 @@ mod tests {
 
     #[test]
     fn union_and_coverage() {
-        let set = union(&[r(0x3000, 0x1000), r(0x1000, 0x1000), r(0x2000, 0x1000)]);
+        let set = union(&[r(0x3000, 0x1000), r(0x1000, 0x1000), r(0x2000, 0x1000)]).unwrap();
         assert_eq!(set, [(0x1000, 0x3fff)]);
         assert_eq!(first_uncovered(&set, 0x1000, 0x3fff), None);
         assert_eq!(first_uncovered(&set, 0x1000, 0x4fff), Some(0x4000));
         assert_eq!(first_uncovered(&set, 0x0, 0x1fff), Some(0));
-        let set = union(&[r(0x1000, 0x1000), r(0x5000, 0x1000)]);
+        let set = union(&[r(0x1000, 0x1000), r(0x5000, 0x1000)]).unwrap();
         assert_eq!(set.len(), 2);
         assert_eq!(first_uncovered(&set, 0x1000, 0x5fff), Some(0x2000));
         assert_eq!(first_uncovered(&set, 0x5000, 0x5fff), None);
-        let top = union(&[r(u64::MAX - 0xfff, 0x1000)]);
+        let top = union(&[r(u64::MAX - 0xfff, 0x1000)]).unwrap();
         assert_eq!(first_uncovered(&top, u64::MAX - 0xfff, u64::MAX), None);
+    }
+
+    /// The linear scan the binary search replaced: the reference.
+    fn first_uncovered_scan(set: &[(u64, u64)], start: u64, last: u64) -> Option<u64> {
+        let mut at = start;
+        for &(s, l) in set {
+            if l < at {
+                continue;
+            }
+            if s > at {
+                return Some(at);
+            }
+            if l >= last {
+                return None;
+            }
+            at = l + 1;
+        }
+        Some(at)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn binary_search_agrees_with_the_scan(
+            raw in proptest::collection::vec((0u64..64, 1u64..8), 0..12),
+            top in proptest::bool::ANY,
+            start in 0u64..80,
+            len in 1u64..24,
+        ) {
+            // Small units scaled to pages; optionally shifted to the top of the space.
+            let base = if top { u64::MAX - (128 << 12) + 1 } else { 0 };
+            let ranges: Vec<IovaRange> = raw
+                .iter()
+                .map(|&(s, n)| r(base + (s << 12), n << 12))
+                .collect();
+            let set = union(&ranges).unwrap();
+            for w in set.windows(2) {
+                proptest::prop_assert!(w[0].1.saturating_add(1) < w[1].0, "merged: {:x?}", set);
+            }
+            let first = base + (start << 12);
+            let last = first + (len << 12) - 1;
+            proptest::prop_assert_eq!(
+                first_uncovered(&set, first, last),
+                first_uncovered_scan(&set, first, last)
+            );
+        }
     }
 }

@@ -8,7 +8,7 @@ use core::sync::atomic::Ordering::Relaxed;
 use core::sync::atomic::{AtomicU64, AtomicUsize};
 use iopt_api::{
     AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, NoFlush, PageSize,
-    PhysAddr, Prot, RangeError, Reservation, Reserve, ReserveError, TableAlloc,
+    PhysAddr, Prot, RangeError, ReleaseError, Reservation, Reserve, ReserveError, TableAlloc,
 };
 use iopt_lpae::refcount::Policy;
 use iopt_lpae::{Engine, split_range};
@@ -258,7 +258,8 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
     ///
     /// # Errors
     ///
-    /// As [`Reserve::reserve`]; [`ReserveError::Range`] for an empty slice.
+    /// As [`Reserve::reserve`]; [`ReserveError::Range`] for an empty slice;
+    /// [`ReserveError::Alloc`] also when the set of ranges cannot be allocated.
     pub fn reserve_batch(
         &self,
         ranges: &[IovaRange],
@@ -268,6 +269,9 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
     }
 
     /// [`reserve_batch`](Self::reserve_batch) with an explicit policy.
+    ///
+    /// The union of `ranges` is sorted and merged once here, so a map bound to the handle
+    /// checks its bounds by binary search, whatever the batch's size.
     ///
     /// # Errors
     ///
@@ -279,7 +283,7 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
         policy: CountPolicy,
     ) -> Result<Reservation, ReserveError> {
         let n = self.count(ranges, leaf, policy)?;
-        let covers = count::union(ranges);
+        let covers = count::union(ranges)?;
         let lo = covers.first().map_or(0, |c| c.0);
         let hi = covers.last().map_or(0, |c| c.1);
         let hull = hull(lo, hi).ok_or(ReserveError::OutOfRange { range: ranges[0] })?;
@@ -530,17 +534,20 @@ impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
     /// Returns the unused pages with one [`TableAlloc::free_bulk`] call (none if all were
     /// used). Tables made from the pool stay in the tree: Design 1 frees tables only where
     /// Linux does. `gather` is untouched.
-    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReserveError> {
+    ///
+    /// A refused release (a handle of another table, or a rebuilt one) touches nothing and
+    /// gives the handle back.
+    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReleaseError> {
         let _ = gather;
         let unknown = ReserveError::UnknownReservation {
             id: reservation.id(),
         };
         if self.issuer.word(&reservation).is_none() {
-            return Err(unknown);
+            return Err(ReleaseError::new(reservation, unknown));
         }
-        let pool = {
-            let mut pools = self.pools.lock();
-            pools.remove(&reservation.id()).ok_or(unknown)?
+        let pool = self.pools.lock().remove(&reservation.id());
+        let Some(pool) = pool else {
+            return Err(ReleaseError::new(reservation, unknown));
         };
         let n = pool.pages.len() as u64;
         let c = self.engine.counters();

@@ -293,13 +293,14 @@ fn outside_and_unknown_reservations() {
     let forged_id = res.id();
     let theirs_id = theirs.id();
     let forged = Issuer::new(t.table_id()).issue(forged_id, r, PageSize::SZ_4K, 3, 1);
-    assert_eq!(
-        t.release(theirs, &mut Gather::new()),
-        Err(ReserveError::UnknownReservation { id: theirs_id })
-    );
+    let (theirs, why) = t
+        .release(theirs, &mut Gather::new())
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(why, ReserveError::UnknownReservation { id: theirs_id });
     t.release(res, &mut Gather::new()).unwrap();
     assert_eq!(
-        t.release(forged, &mut Gather::new()),
+        t.release(forged, &mut Gather::new()).map_err(|e| e.error()),
         Err(ReserveError::UnknownReservation { id: forged_id })
     );
     let forged = Issuer::new(t.table_id()).issue(forged_id, r, PageSize::SZ_4K, 3, 1);
@@ -309,9 +310,10 @@ fn outside_and_unknown_reservations() {
     );
     assert_eq!(t.reservation_left(&forged), None);
     t.release(batch, &mut Gather::new()).unwrap();
-    // `theirs` was consumed by the failed release above; `other` still holds its pool and
-    // returns it when dropped.
+    // The failed release above gave `theirs` back, its pool intact: `other` takes it.
     assert_eq!(other.live_reservations(), 1);
+    other.release(theirs, &mut Gather::new()).unwrap();
+    assert_eq!(other.live_reservations(), 0);
     drop(other);
     drop(t);
     assert_eq!(mem.stats().live_pages, 0);
@@ -626,7 +628,7 @@ fn many_live_reservations_and_their_copies() {
             Err(MapError::UnknownReservation { id: res.id() })
         );
         assert_eq!(
-            t.release(copy(), &mut Gather::new()),
+            t.release(copy(), &mut Gather::new()).map_err(|e| e.error()),
             Err(ReserveError::UnknownReservation { id: res.id() })
         );
         assert_eq!(t.reservation_left(&copy()), None);
@@ -647,4 +649,128 @@ fn many_live_reservations_and_their_copies() {
     }
     drop(t);
     assert_eq!(mem.stats().live_pages, 0);
+}
+
+/// A release sent to the wrong table, or with a rebuilt handle, fails and gives the handle
+/// back with the reservation intact: the right table still maps inside it without the
+/// allocator and its release returns every page.
+#[test]
+fn failed_release_returns_the_handle() {
+    let (mem_a, mem_b) = (SimMemory::new(), SimMemory::new());
+    let a = AllocOpsTable::new(full_cfg(), &mem_a).unwrap();
+    let b = AllocOpsTable::new(full_cfg(), &mem_b).unwrap();
+    let r = range(VA, 4 * M2);
+    let res = a.reserve(r, PageSize::SZ_4K).unwrap();
+    let (id, pages) = (res.id(), res.pages());
+    let before_b = (dump(&b), mem_b.stats());
+
+    let err = b.release(res, &mut Gather::new()).unwrap_err();
+    assert_eq!(err.error(), ReserveError::UnknownReservation { id });
+    assert_eq!(err.reservation().id(), id);
+    assert!(err.to_string().contains("not live on this table"), "{err}");
+    assert!(core::error::Error::source(&err).is_some());
+    assert_eq!(
+        (dump(&b), mem_b.stats()),
+        before_b,
+        "the wrong table changed"
+    );
+    let res = err.into_reservation();
+
+    // Intact on the table that issued it.
+    assert_eq!(a.reservation_left(&res), Some(pages));
+    assert_eq!(a.live_reservations(), 1);
+    assert_eq!(a.in_flight(), pages);
+    let calls = alloc_calls(&mem_a);
+    a.map_reserved(&res, r.start(), pa(0), PageSize::SZ_4K, 3, RW)
+        .unwrap();
+    assert_eq!(alloc_calls(&mem_a), calls, "the map drew on the pool");
+
+    // A rebuilt handle is refused and handed back unchanged too.
+    let forged = Issuer::new(a.table_id()).issue(id, r, PageSize::SZ_4K, pages, 1);
+    let (forged, e) = a
+        .release(forged, &mut Gather::new())
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(e, ReserveError::UnknownReservation { id });
+    assert_eq!(forged.id(), id);
+    assert_eq!(a.live_reservations(), 1);
+
+    // The right table takes it: the unused pages come back.
+    let used = mem_a.stats().live_pages;
+    let left = a.reservation_left(&res).unwrap();
+    assert!(left < pages);
+    a.release(res, &mut Gather::new()).unwrap();
+    assert_eq!(a.live_reservations(), 0);
+    assert_eq!(a.in_flight(), 0);
+    assert_eq!(mem_a.stats().live_pages, used - left as u64);
+    assert_eq!(a.stats().reserved_outstanding, 0);
+    drop(a);
+    assert_eq!(mem_a.stats().live_pages, 0);
+}
+
+/// A batch over many disjoint ranges: a map inside any one of them is accepted, and one that
+/// leaves the union (before the first, between two, after the last, or straddling an edge) is
+/// refused at the first IOVA outside, the table unchanged.
+#[test]
+fn batch_bounds_over_many_ranges() {
+    let mem = SimMemory::new();
+    let t = AllocOpsTable::new(full_cfg(), &mem).unwrap();
+    // 1000 two-page ranges, one every 16 KiB, given out of order; two of them touch.
+    let n = 1000u64;
+    let at = |i: u64| VA + i * 4 * K4;
+    let mut ranges: Vec<_> = (0..n).map(|i| range(at(i), 2 * K4)).collect();
+    ranges.push(range(at(n - 1) + 2 * K4, K4)); // extends the last range to three pages
+    ranges.reverse();
+    ranges.swap(3, 700);
+    let batch = t
+        .reserve_batch_with(&ranges, PageSize::SZ_4K, CountPolicy::MsmMerged)
+        .unwrap();
+    assert_eq!(batch.range(), range(at(0), at(n - 1) + 3 * K4 - at(0)));
+    let outside = |iova: u64, count: u64, first_out: u64| {
+        let before = dump(&t);
+        assert_eq!(
+            t.map_reserved(&batch, Iova::new(iova), pa(0), PageSize::SZ_4K, count, RW),
+            Err(MapError::OutsideReservation {
+                id: batch.id(),
+                range: batch.range(),
+                iova: Iova::new(first_out)
+            }),
+            "map of {count} page(s) at {iova:#x}"
+        );
+        assert_eq!(dump(&t), before);
+    };
+    outside(at(0) - K4, 1, at(0) - K4);
+    outside(at(0) - K4, 2, at(0) - K4);
+    for i in [0, 1, 499, 998] {
+        outside(at(i) + 2 * K4, 1, at(i) + 2 * K4); // the gap after range i
+        outside(at(i) + 3 * K4, 1, at(i) + 3 * K4);
+        outside(at(i) + K4, 2, at(i) + 2 * K4); // straddles its end
+        outside(at(i), 4, at(i) + 2 * K4); // covers the gap up to the next range
+    }
+    outside(at(n - 1) + 3 * K4, 1, at(n - 1) + 3 * K4);
+    outside(at(n - 1) + K4, 3, at(n - 1) + 3 * K4);
+    outside(at(n + 100), 1, at(n + 100));
+    // Inside: every range, both pages, the merged tail's three.
+    for i in (0..n).rev() {
+        t.map_reserved(
+            &batch,
+            Iova::new(at(i)),
+            pa(i * 2 * K4),
+            PageSize::SZ_4K,
+            2,
+            RW,
+        )
+        .unwrap();
+    }
+    t.map_reserved(
+        &batch,
+        Iova::new(at(n - 1) + 2 * K4),
+        pa(0),
+        PageSize::SZ_4K,
+        1,
+        RW,
+    )
+    .unwrap();
+    assert_eq!(leaves(&t).len() as u64, 2 * n + 1);
+    t.release(batch, &mut Gather::new()).unwrap();
 }

@@ -298,7 +298,8 @@ pub enum ConfigError {
         /// The granule.
         granule: Granule,
     },
-    /// OAS above 52 or not one of 32, 36, 40, 42, 44, 48, 52 (stage 1 and 2).
+    /// OAS above 52 or not one of 32, 36, 40, 42, 44, 48, 52 (stage 1 and 2); for Mali, no
+    /// wider than a page (12 bits or fewer; Linux accepts these, but they map nothing).
     #[error("output address size {oas} has no IPS/PS encoding")]
     BadOas {
         /// OAS after clamping.
@@ -353,6 +354,16 @@ fn leaf_levels(sizes: u64, start_level: u32, bpl: u32) -> [u8; 64] {
         }
     }
     out
+}
+
+/// Whether a (clamped) output size is one `format` can use: one with an IPS/PS encoding, or
+/// for Mali, which has no such field (Linux takes any OAS up to 40), one wider than a page, as
+/// a narrower one maps nothing but the first page.
+const fn oas_usable(format: Format, oas: u32, pg_shift: u32) -> bool {
+    match format {
+        Format::Mali => oas > pg_shift,
+        _ => ips_encoding(oas).is_some(),
+    }
 }
 
 impl Config {
@@ -425,7 +436,7 @@ impl Config {
         let mut pgd_bits = va_bits - bpl * (levels - 1);
         let mut concat_tables = 1;
 
-        if format != Format::Mali && ips_encoding(oas).is_none() {
+        if !oas_usable(format, oas, pg_shift) {
             return Err(ConfigError::BadOas { oas });
         }
         match format {
@@ -552,19 +563,28 @@ impl Config {
         self.concat_tables
     }
 
-    /// Returns the IOVA shift of `level`: `(4 - level) * bpl + 3`.
+    /// Returns the IOVA shift of `level`: `(4 - level) * bpl + 3` for the levels 0..=3, and
+    /// 64 (a shift past every address bit) for any other level.
     #[must_use]
     pub const fn level_shift(&self, level: u32) -> u32 {
+        if level > 3 {
+            return 64;
+        }
         (4 - level) * self.granule.bits_per_level() + 3
     }
 
-    /// Returns the size a leaf at `level` maps.
+    /// Returns the size a leaf at `level` maps, or 0 for a level outside 0..=3.
     #[must_use]
     pub const fn block_size(&self, level: u32) -> u64 {
-        1 << self.level_shift(level)
+        // Every granule's level 0 shift is below 64 (55 at most, with 64 KiB).
+        match 1u64.checked_shl(self.level_shift(level)) {
+            Some(size) => size,
+            None => 0,
+        }
     }
 
-    /// Returns the index of `iova` in a table at `level` (high bits beyond IAS drop out).
+    /// Returns the index of `iova` in a table at `level` (high bits beyond IAS drop out), or
+    /// 0 for a level outside 0..=3.
     #[must_use]
     pub const fn index(&self, iova: u64, level: u32) -> usize {
         let bits = if level == self.start_level {
@@ -572,7 +592,10 @@ impl Config {
         } else {
             self.granule.bits_per_level()
         };
-        ((iova >> self.level_shift(level)) & ((1u64 << bits) - 1)) as usize
+        let Some(above) = iova.checked_shr(self.level_shift(level)) else {
+            return 0;
+        };
+        (above & ((1u64 << bits) - 1)) as usize
     }
 
     /// Returns the entry count of a table at `level`.

@@ -4,7 +4,7 @@
 //! operation changed nothing: no descriptor, no table page, no allocator state. The enums are
 //! `Clone + Eq` so the harness can assert that two backends fail identically.
 
-use crate::{Iova, IovaRange, PageSize, PhysAddr, Prot, RangeError};
+use crate::{Iova, IovaRange, PageSize, PhysAddr, Prot, RangeError, Reservation};
 
 /// The caller's allocator could not supply table memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -306,6 +306,63 @@ impl From<AllocError> for ReserveError {
 impl From<RangeError> for ReserveError {
     fn from(source: RangeError) -> Self {
         ReserveError::Range { source }
+    }
+}
+
+/// Why a [`Reserve::release`](crate::Reserve::release) was refused, with the handle given
+/// back.
+///
+/// Nothing was changed: a handle the table did not issue (another table's) is still live on
+/// the table that did, and can be released there with [`into_reservation`](Self::into_reservation).
+/// Not `Clone`, as the handle it carries is not.
+///
+/// ```
+/// use iopt_api::{Iova, IovaRange, Issuer, PageSize, ReleaseError, ReserveError};
+/// let range = IovaRange::new(Iova::new(0x10_0000), 0x1000, 0x1000)?;
+/// let r = Issuer::new(1).issue(3, range, PageSize::SZ_4K, 2, 0);
+/// let e = ReleaseError::new(r, ReserveError::UnknownReservation { id: 3 });
+/// assert_eq!(e.error(), ReserveError::UnknownReservation { id: 3 });
+/// assert_eq!(e.to_string(), "release refused: reservation #3 is not live on this table");
+/// let r = e.into_reservation();
+/// assert_eq!(r.pages(), 2);
+/// # drop(r);
+/// # Ok::<(), iopt_api::RangeError>(())
+/// ```
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("release refused: {error}")]
+#[must_use = "a failed release gives back a handle that still holds table pages"]
+#[non_exhaustive]
+pub struct ReleaseError {
+    reservation: Reservation,
+    #[source]
+    error: ReserveError,
+}
+
+impl ReleaseError {
+    /// The refusal of `reservation`'s release for `error`.
+    pub const fn new(reservation: Reservation, error: ReserveError) -> Self {
+        Self { reservation, error }
+    }
+
+    /// Returns why the release was refused.
+    #[must_use]
+    pub const fn error(&self) -> ReserveError {
+        self.error
+    }
+
+    /// Returns the handle, still live on the table that issued it.
+    pub const fn reservation(&self) -> &Reservation {
+        &self.reservation
+    }
+
+    /// Gives the handle back, to release it where it belongs.
+    pub fn into_reservation(self) -> Reservation {
+        self.reservation
+    }
+
+    /// Splits into the handle and the reason.
+    pub fn into_parts(self) -> (Reservation, ReserveError) {
+        (self.reservation, self.error)
     }
 }
 

@@ -9,8 +9,8 @@
 //! - [`Config`]: a configuration validated and derived exactly as Linux does (granule choice,
 //!   page-size restriction, IAS/OAS clamps, levels, start level, root size, stage-2
 //!   concatenation, Mali's four levels);
-//! - typed errors ([`MapError`], [`UnmapError`], [`ReserveError`], [`ConfigError`],
-//!   [`AllocError`]): `#[non_exhaustive]`, data in every variant, `Clone + Eq`;
+//! - typed errors ([`MapError`], [`UnmapError`], [`ReserveError`], [`ReleaseError`],
+//!   [`ConfigError`], [`AllocError`]): `#[non_exhaustive]`, data in every variant, `Clone + Eq`;
 //! - the traits: [`IoPageTable`] (map, unmap, lookup, walk, registers, statistics),
 //!   [`Reserve`] (reservations ahead of asynchronous binds), [`TableAlloc`] (the caller's
 //!   allocator) and [`FlushOps`] with [`Gather`] (invalidations).
@@ -49,8 +49,8 @@ mod table;
 pub use addr::{Iova, IovaRange, PhysAddr, RangeError};
 pub use alloc_ops::{TableAlloc, TableMeta, TableRef};
 pub use config::{Config, ConfigError, ConfigInput, Format, Granule, Quirks, ips_encoding};
-pub use dirty::{DirtyBitmap, DirtyFlags, DirtySink};
-pub use error::{AllocError, DirtyError, MapError, ReserveError, UnmapError};
+pub use dirty::{BitmapError, DirtyBitmap, DirtyFlags, DirtySink};
+pub use error::{AllocError, DirtyError, MapError, ReleaseError, ReserveError, UnmapError};
 pub use flush::{FlushOps, Gather, NoFlush};
 pub use prot::Prot;
 pub use size::{PageSize, PageSizes};

@@ -1,8 +1,8 @@
 //! The traits every backend implements, and the values they return.
 
 use crate::{
-    Config, DirtyError, Gather, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, ReserveError,
-    UnmapError,
+    Config, DirtyError, Gather, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, ReleaseError,
+    ReserveError, UnmapError,
 };
 use core::fmt;
 
@@ -419,7 +419,8 @@ pub trait IoPageTable: Send + Sync {
 
 /// A reservation of table pages for future maps in a range.
 ///
-/// Returned by [`Reserve::reserve`] and consumed by [`Reserve::release`]; dropping it without
+/// Returned by [`Reserve::reserve`] and consumed by a successful [`Reserve::release`] (a
+/// refused one gives it back in the [`ReleaseError`]); dropping it without
 /// releasing keeps its pages held until the table is dropped, which is almost always a bug,
 /// hence `#[must_use]`.
 ///
@@ -635,10 +636,12 @@ pub trait Reserve: IoPageTable {
     ///
     /// # Errors
     ///
-    /// [`ReserveError::UnknownReservation`] for a handle this table did not issue (another
-    /// table's, or one rebuilt from a released handle's fields); [`ReserveError::StillMapped`] where the backend refuses to drop mappings.
-    /// On error the handle is returned inside the error's data where possible; nothing changed.
-    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReserveError>;
+    /// A [`ReleaseError`] that gives the handle back, with [`ReserveError::UnknownReservation`]
+    /// for a handle this table did not issue (another table's, or one rebuilt from a released
+    /// handle's fields), or [`ReserveError::StillMapped`] where the backend refuses to drop
+    /// mappings. Nothing changed: the handle is as live as it was, so one sent to the wrong
+    /// table can still be released on its own.
+    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReleaseError>;
 
     /// Returns exactly how many table pages a map of `range` with leaves of `leaf` would
     /// allocate against the current tree.

@@ -13,7 +13,7 @@ use crate::engine::Engine;
 use core::sync::atomic::Ordering;
 use iopt_api::{DirtyError, FlushOps, Format, Gather, Iova, IovaRange, TableAlloc};
 
-pub use iopt_api::{DirtyBitmap, DirtyFlags, DirtySink};
+pub use iopt_api::{BitmapError, DirtyBitmap, DirtyFlags, DirtySink};
 
 /// A leaf found by the range walk: where its descriptor lives and what it maps.
 struct LeafAt<'a> {

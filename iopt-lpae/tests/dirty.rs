@@ -72,7 +72,7 @@ fn device_writes_are_what_is_reported() {
     for iova in [0x40_1008u64, 0x40_1ff0, 0x40_3000, 0x7f_fff8] {
         hw.device_write(&mem, iova).unwrap();
     }
-    let mut bitmap = DirtyBitmap::new(Iova::new(0x40_0000), 12, 0x404);
+    let mut bitmap = DirtyBitmap::new(Iova::new(0x40_0000), 12, 0x404).unwrap();
     t.engine()
         .read_and_clear_dirty(all, DirtyFlags::empty(), &mut bitmap, &mut Gather::new())
         .unwrap();

@@ -75,8 +75,10 @@
 //!   Release therefore cannot fail for a live handle (the cleanup path of a fence-signalling
 //!   job must not fail), and a table another reservation holds survives. A handle of another
 //!   table, or one rebuilt from a released handle's fields, is
-//!   [`ReserveError::UnknownReservation`]: handles carry the table's secret key (see
-//!   [`Reservation`]), and the one the table issued is consumed by its release.
+//!   [`ReserveError::UnknownReservation`], in a [`ReleaseError`] that gives the handle back
+//!   untouched (one sent to the wrong table can still be released on its own): handles carry
+//!   the table's secret key (see [`Reservation`]), and the one the table issued is consumed
+//!   by its release.
 //! - **Differences from [`LpaeTable`](iopt_lpae::LpaeTable)** on plain map/unmap sequences:
 //!   none in results, errors or translations, except that an unmap at a block size over a
 //!   slot that Linux would still hold an *empty* table in (left behind by earlier small
@@ -113,7 +115,7 @@ use core::fmt;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use iopt_api::{
     AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, NoFlush, PageSize,
-    PhysAddr, Prot, Reservation, Reserve, ReserveError, TableAlloc,
+    PhysAddr, Prot, ReleaseError, Reservation, Reserve, ReserveError, TableAlloc,
 };
 use iopt_lpae::refcount::Policy;
 use iopt_lpae::{Engine, PageSource};
@@ -290,13 +292,24 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
         self.map_reserved_checked(reservation, iova, pa, size, count, prot)
     }
 
-    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReserveError> {
+    /// Unmaps the range and drops the reservation's counts (see the [crate docs](crate)). A
+    /// refused release (a handle of another table, or a rebuilt one) touches nothing and gives
+    /// the handle back.
+    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReleaseError> {
         let id = reservation.id();
         if self.issuer.word(&reservation).is_none() {
-            return Err(ReserveError::UnknownReservation { id });
+            return Err(ReleaseError::new(
+                reservation,
+                ReserveError::UnknownReservation { id },
+            ));
         }
         let (range, leaf) = (reservation.range(), reservation.max_leaf());
-        self.engine.release_tables(range, leaf, gather)?;
+        // The engine refuses (bad arguments, no root) before it clears or uncounts anything,
+        // so on error the reservation still holds every table it counted: the handle given
+        // back is live.
+        if let Err(e) = self.engine.release_tables(range, leaf, gather) {
+            return Err(ReleaseError::new(reservation, e));
+        }
         self.live.fetch_sub(1, Ordering::Relaxed);
         Ok(())
     }

@@ -331,10 +331,11 @@ fn reservation_errors_are_typed_and_change_nothing() {
         Err(MapError::UnknownReservation { .. })
     ));
     let theirs_id = theirs.id();
-    assert_eq!(
-        t.release(theirs, &mut Gather::new()),
-        Err(ReserveError::UnknownReservation { id: theirs_id })
-    );
+    let (theirs, why) = t
+        .release(theirs, &mut Gather::new())
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(why, ReserveError::UnknownReservation { id: theirs_id });
     // Bad arguments.
     assert!(matches!(
         t.reserve(r, PageSize::SZ_1G),
@@ -356,11 +357,14 @@ fn reservation_errors_are_typed_and_change_nothing() {
     let copy = Issuer::new(t.id()).issue(res.id(), res.range(), res.max_leaf(), res.pages(), 0);
     t.release(res, &mut Gather::new()).unwrap();
     assert!(matches!(
-        t.release(copy, &mut Gather::new()),
+        t.release(copy, &mut Gather::new()).map_err(|e| e.error()),
         Err(ReserveError::UnknownReservation { .. })
     ));
     check_invariants(&t, &mem, &[]);
     check_invariants(&other, &mem2, &[(r, PageSize::SZ_2M)]);
+    // The refused release gave `theirs` back, live on the table that issued it.
+    other.release(theirs, &mut Gather::new()).unwrap();
+    check_invariants(&other, &mem2, &[]);
 }
 
 #[test]
@@ -891,4 +895,53 @@ fn other_geometries_reserve_map_and_release_to_the_root() {
         drop(t);
         assert_eq!(mem.stats().live_pages, 0, "{name}");
     }
+}
+
+/// A release sent to the wrong table, or with a rebuilt handle, fails and gives the handle
+/// back with the reservation intact: its tables stay counted, maps inside it still need no
+/// allocator, and the right table's release then frees every page it took.
+#[test]
+fn failed_release_returns_the_handle() {
+    let (mem_a, mem_b) = (SimMemory::new(), SimMemory::new());
+    let a = PreallocTable::new(panthor(), &mem_a).unwrap();
+    let b = PreallocTable::new(panthor(), &mem_b).unwrap();
+    let r = range(VA + M2, 4 * M2);
+    let res = a.reserve(r, PageSize::SZ_4K).unwrap();
+    let id = res.id();
+    assert!(res.pages() > 0);
+    let before_b = (dump(&b), mem_b.live_set());
+
+    let err = b.release(res, &mut Gather::new()).unwrap_err();
+    assert_eq!(err.error(), ReserveError::UnknownReservation { id });
+    assert!(std::error::Error::source(&err).is_some());
+    assert_eq!(
+        (dump(&b), mem_b.live_set()),
+        before_b,
+        "the wrong table changed"
+    );
+    let res = err.into_reservation();
+    assert_eq!(res.id(), id);
+    assert_eq!(a.live_reservations(), 1);
+    check_invariants(&a, &mem_a, &[(r, PageSize::SZ_4K)]);
+
+    let before = mem_a.stats();
+    a.map_reserved(&res, iova(VA + M2), pa(0), PageSize::SZ_4K, 16, RW)
+        .unwrap();
+    assert_eq!(mem_a.stats().pages_allocated, before.pages_allocated);
+
+    let forged = Issuer::new(a.id()).issue(id, r, PageSize::SZ_4K, res.pages(), 0);
+    let (forged, e) = a
+        .release(forged, &mut Gather::new())
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(
+        (forged.id(), e),
+        (id, ReserveError::UnknownReservation { id })
+    );
+    check_invariants(&a, &mem_a, &[(r, PageSize::SZ_4K)]);
+
+    a.release(res, &mut Gather::new()).unwrap();
+    assert_eq!(a.live_reservations(), 0);
+    assert_eq!(mem_a.stats().live_pages, 1, "the root alone");
+    check_invariants(&a, &mem_a, &[]);
 }

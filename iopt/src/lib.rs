@@ -72,7 +72,7 @@ pub use iopt_api::*;
 pub use iopt_lpae::{LpaeTable, SimLayout, SimMemory, SimStats, debug, desc, dirty, oracle, regs};
 
 #[cfg(feature = "alloc-ops")]
-pub use iopt_alloc_ops::{AllocOpsTable, CountPolicy, InFlightCap};
+pub use iopt_alloc_ops::{AllocOpsTable, CountPolicy, FreePolicy, InFlightCap};
 #[cfg(feature = "prealloc")]
 pub use iopt_prealloc::PreallocTable;
 
@@ -295,7 +295,7 @@ impl<A: TableAlloc, F: FlushOps> Reserve for Table<A, F> {
         dispatch!(self, t => t.map_reserved(reservation, iova, pa, size, count, prot))
     }
 
-    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReserveError> {
+    fn release(&self, reservation: Reservation, gather: &mut Gather) -> Result<(), ReleaseError> {
         dispatch!(self, t => t.release(reservation, gather))
     }
 

@@ -3,7 +3,8 @@
 
 use iopt::{
     AllocError, Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, MapError,
-    PageSize, PageSizes, PhysAddr, Prot, Reserve, ReserveError, SimMemory, Table, UnmapError,
+    PageSize, PageSizes, PhysAddr, Prot, ReleaseError, Reserve, ReserveError, SimMemory, Table,
+    UnmapError,
 };
 
 /// What the driver's VM holds.
@@ -23,6 +24,8 @@ pub enum BindError {
     Map(MapError),
     /// Unmapping failed.
     Unmap(UnmapError),
+    /// Releasing failed; the error gives the reservation back.
+    Release(ReleaseError),
 }
 
 impl<'m> Vm<'m> {
@@ -98,6 +101,6 @@ impl<'m> Vm<'m> {
             .map_err(BindError::Unmap)?;
         self.table
             .release(res, &mut gather)
-            .map_err(BindError::Reserve)
+            .map_err(BindError::Release)
     }
 }
