@@ -12,8 +12,8 @@ use crate::failure::{Failure, Outcome};
 use crate::lane::{Build, Design, Subject};
 use arbitrary::{Arbitrary, Unstructured};
 use iopt_api::{
-    Config, ConfigError, ConfigInput, Format, Gather, Granule, Iova, MapError, PageSize, PageSizes,
-    PhysAddr, Prot, Quirks, Registers, Tcr, Vtcr,
+    AllocError, Config, ConfigError, ConfigInput, Format, Gather, Granule, Iova, MapError,
+    PageSize, PageSizes, PhysAddr, Prot, Quirks, Registers, Tcr, Vtcr,
 };
 use iopt_lpae::debug::render;
 use iopt_lpae::oracle::{Access, Fault, Walker};
@@ -440,8 +440,13 @@ pub fn check_with(case: &ConfigCase, build: &Build) -> Outcome {
     }
     let alloc = Hooked::for_config(&cfg);
     let mem = std::sync::Arc::clone(&alloc.mem);
-    let table = build(cfg, alloc)
-        .map_err(|e| bad(format!("building the table failed: {e:?}"), dump.clone()))?;
+    let table = match build(cfg, alloc) {
+        Ok(t) => t,
+        // No simulated memory fits under so small an output address size (see
+        // `Hooked::for_config`): the root is refused, as it must be.
+        Err(AllocError::BadPage { .. }) if cfg.oas() < 21 => return Ok(()),
+        Err(e) => return Err(bad(format!("building the table failed: {e:?}"), dump)),
+    };
     let r = smoke(table.as_ref(), &cfg, &g, &mem);
     let rendered = render(table.as_ref() as &dyn iopt_api::IoPageTable);
     drop(table);

@@ -13,7 +13,7 @@
 //! neither gathered nor walk-flushed.
 
 use iopt_api::{AllocError, Config, FlushOps, Gather, Iova, PhysAddr, TableAlloc, TableRef};
-use iopt_lpae::SimMemory;
+use iopt_lpae::{SimLayout, SimMemory};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -315,11 +315,25 @@ impl Hooked {
     /// Fresh memory as `cfg`'s walker sees it (non-coherent when `cfg` says so: the device
     /// then reads only what the table cleaned) and a fresh device.
     #[must_use]
+    ///
+    /// The memory lies below the configuration's output address size where it can (tables
+    /// must: the engine refuses table pages the OAS does not reach); an OAS below 2^21 has no
+    /// room for it, and building a table then fails with `AllocError::BadPage`.
     pub fn for_config(cfg: &Config) -> Self {
-        let mem = if cfg.coherent_walk() {
-            SimMemory::new()
+        let layout = if cfg.oas() < 34 {
+            // Eight regions and the base below 2^oas: 9 * 2^(oas - 5) < 2^oas.
+            let span = 1u64 << cfg.oas().saturating_sub(5).max(16);
+            SimLayout {
+                base: span,
+                region_span: span,
+            }
         } else {
-            SimMemory::non_coherent()
+            SimLayout::default()
+        };
+        let mem = if cfg.coherent_walk() {
+            SimMemory::with_layout(layout)
+        } else {
+            SimMemory::non_coherent_with_layout(layout)
         };
         Self {
             mem: Arc::new(mem),
