@@ -69,10 +69,33 @@
 //!    [`Engine::lookup`] and [`Engine::walk`], runs inside an [`OpGuard`] for this. A
 //!    single-threaded caller sees every free happen before its call returns.
 //!
+//! 4. **Exactly-once accounting.** Every entry transition (a leaf written, a leaf or table
+//!    descriptor removed) is a compare-exchange, and only the caller whose exchange succeeded
+//!    changes the count for it. Two overlapping unmaps of one page therefore lower the count
+//!    once (the second answers [`UnmapError::NotMapped`]); an overlapping map that finds an
+//!    entry taken after it checked takes its own leaves back and answers
+//!    [`MapError::AlreadyMapped`]. An unmap at block size that removes a table descriptor
+//!    marks every table of the subtree [`DEAD`] (leaving one that another thread claimed first
+//!    to it), so each is retired exactly once and later pins there fail. Counts cannot drift,
+//!    underflow into [`DEAD`], or free a table that holds another caller's leaves.
+//! 5. **Cursors are hints for misses.** A cursor (the engine's cached leaf table) is checked
+//!    against the unlink count, which is bumped just after each unlink: in between, a cursor
+//!    may name a table that was just claimed. Such a table is empty and takes no new leaves
+//!    (pins fail), so a hit through a cursor is always right, and a miss ("not mapped") is
+//!    checked again by a walk from the root before it is answered.
+//! 6. **Bounded limbo.** While some operation stalls (a thread parked in a [`Engine::walk`]
+//!    callback, say) no retired table can be freed. Once [`LIMBO_LIMIT`] tables wait,
+//!    operations stop claiming the tables they empty: those stay linked and empty, and later
+//!    maps reuse them. The reclaim attempt that follows each operation re-checks only the
+//!    announcement that stopped the previous attempt (two loads) and scans the limbo at most
+//!    once per epoch, so a stall costs the other operations nothing.
+//!
 //! So under any interleaving of valid (disjoint) operations, no descriptor is written into a
-//! table that is being freed, and no table memory is read after it went back to the
-//! allocator. Overlapping concurrent operations remain a caller bug that may lose mappings,
-//! never memory safety (the crate has no `unsafe`).
+//! table that is being freed, no lookup misses a leaf mapped before it started and still
+//! mapped, and no table memory is read after it went back to the allocator. Overlapping
+//! concurrent operations remain a caller bug that may lose mappings inside the overlapped
+//! range, never another caller's mappings, a count, a page, or memory safety (the crate has
+//! no `unsafe`).
 //!
 //! Paths outside this module that read table memory on a refcounted engine should hold an
 //! [`Engine::enter`] guard too. Pages a refcounted map installed and then had to undo (a later
