@@ -62,6 +62,7 @@ pub mod failure;
 pub mod faults;
 pub mod input;
 pub mod lane;
+pub mod races;
 pub mod scan;
 pub mod search;
 pub mod stress;
