@@ -58,8 +58,12 @@ pub const STALL_PAGE: u64 = 0x4000_0000;
 /// the root, the bystander's three tables and the churned page's tables, with ample room for
 /// a bounded backlog of deferred frees.
 pub const STALL_LIVE_LIMIT: u64 = 256;
-/// How much slower the last tenth of [`stalled_walk`]'s cycles may be than the first tenth.
+/// How much slower the last tenth of [`stalled_walk`]'s cycles may be than its first
+/// [`STALL_START_CYCLES`]. The start is the reference, not the first tenth: a cost that grows
+/// with the backlog has already grown over the first tenth of a long run.
 pub const STALL_SLOWDOWN_LIMIT: f64 = 4.0;
+/// The cycles at the start of [`stalled_walk`] whose mean cost is the reference.
+pub const STALL_START_CYCLES: u64 = 1024;
 
 /// How long a hunt runs, and how long a thread may make no progress before it counts as hung.
 #[derive(Debug, Clone, Copy)]
@@ -205,6 +209,11 @@ pub type Job = (String, Box<dyn FnOnce(&Ctx) -> Result<(), String> + Send>);
 /// # Errors
 ///
 /// The first job's error, a panic, or a hang.
+///
+/// # Panics
+///
+/// If a thread cannot be spawned.
+#[allow(clippy::too_many_lines)]
 pub fn watch(jobs: Vec<Job>, budget: &Budget, start: Instant) -> RaceResult {
     let stop = Arc::new(AtomicBool::new(false));
     let deadline = Instant::now() + budget.time;
@@ -287,7 +296,7 @@ pub fn watch(jobs: Vec<Job>, budget: &Budget, start: Instant) -> RaceResult {
                         stuck.join(", ")
                     );
                     if let Some((e, _)) = first_err {
-                        message.push_str(&format!(", after an earlier failure: {e}"));
+                        message = format!("{message}, after an earlier failure: {e}");
                     }
                     return Err(RaceFailure {
                         message,
@@ -416,7 +425,10 @@ pub fn lookup_after_map(
     smalls: usize,
     budget: &Budget,
 ) -> RaceResult {
-    assert!(blocks <= 256 && smalls <= 256, "one level-2 table holds 512 slots");
+    assert!(
+        blocks <= 256 && smalls <= 256,
+        "one level-2 table holds 512 slots"
+    );
     let start = Instant::now();
     let (t, mem) = build(design);
     let mut jobs: Vec<Job> = Vec::new();
@@ -428,8 +440,14 @@ pub fn lookup_after_map(
             Box::new(move |ctx: &Ctx| {
                 let t = t.as_ref();
                 while ctx.go() {
-                    t.map(Iova::new(b), PhysAddr::new(pa_of(b)), PageSize::SZ_2M, 1, RW)
-                        .map_err(|e| format!("map own block {b:#x}: {e:?}"))?;
+                    t.map(
+                        Iova::new(b),
+                        PhysAddr::new(pa_of(b)),
+                        PageSize::SZ_2M,
+                        1,
+                        RW,
+                    )
+                    .map_err(|e| format!("map own block {b:#x}: {e:?}"))?;
                     expect_mapped(t, b + 0x1234, "own block just mapped:")?;
                     match unmap(t, b, PageSize::SZ_2M) {
                         Ok(M2) => {}
@@ -475,11 +493,17 @@ pub fn lookup_after_map(
     })
 }
 
+/// Pages both threads of [`double_unmap`] unmap each round.
+pub const DOUBLE_UNMAP_PAGES: u64 = 64;
+
 /// Finding: overlapping unmaps of one page remove a bystander in the same leaf table.
 ///
-/// Each round the first thread maps a bystander page and a page P in the leaf table at
-/// [`OVERLAP_BASE`] (positions vary by round), then both threads unmap P at once. The
-/// bystander must still translate, and its own unmap must remove exactly it.
+/// Each round the first thread maps a bystander page and [`DOUBLE_UNMAP_PAGES`] pages in the
+/// leaf table at [`OVERLAP_BASE`] (the bystander's slot varies by round), then both threads
+/// unmap those pages, in the same order, at once: a thread that falls behind finds pages
+/// already gone, which is quicker than removing them, so the two fall into step and race on
+/// most pages. Afterwards the bystander must still translate, and its own unmap must remove
+/// exactly it and leave no leaf behind. A round is one such exchange.
 ///
 /// # Errors
 ///
@@ -488,53 +512,59 @@ pub fn double_unmap(design: Design, budget: &Budget) -> RaceResult {
     let start = Instant::now();
     let (t, mem) = build(design);
     let bar = Arc::new(SpinBarrier::new(2));
-    let oks = Arc::new(AtomicU64::new(0));
-    let double_oks = Arc::new(AtomicU64::new(0));
+    let doubles = Arc::new(AtomicU64::new(0));
     let mut jobs: Vec<Job> = Vec::new();
     for id in 0..2u64 {
         let t = Arc::clone(&t);
         let bar = Arc::clone(&bar);
-        let oks = Arc::clone(&oks);
-        let double_oks = Arc::clone(&double_oks);
+        let doubles = Arc::clone(&doubles);
         jobs.push((
             format!("unmapper{id}"),
             Box::new(move |ctx: &Ctx| {
                 let t = t.as_ref();
                 let mut round = 0u64;
+                let pages = |round: u64| {
+                    let first = (round * 37) % (512 - DOUBLE_UNMAP_PAGES - 1);
+                    (first..first + DOUBLE_UNMAP_PAGES).map(|s| OVERLAP_BASE + s * K4)
+                };
                 loop {
-                    let p = OVERLAP_BASE + (round % 256) * K4;
-                    let q = OVERLAP_BASE + (256 + (round * 7) % 256) * K4;
-                    round += 1;
+                    // The bystander sits right after the raced pages.
+                    let q = OVERLAP_BASE
+                        + ((round * 37) % (512 - DOUBLE_UNMAP_PAGES - 1) + DOUBLE_UNMAP_PAGES) * K4;
                     if id == 0 {
                         if !ctx.go() {
                             ctx.halt();
                             return Ok(());
                         }
-                        oks.store(0, RLX);
                         map4k(t, q).map_err(|e| format!("map bystander {q:#x}: {e:?}"))?;
-                        map4k(t, p).map_err(|e| format!("map {p:#x}: {e:?}"))?;
+                        for p in pages(round) {
+                            map4k(t, p).map_err(|e| format!("map {p:#x}: {e:?}"))?;
+                        }
                     }
                     if !bar.wait(ctx) {
                         return Ok(());
                     }
-                    match unmap(t, p, PageSize::SZ_4K) {
-                        Ok(K4) => {
-                            oks.fetch_add(1, RLX);
+                    let mut ok = 0;
+                    for p in pages(round) {
+                        match unmap(t, p, PageSize::SZ_4K) {
+                            Ok(K4) => ok += 1,
+                            Ok(n) => {
+                                return Err(format!("overlapping unmap {p:#x} returned {n:#x}"));
+                            }
+                            Err(_) => {}
                         }
-                        Ok(n) => return Err(format!("overlapping unmap {p:#x} returned {n:#x}")),
-                        Err(_) => {}
                     }
+                    doubles.fetch_add(ok, RLX);
                     if !bar.wait(ctx) {
                         return Ok(());
                     }
                     if id == 0 {
-                        if oks.load(RLX) == 2 {
-                            double_oks.fetch_add(1, RLX);
+                        for p in pages(round) {
+                            if let Some(pa) = lookup(t, p) {
+                                return Err(format!("{p:#x} still maps {pa:#x} after both unmaps"));
+                            }
                         }
-                        if let Some(pa) = lookup(t, p) {
-                            return Err(format!("{p:#x} still maps {pa:#x} after both unmaps"));
-                        }
-                        expect_mapped(t, q, "bystander after two unmaps of a neighbour:")?;
+                        expect_mapped(t, q, "bystander after two unmaps of its neighbours:")?;
                         match unmap(t, q, PageSize::SZ_4K) {
                             Ok(K4) => {}
                             r => return Err(format!("unmap bystander {q:#x}: {r:x?}")),
@@ -549,6 +579,7 @@ pub fn double_unmap(design: Design, budget: &Budget) -> RaceResult {
                             return Err(format!("leaves {left:x?} left after the round"));
                         }
                     }
+                    round += 1;
                     ctx.beat();
                 }
             }),
@@ -556,9 +587,11 @@ pub fn double_unmap(design: Design, budget: &Budget) -> RaceResult {
     }
     let report = watch(jobs, budget, start)?;
     let rounds = report.rounds / 2;
+    let oks = doubles.load(RLX);
     let notes = vec![format!(
-        "{} of {rounds} rounds had both overlapping unmaps return Ok",
-        double_oks.load(RLX)
+        "{} of {} overlapping page unmaps were answered Ok twice",
+        oks.saturating_sub(rounds * DOUBLE_UNMAP_PAGES),
+        rounds * DOUBLE_UNMAP_PAGES
     )];
     finish(t, &mem, design, notes, budget, start).map(|mut r| {
         r.rounds = rounds;
@@ -746,8 +779,9 @@ pub struct StallReport {
     pub cycles: u64,
     /// The most pages the allocator held during those cycles.
     pub max_live_pages: u64,
-    /// Mean time of a cycle over the first tenth of the cycles, in nanoseconds.
-    pub first_tenth_ns: f64,
+    /// Mean time of a cycle over the first [`STALL_START_CYCLES`] cycles (or the first tenth
+    /// of the cycles, if fewer), in nanoseconds.
+    pub start_ns: f64,
     /// Mean time of a cycle over the last tenth of the cycles, in nanoseconds.
     pub last_tenth_ns: f64,
     /// Time spent.
@@ -755,10 +789,10 @@ pub struct StallReport {
 }
 
 impl StallReport {
-    /// How much slower the last tenth of the cycles ran than the first.
+    /// How much slower the last tenth of the cycles ran than the start.
     pub fn slowdown(&self) -> f64 {
-        if self.first_tenth_ns > 0.0 {
-            self.last_tenth_ns / self.first_tenth_ns
+        if self.start_ns > 0.0 {
+            self.last_tenth_ns / self.start_ns
         } else {
             1.0
         }
@@ -777,10 +811,10 @@ impl StallReport {
         if self.slowdown() > STALL_SLOWDOWN_LIMIT {
             p.push(format!(
                 "a cycle took {:.0} ns over the last tenth of {} cycles, {:.0} ns over the \
-                 first: {:.1}x (limit {STALL_SLOWDOWN_LIMIT}x)",
+                 first {STALL_START_CYCLES}: {:.1}x (limit {STALL_SLOWDOWN_LIMIT}x)",
                 self.last_tenth_ns,
                 self.cycles,
-                self.first_tenth_ns,
+                self.start_ns,
                 self.slowdown()
             ));
         }
@@ -806,6 +840,7 @@ pub fn stalled_walk(
     budget: &Budget,
 ) -> Result<StallReport, RaceFailure> {
     const BATCH: u64 = 64;
+    const BATCH_F: f64 = 64.0;
     let start = Instant::now();
     let (t, mem) = build(design);
     let far = 0x10_0000_0000;
@@ -864,8 +899,7 @@ pub fn stalled_walk(
                 while ctx.go() && cycles < max_cycles {
                     let b0 = Instant::now();
                     for _ in 0..BATCH {
-                        map4k(t, STALL_PAGE)
-                            .map_err(|e| format!("map {STALL_PAGE:#x}: {e:?}"))?;
+                        map4k(t, STALL_PAGE).map_err(|e| format!("map {STALL_PAGE:#x}: {e:?}"))?;
                         match unmap(t, STALL_PAGE, PageSize::SZ_4K) {
                             Ok(K4) => {}
                             r => return Err(format!("unmap {STALL_PAGE:#x}: {r:x?}")),
@@ -879,14 +913,17 @@ pub fn stalled_walk(
                 let tenth = (batches.len() / 10).max(1);
                 let mean = |s: &[Duration]| {
                     s.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e9
-                        / (s.len() as f64 * BATCH as f64)
+                        / (f64::from(u32::try_from(s.len()).unwrap_or(u32::MAX)) * BATCH_F)
                 };
                 {
-                    let mut r = report.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut r = report
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     r.cycles = cycles;
                     r.max_live_pages = max_live;
                     if !batches.is_empty() {
-                        r.first_tenth_ns = mean(&batches[..tenth]);
+                        let start = tenth.min((STALL_START_CYCLES / BATCH) as usize);
+                        r.start_ns = mean(&batches[..start]);
                         r.last_tenth_ns = mean(&batches[batches.len() - tenth..]);
                     }
                     r.elapsed = t0.elapsed();
