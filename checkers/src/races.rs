@@ -523,6 +523,7 @@ pub fn double_unmap(design: Design, budget: &Budget) -> RaceResult {
             Box::new(move |ctx: &Ctx| {
                 let t = t.as_ref();
                 let mut round = 0u64;
+                let mut rng = crate::search::Rng(0xd0b1_e000 ^ id);
                 let pages = |round: u64| {
                     let first = (round * 37) % (512 - DOUBLE_UNMAP_PAGES - 1);
                     (first..first + DOUBLE_UNMAP_PAGES).map(|s| OVERLAP_BASE + s * K4)
@@ -543,6 +544,11 @@ pub fn double_unmap(design: Design, budget: &Budget) -> RaceResult {
                     }
                     if !bar.wait(ctx) {
                         return Ok(());
+                    }
+                    // A varying head start each round, so the threads meet at varying
+                    // points of the unmap path.
+                    for _ in 0..rng.below(200) {
+                        std::hint::spin_loop();
                     }
                     let mut ok = 0;
                     for p in pages(round) {
