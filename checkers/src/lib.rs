@@ -28,6 +28,7 @@
 //! model, the device caches and the last operations).
 //!
 //! [`workloads`] drives the exhaustive fault injection, [`stress`] the concurrency stress,
+//! [`races`] the targeted race hunts (one shape of concurrent use each, with a hang watchdog),
 //! [`broken`] holds deliberately broken backends that the tests show each checker catches, and
 //! [`search`] is the small seeded input generator those tests use.
 //!
@@ -40,6 +41,8 @@
 //!   prints how many injection points it exercised), the concurrency stress
 //!   (`tests/stress.rs`; `IOPT_STRESS_OPS` sets the operations per thread) and the broken
 //!   backends (`tests/broken.rs`);
+//! - `cargo test -p iopt-checkers --release --test races`: the race hunts, one at a time,
+//!   3 s each (`IOPT_RACE_SECS` sets the budget, `IOPT_RACE_HANG_SECS` the hang watchdog);
 //! - `cargo test -p iopt-checkers --features loom --test loom_install --release`: the table
 //!   install and pin/claim protocols, model-checked with `loom` (a model of the protocol, not
 //!   the compiled engine: see that file);
@@ -62,6 +65,7 @@ pub mod failure;
 pub mod faults;
 pub mod input;
 pub mod lane;
+pub mod races;
 pub mod scan;
 pub mod search;
 pub mod stress;
