@@ -13,8 +13,8 @@ use iopt_api::{
 use iopt_lpae::{LpaeTable, SimLayout, SimMemory};
 use iopt_prealloc::PreallocTable;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// What the allocator hands out next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

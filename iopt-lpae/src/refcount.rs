@@ -158,6 +158,8 @@ pub(crate) struct RcState {
     /// `reclaim`).
     blocked_slot: AtomicUsize,
     blocked_by: AtomicU64,
+    /// Set when an operation left an emptied table linked because the limbo was full.
+    unswept: core::sync::atomic::AtomicBool,
 }
 
 /// Retired tables waiting for a grace period beyond which no operation claims the tables it
@@ -553,6 +555,57 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if self.rc.pending.load(SC) != 0 {
             self.reclaim();
         }
+        if self.rc.unswept.load(Ordering::Relaxed) && self.rc.pending.load(SC) < LIMBO_LIMIT / 2 {
+            self.sweep();
+        }
+    }
+
+    /// Claims the empty tables that operations left linked while the limbo was full (see
+    /// [`LIMBO_LIMIT`]): one walk of the tree, once reclamation has caught up, with the same
+    /// claims as an operation that empties a table.
+    #[cold]
+    #[inline(never)]
+    fn sweep(&self) {
+        if !self.rc.unswept.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let guard = self.enter();
+        let mut dead = Vec::new();
+        if let Some(root) = self.root_frame() {
+            self.sweep_below(Path::new(root), 0, &mut dead);
+        }
+        self.retire(&dead);
+        drop(guard);
+    }
+
+    /// [`sweep`](Self::sweep) of the subtree under `path`'s last table, which covers IOVAs
+    /// from `base`: children first, so an emptied chain goes in one cascade from its bottom.
+    fn sweep_below(&self, path: Path<'_>, base: u64, dead: &mut Vec<PhysAddr>) {
+        let f = *path.last();
+        if f.level >= 3 {
+            return;
+        }
+        let entries = self.config().entries_at(f.level).min(f.t.entries.len());
+        let shift = self.config().level_shift(f.level);
+        for (i, e) in f.t.entries[..entries].iter().enumerate() {
+            let v = e.load(SC);
+            if self.kind_of(f.level, v) != Kind::Table {
+                continue;
+            }
+            let Some((t, _)) = self.table_of(v) else {
+                continue;
+            };
+            let iova = base + ((i as u64) << shift);
+            let mut below = path;
+            below.push(Frame {
+                t,
+                level: f.level + 1,
+            });
+            self.sweep_below(below, iova, dead);
+            if t.meta.live_entries.load(SC) == 0 {
+                self.cascade(below.frames(), below.top(), iova, dead);
+            }
+        }
     }
 
     /// Hands unlinked (and flushed) tables to deferred reclamation.
@@ -750,7 +803,9 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     #[inline(never)]
     fn emptied(&self, path: &[Frame<'_>], i: usize, iova: u64, dead: &mut Vec<PhysAddr>) -> bool {
         if self.rc.pending.load(Ordering::Relaxed) >= LIMBO_LIMIT {
-            // Reclamation is held back (see `LIMBO_LIMIT`): keep the table linked and empty.
+            // Reclamation is held back (see `LIMBO_LIMIT`): keep the table linked and empty,
+            // for a sweep once it catches up.
+            self.rc.unswept.store(true, Ordering::Relaxed);
             return false;
         }
         if path[0].pa() != self.root() {
