@@ -1,6 +1,6 @@
 //! Race hunts: shapes of concurrent use that the random stress ([`crate::stress`]) reaches too
 //! rarely, each driven hard against a time budget, through the public API only (the
-//! [`IoPageTable`] and [`Reserve`] traits behind [`Subject`]), with a hang watchdog.
+//! [`IoPageTable`](iopt_api::IoPageTable) and [`Reserve`](iopt_api::Reserve) traits behind [`Subject`]), with a hang watchdog.
 //!
 //! - [`lookup_after_map`]: legal use on disjoint ranges. Threads churn 2 MiB blocks
 //!   (map, unmap) beside threads churning 4 KiB pages (map, lookup, unmap) in the same level-2
