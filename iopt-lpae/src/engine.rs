@@ -1454,7 +1454,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let size = cfg.block_size(target);
         let leaf_type = desc::leaf_type(cfg.format(), target);
         let need = (target - level) as usize;
-        let (held, tables) = self.obtain_chain(need, iova, src)?;
+        let (held, tables) = self.obtain_chain(need, src)?;
         let pages = &held[..need];
         let chain = &tables[..need];
         for i in 0..need - 1 {
@@ -1490,13 +1490,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         Ok(false)
     }
 
-    /// Obtains the `need` (1 to 3) pages of a new chain of tables for `iova` from `src` and
-    /// resolves them, in arrays (no vectors for the common single page). A page the allocator
-    /// cannot resolve sends them all back to `src`.
+    /// Obtains the `need` (1 to 3) pages of a new chain of tables from `src` and resolves
+    /// them, in arrays (no vectors for the common single page). A page the table cannot use
+    /// ([`check_page`]) sends them all back to `src`.
     pub(crate) fn obtain_chain<S: PageSource>(
         &self,
         need: usize,
-        iova: u64,
         src: &mut S,
     ) -> Result<([PhysAddr; 4], [TableRef<'_>; 4]), MapError> {
         let mut held = [PhysAddr::ZERO; 4];
@@ -1508,7 +1507,6 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             held[..need].copy_from_slice(&got);
         }
         let pages = &held[..need];
-        let _ = iova;
         let resolve = |p: PhysAddr| {
             check_page(&self.cfg, &self.alloc, p, self.fast.granule_size)
                 .map_err(|source| MapError::Alloc { source })
@@ -1541,10 +1539,23 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         self.free_tables(&pages);
     }
 
-    /// Post-order list of the tables below (and including) the table `entry` points at.
+    /// Post-order list of the tables below (and including) the unlinked table `entry` points
+    /// at, each marked claimed ([`DEAD`](crate::refcount::DEAD)) on the way, so that a later
+    /// pin there fails. On a counting engine a table some other operation claimed first is
+    /// left to it with everything below it (a claimer owns the whole chain it claims): each
+    /// table is listed exactly once.
     pub(crate) fn collect_tables(&self, entry: u64, level: u32, out: &mut Vec<PhysAddr>) {
         let pa = self.unpack(entry);
         if let Some(t) = self.alloc.table(pa) {
+            // SeqCst: ordered with the pins and claims other operations make on the same
+            // count (`refcount::pin`, `refcount::try_claim`), which must see it.
+            if t.meta
+                .live_entries
+                .swap(crate::refcount::DEAD, Ordering::SeqCst)
+                == crate::refcount::DEAD
+            {
+                return;
+            }
             if level < 3 {
                 for e in t.entries {
                     let v = e.load(Ordering::Acquire);
@@ -1966,7 +1977,7 @@ pub(crate) fn check_page<'a, A: TableAlloc + ?Sized>(
     let big_enough = (t.entries.len() as u64).saturating_mul(8) >= size;
     let aligned = size.is_power_of_two() && p & (size - 1) == 0;
     let reachable = p
-        .checked_add(size - 1)
+        .checked_add(size.saturating_sub(1))
         .is_some_and(|last| cfg.pa_in_range(PhysAddr::new(last)));
     let encodable = desc::unpack_pa(desc::pack_pa(pa), cfg.granule()) == pa;
     let fresh = t.meta.live_entries.load(Ordering::Relaxed) == 0

@@ -109,7 +109,7 @@ use crate::desc::{self, Kind};
 use crate::engine::{Engine, PageSource, Plan, Run, Stash, all_zero, write_leaves};
 use alloc::vec::Vec;
 use core::fmt;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use iopt_api::{
     AllocError, Config, FlushOps, Gather, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot,
     ReserveError, TableAlloc, TableMeta, TableRef, UnmapError,
@@ -159,7 +159,7 @@ pub(crate) struct RcState {
     blocked_slot: AtomicUsize,
     blocked_by: AtomicU64,
     /// Set when an operation left an emptied table linked because the limbo was full.
-    unswept: core::sync::atomic::AtomicBool,
+    unswept: AtomicBool,
 }
 
 /// Retired tables waiting for a grace period beyond which no operation claims the tables it
@@ -303,8 +303,8 @@ struct Prepared<'a> {
     n: u64,
     pinned: u32,
     /// Empty, unreserved tables in the segment's slots, claimed, to be replaced by leaves:
-    /// (index in the segment, table address).
-    claimed: Vec<(usize, PhysAddr, u64)>,
+    /// (index in the segment, the table descriptor linking it).
+    claimed: Vec<(usize, u64)>,
 }
 
 /// What one attempt of a one-leaf unmap on a counting engine came to.
@@ -350,7 +350,7 @@ fn pin(meta: &TableMeta, n: u32) -> bool {
 
 /// Lowers a table's live count by `n` (pins given back, or entries this caller removed) and
 /// returns the count before, unless the table is [`DEAD`]: then an overlapping block unmap
-/// has torn its subtree down (see `collect_dead`) and the count means nothing any more. Every
+/// has torn its subtree down (see `Engine::collect_tables`) and the count means nothing any more. Every
 /// unit given back was added by this caller (a pin, or an entry it wrote), so the count never
 /// goes below zero; a debug build checks.
 #[inline]
@@ -555,14 +555,16 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         if self.rc.pending.load(SC) != 0 {
             self.reclaim();
         }
-        if self.rc.unswept.load(Ordering::Relaxed) && self.rc.pending.load(SC) < LIMBO_LIMIT / 2 {
+        if self.rc.unswept.load(Ordering::Relaxed)
+            && self.rc.pending.load(Ordering::Relaxed) < LIMBO_LIMIT / 2
+        {
             self.sweep();
         }
     }
 
     /// Claims the empty tables that operations left linked while the limbo was full (see
-    /// [`LIMBO_LIMIT`]): one walk of the tree, once reclamation has caught up, with the same
-    /// claims as an operation that empties a table.
+    /// [`LIMBO_LIMIT`]): one post-order pass over the whole tree, once reclamation has caught
+    /// up, with the claims a release makes ([`collapse`](Self::collapse) clearing nothing).
     #[cold]
     #[inline(never)]
     fn sweep(&self) {
@@ -572,40 +574,11 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let guard = self.enter();
         let mut dead = Vec::new();
         if let Some(root) = self.root_frame() {
-            self.sweep_below(Path::new(root), 0, &mut dead);
+            let end = self.lmask().saturating_add(1);
+            self.collapse(root, 0, end, None, None, false, &mut dead);
         }
         self.retire(&dead);
         drop(guard);
-    }
-
-    /// [`sweep`](Self::sweep) of the subtree under `path`'s last table, which covers IOVAs
-    /// from `base`: children first, so an emptied chain goes in one cascade from its bottom.
-    fn sweep_below(&self, path: Path<'_>, base: u64, dead: &mut Vec<PhysAddr>) {
-        let f = *path.last();
-        if f.level >= 3 {
-            return;
-        }
-        let entries = self.config().entries_at(f.level).min(f.t.entries.len());
-        let shift = self.config().level_shift(f.level);
-        for (i, e) in f.t.entries[..entries].iter().enumerate() {
-            let v = e.load(SC);
-            if self.kind_of(f.level, v) != Kind::Table {
-                continue;
-            }
-            let Some((t, _)) = self.table_of(v) else {
-                continue;
-            };
-            let iova = base + ((i as u64) << shift);
-            let mut below = path;
-            below.push(Frame {
-                t,
-                level: f.level + 1,
-            });
-            self.sweep_below(below, iova, dead);
-            if t.meta.live_entries.load(SC) == 0 {
-                self.cascade(below.frames(), below.top(), iova, dead);
-            }
-        }
     }
 
     /// Hands unlinked (and flushed) tables to deferred reclamation.
@@ -637,7 +610,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             let v = self.rc.blocked_by.load(Ordering::Relaxed);
             if v != 0
                 && s.0.load(Ordering::Relaxed) == v
-                && self.rc.drained_at.load(Ordering::Relaxed) == self.rc.epoch.load(SC)
+                && self.rc.drained_at.load(Ordering::Relaxed)
+                    == self.rc.epoch.load(Ordering::Relaxed)
             {
                 return;
             }
@@ -646,12 +620,14 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             fence(SC);
             let e = self.rc.epoch.load(SC);
             let old = ((e + 1) & 1) as usize;
-            let behind = self.rc.slots.iter().position(|s| {
+            // SeqCst: pairs with the announcing compare-exchange in `enter` (and the fence
+            // above with the one after it), so an operation that read tables unlinked before
+            // this point is seen here.
+            let behind = self.rc.slots.iter().enumerate().find_map(|(i, s)| {
                 let v = s.0.load(SC);
-                v != 0 && v >> 1 != e
+                (v != 0 && v >> 1 != e).then_some((i, v))
             });
-            if let Some(i) = behind {
-                let v = self.rc.slots[i].0.load(SC);
+            if let Some((i, v)) = behind {
                 self.rc.blocked_by.store(v, Ordering::Relaxed);
                 self.rc.blocked_slot.store(i, Ordering::Relaxed);
                 break;
@@ -755,7 +731,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     ///
     /// Returns `false` (nothing done) when the entry no longer links `child`: an overlapping
     /// block unmap removed it first, lowered `parent`'s count for it and left the claimed
-    /// `child` to its claimer (see `collect_dead`).
+    /// `child` to its claimer (see `Engine::collect_tables`).
     fn unlink(&self, parent: Frame<'_>, idx: usize, iova_in_slot: u64, child: PhysAddr) -> bool {
         let cfg = self.config();
         let Some(slot) = parent.t.entries.get(idx) else {
@@ -1122,7 +1098,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         target: u32,
         n: u64,
         dead: &mut Vec<PhysAddr>,
-    ) -> Result<Option<(u32, Vec<(usize, PhysAddr, u64)>)>, MapError> {
+    ) -> Result<Option<(u32, Vec<(usize, u64)>)>, MapError> {
         let cfg = self.config();
         let size = cfg.block_size(target);
         {
@@ -1152,7 +1128,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                     Kind::Invalid => free += 1,
                     Kind::Leaf => return Err(MapError::AlreadyMapped { iova: at }),
                     Kind::Table => {
-                        let (sub, spa) = self.table_of(v).ok_or(MapError::BrokenTable {
+                        let (sub, _) = self.table_of(v).ok_or(MapError::BrokenTable {
                             iova: at,
                             pa: self.unpack(v),
                         })?;
@@ -1162,21 +1138,20 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                         if sub.meta.reservations.load(SC) != 0 {
                             return Err(MapError::ReservedTable { iova: at });
                         }
-                        claimed.push((k, spa, v));
+                        claimed.push((k, v));
                     }
                 }
             }
             if !pin(cur.t.meta, free) {
                 return Ok(None);
             }
-            for (j, &(k, spa, _)) in claimed.iter().enumerate() {
+            for (j, &(k, link)) in claimed.iter().enumerate() {
                 if !self
-                    .allocator()
-                    .table(spa)
-                    .is_some_and(|t| try_claim(t.meta, 0))
+                    .table_of(link)
+                    .is_some_and(|(t, _)| try_claim(t.meta, 0))
                 {
-                    for &(_, done, _) in &claimed[..j] {
-                        if let Some(t) = self.allocator().table(done) {
+                    for &(_, done) in &claimed[..j] {
+                        if let Some((t, _)) = self.table_of(done) {
                             t.meta.live_entries.store(0, SC);
                         }
                     }
@@ -1209,7 +1184,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let slot = &cur.t.entries[idx];
         let level = cur.level;
         let need = (target - level) as usize;
-        let (held, tables) = self.obtain_chain(need, iova, src)?;
+        let (held, tables) = self.obtain_chain(need, src)?;
         let pages = &held[..need];
         let chain = &tables[..need];
         for (i, t) in chain.iter().enumerate() {
@@ -1329,12 +1304,13 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         let d = |k: usize| bits | leaf_type | desc::pack_pa(PhysAddr::new(pa + k as u64 * size));
         let claim = |k: usize| p.claimed.iter().find(|c| c.0 == k);
         for (k, e) in slots.iter().enumerate() {
-            let expected = claim(k).map_or(0, |c| c.2);
+            let expected = claim(k).map_or(0, |c| c.1);
+            // SeqCst, as every entry transition on a counting engine (see `write_pinned`).
             if e.compare_exchange(expected, d(k), SC, SC).is_ok() {
-                if let Some(&(_, table, _)) = claim(k) {
+                if let Some(&(_, link)) = claim(k) {
                     // The link's count unit is now the leaf's.
                     self.replaced_table(t, first + k, p.iova + k as u64 * size, size);
-                    self.note_dead(table, dead);
+                    self.note_dead(self.unpack(link), dead);
                 }
                 continue;
             }
@@ -1345,14 +1321,14 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 match (j < k, claim(j)) {
                     (true, _) => units += u32::from(e.compare_exchange(d(j), 0, SC, SC).is_ok()),
                     (false, None) => units += 1,
-                    (false, Some(&(_, table, link))) => {
+                    (false, Some(&(_, link))) => {
                         if e.compare_exchange(link, 0, SC, SC).is_ok() {
                             self.replaced_table(t, first + j, p.iova + j as u64 * size, size);
                             units += 1;
                         }
                         // Unlinked here or by the overlapping unmap that got there first
                         // (which leaves a claimed table to its claimer): retired once, here.
-                        self.note_dead(table, dead);
+                        self.note_dead(self.unpack(link), dead);
                     }
                 }
             }
@@ -1386,6 +1362,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             .enumerate()
             .filter(|&(k, e)| {
                 let d = attrs | desc::pack_pa(PhysAddr::new(pa + k as u64 * size));
+                // SeqCst, as every entry transition on a counting engine (see `write_pinned`).
                 e.compare_exchange(d, 0, SC, SC).is_ok()
             })
             .count() as u32;
@@ -1396,8 +1373,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
 
     /// Undoes a prepared segment: releases its claims and pins (freeing what that empties).
     fn abort(&self, p: &Prepared<'_>, dead: &mut Vec<PhysAddr>) {
-        for &(_, table, _) in &p.claimed {
-            if let Some(t) = self.allocator().table(table) {
+        for &(_, link) in &p.claimed {
+            if let Some((t, _)) = self.table_of(link) {
                 // Unclaimed: empty, still linked, freed by whoever empties it next.
                 t.meta.live_entries.store(0, SC);
             }
@@ -1601,7 +1578,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                             self.note_unlinked();
                             self.sync_entries(t, first + k, 1);
                             self.flush_ops().flush_walk(at, size, cfg.granule().size());
-                            self.collect_dead(old, r.level + 1, dead);
+                            self.collect_tables(old, r.level + 1, dead);
                         } else {
                             self.flush_ops().add_page(gather, at, size);
                         }
@@ -1612,30 +1589,6 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             }
         }
         removed
-    }
-
-    /// Marks every table of the unlinked subtree under `entry` (at `level`) claimed and lists
-    /// it in `dead`, children first. A table some other operation claimed first is left to
-    /// it, with everything below it (a claimer owns the whole chain it claims), so every
-    /// table is retired exactly once; a later pin of any of them fails.
-    fn collect_dead(&self, entry: u64, level: u32, dead: &mut Vec<PhysAddr>) {
-        let pa = self.unpack(entry);
-        let Some(t) = self.allocator().table(pa) else {
-            return;
-        };
-        // SeqCst: ordered with the pins (`pin`) and claims (`try_claim`) on the same count.
-        if t.meta.live_entries.swap(DEAD, SC) == DEAD {
-            return;
-        }
-        if level < 3 {
-            for e in t.entries {
-                let v = e.load(SC);
-                if self.kind_of(level, v) == Kind::Table {
-                    self.collect_dead(v, level + 1, dead);
-                }
-            }
-        }
-        dead.push(pa);
     }
 
     /// [`unmap_run_counted`](Self::unmap_run_counted) of one leaf without its two passes and
@@ -2224,8 +2177,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
             match self.kind_of(f.level, e) {
                 Kind::Leaf => {
                     if let (Some(g), Some(w)) = (gather.as_deref_mut(), w) {
-                        // Counted only if this exchange removed it (exactly once, as
-                        // `unmap_leaf_once`).
+                        // Counted only if this exchange removed it (exactly once, and SeqCst,
+                        // as in `unmap_leaf_once`).
                         if s >= w.start
                             && s + bs <= w.end
                             && slot.compare_exchange(e, 0, SC, SC).is_ok()
