@@ -136,6 +136,17 @@ impl fmt::Display for RaceFailure {
 /// What a hunt returns.
 pub type RaceResult = Result<RaceReport, RaceFailure>;
 
+/// One legal-use cycle on a page the calling thread owns: map it, find it right away, and
+/// unmap it (exactly one page).
+fn own_page_cycle(t: &dyn Subject, p: u64) -> Result<(), String> {
+    map4k(t, p).map_err(|e| format!("map own page {p:#x}: {e:?}"))?;
+    expect_mapped(t, p, "own page just mapped:")?;
+    match unmap(t, p, PageSize::SZ_4K) {
+        Ok(K4) => Ok(()),
+        r => Err(format!("unmap own page {p:#x}: {r:x?}")),
+    }
+}
+
 /// The configuration every hunt uses: AArch64 stage 1, 4 KiB granule, 48-bit IAS and OAS.
 ///
 /// # Panics
@@ -470,12 +481,7 @@ pub fn lookup_after_map(
                 while ctx.go() {
                     let p = base + (i % 512) * K4;
                     i += 1;
-                    map4k(t, p).map_err(|e| format!("map own page {p:#x}: {e:?}"))?;
-                    expect_mapped(t, p, "own page just mapped:")?;
-                    match unmap(t, p, PageSize::SZ_4K) {
-                        Ok(K4) => {}
-                        r => return Err(format!("unmap own page {p:#x}: {r:x?}")),
-                    }
+                    own_page_cycle(t, p)?;
                     if let Some(pa) = lookup(t, p) {
                         return Err(format!("own page {p:#x} still maps {pa:#x} after unmap"));
                     }
@@ -683,12 +689,7 @@ pub fn overlap_chaos(design: Design, threads: usize, budget: &Budget) -> RaceRes
                     }
                     let p = OVERLAP_BASE + (300 + i % 64) * K4;
                     i += 1;
-                    map4k(t, p).map_err(|e| format!("map own page {p:#x}: {e:?}"))?;
-                    expect_mapped(t, p, "own page just mapped:")?;
-                    match unmap(t, p, PageSize::SZ_4K) {
-                        Ok(K4) => {}
-                        r => return Err(format!("unmap own page {p:#x}: {r:x?}")),
-                    }
+                    own_page_cycle(t, p)?;
                     ctx.beat();
                 }
                 Ok(())

@@ -14,10 +14,7 @@ use crate::lane::{Design, Subject, covers};
 use crate::scan::scan;
 use crate::search::Rng;
 use compare::model::{Model, ReservePolicy};
-use iopt_api::{
-    Config, ConfigInput, Format, Gather, Iova, IovaRange, PageSize, PageSizes, PhysAddr, Prot,
-    Reservation, WalkItem,
-};
+use iopt_api::{Gather, Iova, IovaRange, PageSize, PhysAddr, Prot, Reservation, WalkItem};
 use iopt_lpae::debug::render;
 use iopt_lpae::oracle::{Access, Walker};
 use std::collections::BTreeMap;
@@ -55,18 +52,6 @@ struct View {
     leaves: BTreeMap<u64, (u64, u64)>,
     held: Vec<(Reservation, IovaRange)>,
     ops: u64,
-}
-
-fn config() -> Config {
-    match Config::new(ConfigInput::new(
-        Format::Arm64S1,
-        PageSizes::GRANULE_4K,
-        48,
-        48,
-    )) {
-        Ok(c) => c,
-        Err(e) => panic!("{e}"),
-    }
 }
 
 #[allow(clippy::too_many_lines)]
@@ -335,7 +320,7 @@ fn quiescent_problems(
 /// The first wrong result or broken invariant, with a dump.
 #[allow(clippy::too_many_lines)]
 pub fn run(design: Design, threads: u64, ops: u64, seed: u64) -> Result<StressReport, Failure> {
-    let cfg = config();
+    let cfg = crate::races::config();
     let alloc = Hooked::new();
     let mem = Arc::clone(&alloc.mem);
     let t = design

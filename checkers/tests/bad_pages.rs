@@ -7,9 +7,10 @@
 
 use iopt_alloc_ops::{AllocOpsTable, FreePolicy};
 use iopt_api::{
-    AllocError, Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, MapError,
-    NoFlush, PageSize, PageSizes, PhysAddr, Prot, Reserve, ReserveError, TableAlloc, TableRef,
+    AllocError, Gather, IoPageTable, Iova, IovaRange, MapError, NoFlush, PageSize, PhysAddr, Prot,
+    Reserve, ReserveError, TableAlloc, TableRef,
 };
+use iopt_checkers::races::config as cfg;
 use iopt_lpae::{LpaeTable, SimLayout, SimMemory};
 use iopt_prealloc::PreallocTable;
 use std::collections::HashSet;
@@ -98,16 +99,6 @@ impl TableAlloc for Flaky {
     fn table(&self, pa: PhysAddr) -> Option<TableRef<'_>> {
         self.mems().into_iter().find_map(|m| m.table(pa))
     }
-}
-
-fn cfg() -> Config {
-    Config::new(ConfigInput::new(
-        Format::Arm64S1,
-        PageSizes::GRANULE_4K,
-        48,
-        48,
-    ))
-    .unwrap()
 }
 
 const BAD: [Mode; 3] = [Mode::Short, Mode::High, Mode::Misaligned];
