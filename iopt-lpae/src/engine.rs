@@ -1678,10 +1678,12 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         Ok(r.count * size)
     }
 
-    /// Fails with [`UnmapError::NotMapped`] naming the first empty entry of the `n` entries
-    /// from `iova` in the leaf table `table`.
+    /// The check pass of an unmap over the `n` entries from `iova` of the leaf table `table`:
+    /// fails with [`UnmapError::NotMapped`] at the first empty entry, or
+    /// [`UnmapError::ReservedTable`] at the first table a reservation holds (only a counting
+    /// engine has any), whichever comes first.
     #[inline]
-    fn check_mapped(
+    pub(crate) fn check_mapped(
         &self,
         table: TableRef<'_>,
         iova: u64,
@@ -1695,20 +1697,27 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 .get(first..first + n as usize)
                 .ok_or(UnmapError::BrokenTable {
                     iova: self.external(iova),
-                    pa: self.root,
+                    pa: table.pa,
                 })?;
         if n > 1 && self.all_leaves(slots, r.level) {
             return Ok(());
         }
-        match slots
-            .iter()
-            .position(|e| self.kind(r.level, e.load(Ordering::Acquire)) == Kind::Invalid)
-        {
-            Some(k) => Err(UnmapError::NotMapped {
-                iova: self.external(iova + k as u64 * r.size.get()),
-            }),
-            None => Ok(()),
+        for (k, e) in slots.iter().enumerate() {
+            let v = e.load(Ordering::Acquire);
+            let at = || self.external(iova + k as u64 * r.size.get());
+            match self.kind(r.level, v) {
+                Kind::Invalid => return Err(UnmapError::NotMapped { iova: at() }),
+                Kind::Table
+                    if self
+                        .resolve(v)
+                        .is_some_and(|t| t.meta.reservations.load(Ordering::Relaxed) != 0) =>
+                {
+                    return Err(UnmapError::ReservedTable { iova: at() });
+                }
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     /// Clears `n` checked entries from `iova`: leaves go to the gather, tables are retired

@@ -1467,7 +1467,7 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
                 let slot = if single { &mut kept } else { &mut fresh };
                 let path = self.unmap_path(iova, r, from_root, slot)?;
                 let cursor = path.frames()[0].pa() != self.root();
-                match self.check_segment(path.last().t, iova, n, r) {
+                match self.check_mapped(path.last().t, iova, n, r) {
                     // The cursor's table may have been claimed since (see `unmap_path`).
                     Err(UnmapError::NotMapped { .. }) if cursor => from_root = true,
                     res => break res?,
@@ -1508,40 +1508,6 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
         self.retire(&dead);
         drop(guard);
         result
-    }
-
-    /// The check pass of a counted unmap over the `n` entries from `iova` of leaf table `t`:
-    /// every entry valid, no reserved table among them.
-    fn check_segment(&self, t: TableRef<'_>, iova: u64, n: u64, r: Run) -> Result<(), UnmapError> {
-        let size = r.size.get();
-        let first = self.index(iova, r.level);
-        let slots = t
-            .entries
-            .get(first..first + n as usize)
-            .ok_or(UnmapError::BrokenTable {
-                iova: self.ext(iova),
-                pa: t.pa,
-            })?;
-        if n > 1 && self.all_leaves(slots, r.level) {
-            return Ok(());
-        }
-        for (k, e) in slots.iter().enumerate() {
-            let v = e.load(SC);
-            let at = self.ext(iova + k as u64 * size);
-            match self.kind_of(r.level, v) {
-                Kind::Invalid => return Err(UnmapError::NotMapped { iova: at }),
-                Kind::Table => {
-                    if self
-                        .table_of(v)
-                        .is_some_and(|(sub, _)| sub.meta.reservations.load(SC) != 0)
-                    {
-                        return Err(UnmapError::ReservedTable { iova: at });
-                    }
-                }
-                Kind::Leaf => {}
-            }
-        }
-        Ok(())
     }
 
     /// The clear pass over the `n` checked entries from `iova` of leaf table `t`: removes each
