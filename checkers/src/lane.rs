@@ -14,6 +14,7 @@ use iopt_api::{
     AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, PageSize, PageSizes,
     PhysAddr, Prot, Reservation, Reserve, ReserveError, TableAlloc, UnmapError, WalkItem,
 };
+use iopt_lpae::account::Accounting;
 use iopt_lpae::debug::render;
 use iopt_lpae::oracle::{Access, Fault, MemType, Walker};
 use iopt_prealloc::PreallocTable;
@@ -30,7 +31,11 @@ pub trait Subject: Reserve {
     }
 }
 
-impl<A: TableAlloc, F: FlushOps> Subject for AllocOpsTable<A, F> {}
+impl<A: TableAlloc, F: FlushOps, K: Accounting> Subject for AllocOpsTable<A, F, K> {
+    fn deferred_frees(&self) -> usize {
+        self.engine().deferred_frees()
+    }
+}
 
 impl<A: TableAlloc, F: FlushOps> Subject for PreallocTable<A, F> {
     fn deferred_frees(&self) -> usize {
@@ -126,13 +131,17 @@ impl Design {
     {
         match self {
             Design::AllocOps { free, cap } => {
-                let t = AllocOpsTable::with_free_policy(cfg, alloc, flush, free)?;
-                let t = match cap {
-                    None => t,
-                    Some(CapRule::Strict(n)) => t.with_cap(InFlightCap::Strict(n)),
-                    Some(CapRule::MsmThrottle(n)) => t.with_cap(InFlightCap::MsmThrottle(n)),
+                let cap = match cap {
+                    None => InFlightCap::Unlimited,
+                    Some(CapRule::Strict(n)) => InFlightCap::Strict(n),
+                    Some(CapRule::MsmThrottle(n)) => InFlightCap::MsmThrottle(n),
                 };
-                Ok(Box::new(t))
+                Ok(match free {
+                    FreePolicy::EmptyTables => Box::new(
+                        AllocOpsTable::freeing_empty_tables(cfg, alloc, flush)?.with_cap(cap),
+                    ),
+                    _ => Box::new(AllocOpsTable::with_flush(cfg, alloc, flush)?.with_cap(cap)),
+                })
             }
             Design::Prealloc => Ok(Box::new(PreallocTable::with_flush(cfg, alloc, flush)?)),
         }

@@ -57,7 +57,7 @@ pub const STALL_PAGE: u64 = 0x4000_0000;
 /// The most pages [`stalled_walk`] allows the allocator to hand out while the walk is parked:
 /// the root, the bystander's three tables and the churned page's tables, with ample room for
 /// a bounded backlog of deferred frees.
-pub const STALL_LIVE_LIMIT: u64 = iopt_lpae::refcount::LIMBO_LIMIT as u64 + 64;
+pub const STALL_LIVE_LIMIT: u64 = iopt_lpae::reclaim::LIMBO_LIMIT as u64 + 64;
 /// How much slower the last tenth of [`stalled_walk`]'s cycles may be than its first
 /// [`STALL_START_CYCLES`]. The start is the reference, not the first tenth: a cost that grows
 /// with the backlog has already grown over the first tenth of a long run.

@@ -5,7 +5,7 @@
 //! linked with bit 48 folded into bit 12, so the walk lost the leaf and drop freed the wrong
 //! pages).
 
-use iopt_alloc_ops::{AllocOpsTable, FreePolicy};
+use iopt_alloc_ops::AllocOpsTable;
 use iopt_api::{
     AllocError, Gather, IoPageTable, Iova, IovaRange, MapError, NoFlush, PageSize, PhysAddr, Prot,
     Reserve, ReserveError, TableAlloc, TableRef,
@@ -168,9 +168,7 @@ fn reference_table_refuses_bad_pages() {
 #[test]
 fn design1_refuses_bad_pages() {
     refuses_bad_pages(|m| AllocOpsTable::new(cfg(), m).unwrap());
-    refuses_bad_pages(|m| {
-        AllocOpsTable::with_free_policy(cfg(), m, NoFlush, FreePolicy::EmptyTables).unwrap()
-    });
+    refuses_bad_pages(|m| AllocOpsTable::freeing_empty_tables(cfg(), m, NoFlush).unwrap());
 }
 
 #[test]

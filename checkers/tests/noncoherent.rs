@@ -5,7 +5,7 @@
 //! The memory is `SimMemory::non_coherent`: the hardware-walk oracle reads only what was
 //! cleaned, and a page nobody cleaned since its allocation reads as a stale table descriptor.
 
-use iopt_alloc_ops::{AllocOpsTable, FreePolicy};
+use iopt_alloc_ops::AllocOpsTable;
 use iopt_api::{
     AllocError, Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, PageSize,
     PageSizes, PhysAddr, Prot, Quirks, Reserve, TableAlloc, TableRef, WalkItem,
@@ -107,7 +107,9 @@ trait Subject: IoPageTable {
     fn reserved_cycle(&self, gather: &mut Gather, probe: &mut dyn FnMut(&[u64]));
 }
 
-impl<A: TableAlloc> Subject for AllocOpsTable<A> {
+impl<A: TableAlloc, K: iopt_lpae::account::Accounting> Subject
+    for AllocOpsTable<A, iopt_api::NoFlush, K>
+{
     fn reserved_cycle(&self, gather: &mut Gather, probe: &mut dyn FnMut(&[u64])) {
         reserved_cycle(self, gather, probe);
     }
@@ -241,10 +243,7 @@ fn designs() -> [(&'static str, Build); 3] {
             Box::new(AllocOpsTable::new(c, a).unwrap())
         }),
         ("Design 1, eager free", |c, a| {
-            Box::new(
-                AllocOpsTable::with_free_policy(c, a, iopt_api::NoFlush, FreePolicy::EmptyTables)
-                    .unwrap(),
-            )
+            Box::new(AllocOpsTable::freeing_empty_tables(c, a, iopt_api::NoFlush).unwrap())
         }),
         ("Design 2", |c, a| {
             Box::new(PreallocTable::new(c, a).unwrap())

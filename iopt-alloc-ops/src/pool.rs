@@ -6,6 +6,7 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering::Relaxed;
 use iopt_api::{FlushOps, IovaRange, MapError, PhysAddr, TableAlloc};
+use iopt_lpae::account::Accounting;
 use iopt_lpae::{Counters, Engine, PageSource};
 
 /// One live reservation's record.
@@ -42,13 +43,13 @@ pub(crate) type Pools = spin::Mutex<BTreeMap<u64, Pool>>;
 /// Never calls the allocator to obtain. Gives back to the allocator only if the pool is gone,
 /// which the handle check rules out (release consumes the handle the map borrows); kept so
 /// that no page can leak if that ever changes.
-pub(crate) struct PoolSource<'a, A: TableAlloc, F: FlushOps> {
+pub(crate) struct PoolSource<'a, A: TableAlloc, F: FlushOps, K: Accounting> {
     pub(crate) pools: &'a Pools,
     pub(crate) id: u64,
-    pub(crate) engine: &'a Engine<A, F>,
+    pub(crate) engine: &'a Engine<A, F, K>,
 }
 
-impl<A: TableAlloc, F: FlushOps> PoolSource<'_, A, F> {
+impl<A: TableAlloc, F: FlushOps, K: Accounting> PoolSource<'_, A, F, K> {
     fn counters(&self) -> &Counters {
         self.engine.counters()
     }
@@ -77,7 +78,7 @@ impl<A: TableAlloc, F: FlushOps> PoolSource<'_, A, F> {
     }
 }
 
-impl<A: TableAlloc, F: FlushOps> PageSource for PoolSource<'_, A, F> {
+impl<A: TableAlloc, F: FlushOps, K: Accounting> PageSource for PoolSource<'_, A, F, K> {
     fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError> {
         if count == 0 {
             return Ok(());

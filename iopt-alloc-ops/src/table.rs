@@ -10,7 +10,7 @@ use iopt_api::{
     AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, NoFlush, PageSize,
     PhysAddr, Prot, RangeError, ReleaseError, Reservation, Reserve, ReserveError, TableAlloc,
 };
-use iopt_lpae::refcount::Policy;
+use iopt_lpae::account::{Accounting, LiveCounts, Untracked};
 use iopt_lpae::{Engine, split_range};
 
 /// Source of table identities, so a handle of one table is never accepted by another.
@@ -46,10 +46,14 @@ pub enum InFlightCap {
 /// Maps outside reservations allocate on demand exactly as [`iopt_lpae::LpaeTable`] does. The
 /// walker is the shared [`Engine`]; this type only decides where pages come from.
 ///
+/// `K` says when tables are freed: [`Untracked`] (the default; [`FreePolicy::Linux`]) or
+/// [`LiveCounts`] ([`FreePolicy::EmptyTables`], built with
+/// [`freeing_empty_tables`](AllocOpsTable::freeing_empty_tables)).
+///
 /// See the [crate docs](crate) for an example and the policies.
 #[derive(Debug)]
-pub struct AllocOpsTable<A: TableAlloc, F: FlushOps = NoFlush> {
-    engine: Engine<A, F>,
+pub struct AllocOpsTable<A: TableAlloc, F: FlushOps = NoFlush, K: Accounting = Untracked> {
+    engine: Engine<A, F, K>,
     /// Stamps this table's reservation handles (see [`Reservation`]).
     issuer: Issuer,
     next_id: AtomicU64,
@@ -77,33 +81,33 @@ impl<A: TableAlloc> AllocOpsTable<A, NoFlush> {
     }
 }
 
-impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
+impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F, Untracked> {
     /// Builds an empty table that reports invalidations to `flush`.
     ///
     /// # Errors
     ///
     /// The allocator's error if the root cannot be allocated.
     pub fn with_flush(cfg: Config, alloc: A, flush: F) -> Result<Self, AllocError> {
-        Self::with_free_policy(cfg, alloc, flush, FreePolicy::Linux)
+        Self::build(cfg, alloc, flush)
     }
+}
 
-    /// Builds an empty table with an explicit [`FreePolicy`].
+impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F, LiveCounts> {
+    /// Builds an empty table that also frees every table an unmap leaves empty
+    /// ([`FreePolicy::EmptyTables`]).
     ///
     /// # Errors
     ///
     /// The allocator's error if the root cannot be allocated.
-    pub fn with_free_policy(
-        cfg: Config,
-        alloc: A,
-        flush: F,
-        free: FreePolicy,
-    ) -> Result<Self, AllocError> {
-        let policy = match free {
-            FreePolicy::Linux => Policy::Linux,
-            FreePolicy::EmptyTables => Policy::Refcounted,
-        };
+    pub fn freeing_empty_tables(cfg: Config, alloc: A, flush: F) -> Result<Self, AllocError> {
+        Self::build(cfg, alloc, flush)
+    }
+}
+
+impl<A: TableAlloc, F: FlushOps, K: Accounting> AllocOpsTable<A, F, K> {
+    fn build(cfg: Config, alloc: A, flush: F) -> Result<Self, AllocError> {
         Ok(Self {
-            engine: Engine::with_policy(cfg, alloc, flush, policy)?,
+            engine: Engine::with_accounting(cfg, alloc, flush)?,
             issuer: Issuer::new(NEXT_TABLE_ID.fetch_add(1, Relaxed)),
             next_id: AtomicU64::new(1),
             policy: CountPolicy::default(),
@@ -131,9 +135,10 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
     /// Returns when tables are freed.
     #[must_use]
     pub fn free_policy(&self) -> FreePolicy {
-        match self.engine.policy() {
-            Policy::Linux => FreePolicy::Linux,
-            _ => FreePolicy::EmptyTables,
+        if K::COUNTS {
+            FreePolicy::EmptyTables
+        } else {
+            FreePolicy::Linux
         }
     }
 
@@ -157,7 +162,7 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
 
     /// Returns the engine, for inspection.
     #[must_use]
-    pub fn engine(&self) -> &Engine<A, F> {
+    pub fn engine(&self) -> &Engine<A, F, K> {
         &self.engine
     }
 
@@ -451,7 +456,7 @@ impl<A: TableAlloc, F: FlushOps> AllocOpsTable<A, F> {
 
     /// Three words, built on every reserved map: the rest is reached through the engine only
     /// when the pool is used.
-    fn pool_source(&self, id: u64) -> PoolSource<'_, A, F> {
+    fn pool_source(&self, id: u64) -> PoolSource<'_, A, F, K> {
         PoolSource {
             pools: &self.pools,
             id,
@@ -492,9 +497,9 @@ fn hull(lo: u64, hi: u64) -> Option<IovaRange> {
     IovaRange::new(Iova::new(lo), len, 1).ok()
 }
 
-iopt_lpae::impl_io_page_table_on_engine!(AllocOpsTable);
+iopt_lpae::impl_io_page_table_on_engine!(AllocOpsTable<K>);
 
-impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
+impl<A: TableAlloc, F: FlushOps, K: Accounting> Reserve for AllocOpsTable<A, F, K> {
     /// Counts with the table's [`CountPolicy`], checks the [`InFlightCap`], and takes the pages
     /// with one [`TableAlloc::alloc_bulk`] call (none for a count of zero) into a pool private
     /// to the reservation.
@@ -569,7 +574,7 @@ impl<A: TableAlloc, F: FlushOps> Reserve for AllocOpsTable<A, F> {
     }
 }
 
-impl<A: TableAlloc, F: FlushOps> Drop for AllocOpsTable<A, F> {
+impl<A: TableAlloc, F: FlushOps, K: Accounting> Drop for AllocOpsTable<A, F, K> {
     /// Returns the pages of every unreleased reservation in one bulk free; the engine then
     /// frees the tree and the root.
     fn drop(&mut self) {

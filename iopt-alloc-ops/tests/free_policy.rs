@@ -35,7 +35,7 @@ fn cfg() -> Config {
 fn full_unmap_returns_to_the_root() {
     let mem = SimMemory::new();
     let walks = Walks::default();
-    let t = AllocOpsTable::with_free_policy(cfg(), &mem, &walks, FreePolicy::EmptyTables).unwrap();
+    let t = AllocOpsTable::freeing_empty_tables(cfg(), &mem, &walks).unwrap();
     assert_eq!(t.free_policy(), FreePolicy::EmptyTables);
     // Scattered 4K pages over two 1 GiB regions, through a reservation and on demand.
     let range = IovaRange::new(Iova::new(0x3fe0_0000), 0x40_0000, 0x1000).unwrap();
@@ -80,10 +80,8 @@ fn full_unmap_returns_to_the_root() {
 fn linux_policy_keeps_empty_tables_and_both_translate_alike() {
     let mem = SimMemory::new();
     let linux = AllocOpsTable::new(cfg(), &mem).unwrap();
-    let eager =
-        AllocOpsTable::with_free_policy(cfg(), &mem, iopt_api::NoFlush, FreePolicy::EmptyTables)
-            .unwrap();
-    for t in [&linux, &eager] {
+    let eager = AllocOpsTable::freeing_empty_tables(cfg(), &mem, iopt_api::NoFlush).unwrap();
+    for t in [&linux as &dyn IoPageTable, &eager] {
         t.map(
             Iova::new(0x20_0000),
             PhysAddr::new(0x4000_0000),
@@ -123,13 +121,7 @@ fn linux_policy_keeps_empty_tables_and_both_translate_alike() {
 fn threads_with_eager_freeing_leave_the_root_alone() {
     for round in 0..10u64 {
         let mem = SimMemory::new();
-        let t = AllocOpsTable::with_free_policy(
-            cfg(),
-            &mem,
-            iopt_api::NoFlush,
-            FreePolicy::EmptyTables,
-        )
-        .unwrap();
+        let t = AllocOpsTable::freeing_empty_tables(cfg(), &mem, iopt_api::NoFlush).unwrap();
         std::thread::scope(|s| {
             for th in 0..4u64 {
                 let t = &t;

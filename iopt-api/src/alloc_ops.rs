@@ -4,9 +4,9 @@
 //! bulk-capable, plus the one thing a `no_std`, `unsafe`-free table needs that C gets from
 //! `phys_to_virt`: a way to reach a table's entries from the physical address in a descriptor.
 
+use crate::atomic::{AtomicU32, AtomicU64};
 use crate::{AllocError, PhysAddr};
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, AtomicU64};
 
 /// Software metadata the allocator keeps beside each table page, like a kernel's `struct
 /// ptdesc`: never in descriptor bits, always atomic. The allocator hands it out zeroed with the

@@ -38,6 +38,7 @@ extern crate std;
 
 mod addr;
 mod alloc_ops;
+pub mod atomic;
 mod config;
 mod dirty;
 mod error;

@@ -2,13 +2,14 @@
 //! clears, as iommufd needs to unpin exactly those pages. The leaves are found by a walk limited
 //! to the unmapped range before the ordinary unmap runs, so the plain unmap pays nothing.
 
+use crate::account::Accounting;
 use crate::desc::{self, Kind};
 use crate::engine::{Engine, Run};
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 use iopt_api::{FlushOps, Gather, Iova, PaRun, TableAlloc, TableRef, UnmapError, push_pa_run};
 
-impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
+impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     /// Unmaps a validated run as [`unmap_run`](Engine::unmap_run) does and appends the
     /// output-address runs of the leaves it cleared to `removed` (nothing on error).
     ///

@@ -2,6 +2,7 @@
 //! and a human-readable dump of a whole tree in which runs of contiguous leaves collapse into
 //! one line. Checkers print these when they report a divergence.
 
+use crate::account::Accounting;
 use crate::desc::{self, Kind};
 use crate::engine::Engine;
 use alloc::format;
@@ -24,7 +25,7 @@ pub struct WalkStep {
     pub descriptor: u64,
 }
 
-impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
+impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     /// Returns the descriptors on the path of `iova`, from the root down to the first leaf or
     /// empty entry (Linux's `pgtable_walk`). Empty outside the input range.
     #[must_use]

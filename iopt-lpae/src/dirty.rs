@@ -8,6 +8,7 @@
 //! [`DirtyFlags::NO_CLEAR`]); the caller then invalidates the gathered range so the SMMU sees
 //! the clean state. Unlike Linux, a range with a hole is refused before anything is cleaned.
 
+use crate::account::Accounting;
 use crate::desc::{self, Kind};
 use crate::engine::Engine;
 use core::sync::atomic::Ordering;
@@ -17,14 +18,14 @@ pub use iopt_api::{BitmapError, DirtyBitmap, DirtyFlags, DirtySink};
 
 /// A leaf found by the range walk: where its descriptor lives and what it maps.
 struct LeafAt<'a> {
-    slot: &'a core::sync::atomic::AtomicU64,
+    slot: &'a iopt_api::atomic::AtomicU64,
     table: iopt_api::TableRef<'a>,
     idx: usize,
     start: u64,
     size: u64,
 }
 
-impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
+impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     /// Finds the leaf covering `iova` (a local address).
     fn leaf_at(&self, iova: u64) -> Result<LeafAt<'_>, DirtyError> {
         let cfg = self.config();

@@ -11,8 +11,10 @@
 //!   [`TableAlloc`](iopt_api::TableAlloc), with leak accounting and failure injection;
 //! - [`engine`]: the one walker (map, unmap, lookup, walk) behind a narrow [`PageSource`] hook
 //!   through which backends supply table pages;
-//! - [`refcount`]: the engine's opt-in [`Policy::Refcounted`](refcount::Policy): live-entry
-//!   and reservation counts beside every table, eager freeing, and Design 2's reserve/release;
+//! - [`account`]: how the engine accounts for table pages, as a type parameter:
+//!   [`Untracked`](account::Untracked) (Linux) or [`LiveCounts`](account::LiveCounts)
+//!   (live-entry and reservation counts, eager freeing, Design 2's reserve/release), with
+//!   [`reclaim`] deferring frees past concurrent readers;
 //! - [`oracle`]: a hardware-walk oracle that translates from register values and raw memory,
 //!   sharing no code with the engine, so each checks the other;
 //! - [`LpaeTable`]: the on-demand reference table (Linux's behaviour) on the engine;
@@ -42,18 +44,20 @@ extern crate alloc;
 #[cfg(any(feature = "std", test))]
 extern crate std;
 
+pub mod account;
+mod atomic;
+mod cache;
 mod collect;
 pub mod debug;
 pub mod desc;
 pub mod dirty;
 pub mod engine;
 pub mod oracle;
-pub mod refcount;
+pub mod reclaim;
 pub mod regs;
 mod sim;
-mod sync;
 mod table;
 
-pub use engine::{Counters, Engine, OnDemand, PageSource, Run, Stash};
+pub use engine::{Counters, Engine, OnDemand, OpGuard, PageSource, Run, Stash};
 pub use sim::{CACHE_LINE, STALE_DESCRIPTOR, SimLayout, SimMemory, SimStats};
 pub use table::{LpaeTable, split_range, split_sg};

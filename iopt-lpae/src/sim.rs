@@ -23,6 +23,7 @@
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use iopt_api::atomic::AtomicU64 as Entry;
 use iopt_api::{AllocError, PhysAddr, TableAlloc, TableMeta, TableRef};
 use once_cell::race::OnceBox;
 
@@ -58,9 +59,9 @@ impl Default for SimLayout {
 /// time one of them is handed out. Lookups index straight into it.
 #[derive(Debug)]
 struct Chunk {
-    entries: Box<[AtomicU64]>,
+    entries: Box<[Entry]>,
     /// The device's view of `entries` (empty for a coherent memory).
-    device: Box<[AtomicU64]>,
+    device: Box<[Entry]>,
     pages: Box<[PageState]>,
 }
 
@@ -77,9 +78,9 @@ struct PageState {
 /// One page as a lookup sees it.
 #[derive(Clone, Copy)]
 struct Page<'a> {
-    entries: &'a [AtomicU64],
+    entries: &'a [Entry],
     /// Empty for a coherent memory.
-    device: &'a [AtomicU64],
+    device: &'a [Entry],
     meta: &'a TableMeta,
     live: &'a AtomicBool,
 }
@@ -147,7 +148,7 @@ impl Region {
     /// The entries and state of page `i` of `chunk` (pages of `1 << entries_shift` entries),
     /// without the device view: what a table look-up needs.
     #[inline]
-    fn cpu_side(chunk: &Chunk, i: usize, entries_shift: u32) -> Option<(&[AtomicU64], &PageState)> {
+    fn cpu_side(chunk: &Chunk, i: usize, entries_shift: u32) -> Option<(&[Entry], &PageState)> {
         let state = chunk.pages.get(i)?;
         let entries = chunk
             .entries
@@ -157,7 +158,7 @@ impl Region {
 
     /// The entries and state of the page at offset `off` (a multiple of the stride).
     #[inline]
-    fn cpu_side_at(&self, off: u64) -> Option<(&[AtomicU64], &PageState)> {
+    fn cpu_side_at(&self, off: u64) -> Option<(&[Entry], &PageState)> {
         let chunk = self
             .chunks
             .get(usize::try_from(off >> self.chunk_span_shift).ok()?)?
@@ -190,10 +191,10 @@ impl Region {
         let entries = self.entries;
         let chunk = self.chunks.get(index / per_chunk)?.get_or_init(|| {
             let mut e = Vec::with_capacity(per_chunk * entries);
-            e.resize_with(per_chunk * entries, || AtomicU64::new(0));
+            e.resize_with(per_chunk * entries, || Entry::new(0));
             let device_len = if non_coherent { per_chunk * entries } else { 0 };
             let mut d = Vec::with_capacity(device_len);
-            d.resize_with(device_len, || AtomicU64::new(STALE_DESCRIPTOR));
+            d.resize_with(device_len, || Entry::new(STALE_DESCRIPTOR));
             let mut p = Vec::with_capacity(per_chunk);
             p.resize_with(per_chunk, PageState::default);
             Box::new(Chunk {

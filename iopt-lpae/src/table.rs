@@ -6,6 +6,7 @@
 //! same [`Engine`]; this type is the baseline they are compared with and the subject of the
 //! golden replay.
 
+use crate::account::Accounting;
 use crate::engine::{Engine, PageSource, Run};
 use alloc::vec::Vec;
 use iopt_api::{
@@ -88,8 +89,8 @@ impl<A: TableAlloc, F: FlushOps> LpaeTable<A, F> {
 ///
 /// [`MapError::Empty`], [`MapError::Overflow`], [`MapError::Misaligned`] when no supported size
 /// fits, or the first run's validation error.
-pub fn split_range<A: TableAlloc, F: FlushOps>(
-    engine: &Engine<A, F>,
+pub fn split_range<A: TableAlloc, F: FlushOps, K: Accounting>(
+    engine: &Engine<A, F, K>,
     iova: Iova,
     pa: PhysAddr,
     len: u64,
@@ -143,8 +144,8 @@ pub fn split_range<A: TableAlloc, F: FlushOps>(
 /// [`MapError::Empty`] for an empty list or segment, [`MapError::Overflow`],
 /// [`MapError::Misaligned`] when a segment's address or length fits no supported size, or the
 /// first run's validation error.
-pub fn split_sg<A: TableAlloc, F: FlushOps>(
-    engine: &Engine<A, F>,
+pub fn split_sg<A: TableAlloc, F: FlushOps, K: Accounting>(
+    engine: &Engine<A, F, K>,
     iova: Iova,
     segments: &[(PhysAddr, u64)],
     prot: Prot,
@@ -172,8 +173,14 @@ pub fn split_sg<A: TableAlloc, F: FlushOps>(
 #[macro_export]
 macro_rules! impl_io_page_table_on_engine {
     ($ty:ident) => {
-        impl<A: ::iopt_api::TableAlloc, F: ::iopt_api::FlushOps> ::iopt_api::IoPageTable
-            for $ty<A, F>
+        $crate::impl_io_page_table_on_engine!(@impl [] $ty<A, F>);
+    };
+    ($ty:ident<K>) => {
+        $crate::impl_io_page_table_on_engine!(@impl [K: $crate::account::Accounting] $ty<A, F, K>);
+    };
+    (@impl [$($k:tt)*] $ty:ident<$($p:ident),*>) => {
+        impl<A: ::iopt_api::TableAlloc, F: ::iopt_api::FlushOps, $($k)*> ::iopt_api::IoPageTable
+            for $ty<$($p),*>
         {
             fn config(&self) -> &::iopt_api::Config {
                 self.engine.config()

@@ -87,10 +87,9 @@ fn disjoint_threads_share_tables() {
 #[test]
 fn unlinked_tables_wait_for_every_guard_slot_or_overflow() {
     use iopt_lpae::Engine;
-    use iopt_lpae::refcount::Policy;
     let cfg = cfg();
     let mem = SimMemory::new();
-    let e = Engine::with_policy(cfg, &mem, iopt_api::NoFlush, Policy::Refcounted).unwrap();
+    let e = Engine::counting(cfg, &mem, iopt_api::NoFlush).unwrap();
     let iova = Iova::new(0x4000_0000);
     let map = || {
         e.map(

@@ -5,7 +5,7 @@
 //! covers a range and takes a reference on each table page, so later maps there never allocate
 //! and later unmaps never free; "unallocate VA" drops the references and frees, in one batch,
 //! whatever falls to zero. [`PreallocTable`] is a complete ARM LPAE page table built that way
-//! on the shared [`Engine`] of `iopt-lpae`, with the engine's [`Policy::Refcounted`] turned on.
+//! on the shared [`Engine`] of `iopt-lpae`, over the engine's [`LiveCounts`] accounting.
 //!
 //! ```
 //! use iopt_api::{Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, PageSize,
@@ -117,7 +117,7 @@ use iopt_api::{
     AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, NoFlush, PageSize,
     PhysAddr, Prot, ReleaseError, Reservation, Reserve, ReserveError, TableAlloc,
 };
-use iopt_lpae::refcount::Policy;
+use iopt_lpae::account::LiveCounts;
 use iopt_lpae::{Engine, PageSource};
 
 /// Identities of tables, so a reservation of one table is refused by another.
@@ -152,7 +152,7 @@ impl PageSource for NoAlloc {
 /// An ARM LPAE IO page table with refcounted VA reservations (Design 2). See the
 /// [crate docs](crate) for the semantics.
 pub struct PreallocTable<A: TableAlloc, F: FlushOps = NoFlush> {
-    engine: Engine<A, F>,
+    engine: Engine<A, F, LiveCounts>,
     /// Stamps this table's reservation handles. A handle it recognises is live (release
     /// consumes it) and says what it reserved, so the table keeps no registry.
     issuer: Issuer,
@@ -190,7 +190,7 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
     /// The allocator's error if the root cannot be allocated.
     pub fn with_flush(cfg: Config, alloc: A, flush: F) -> Result<Self, AllocError> {
         Ok(Self {
-            engine: Engine::with_policy(cfg, alloc, flush, Policy::Refcounted)?,
+            engine: Engine::with_accounting(cfg, alloc, flush)?,
             issuer: Issuer::new(NEXT_TABLE.fetch_add(1, Ordering::Relaxed)),
             next: AtomicU64::new(1),
             live: AtomicUsize::new(0),
@@ -199,7 +199,7 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
 
     /// Returns the engine, for inspection.
     #[must_use]
-    pub fn engine(&self) -> &Engine<A, F> {
+    pub fn engine(&self) -> &Engine<A, F, LiveCounts> {
         &self.engine
     }
 

@@ -112,6 +112,9 @@ impl Default for Backend {
 }
 
 /// A page table of whichever design was chosen.
+// Design 2's variant carries its reclamation slots (4 KiB, a cache line pair each) inline:
+// a table is built once and used in place, and a box would add an indirection to every call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Table<A: TableAlloc, F: FlushOps = NoFlush> {

@@ -15,7 +15,7 @@ fn free_policy_is_reexported() {
     ))
     .unwrap();
     let mem = SimMemory::new();
-    let t = AllocOpsTable::with_free_policy(cfg, &mem, NoFlush, FreePolicy::EmptyTables).unwrap();
+    let t = AllocOpsTable::freeing_empty_tables(cfg, &mem, NoFlush).unwrap();
     assert_eq!(t.free_policy(), FreePolicy::EmptyTables);
     assert_eq!(FreePolicy::default(), FreePolicy::Linux);
 }

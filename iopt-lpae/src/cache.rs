@@ -20,12 +20,13 @@
 //! With a coherent walker every helper is one predictable branch; nothing is cleaned and
 //! `SW_SYNC` is never set (Linux's behaviour too).
 
+use crate::account::Accounting;
 use crate::desc;
 use crate::engine::Engine;
 use core::sync::atomic::Ordering;
 use iopt_api::{FlushOps, PhysAddr, TableAlloc, TableRef};
 
-impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
+impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     /// Whether descriptor writes need cleaning.
     #[inline]
     pub(crate) fn non_coherent(&self) -> bool {
