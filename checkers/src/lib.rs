@@ -43,9 +43,9 @@
 //!   backends (`tests/broken.rs`);
 //! - `cargo test -p iopt-checkers --release --test races`: the race hunts, one at a time,
 //!   3 s each (`IOPT_RACE_SECS` sets the budget, `IOPT_RACE_HANG_SECS` the hang watchdog);
-//! - `cargo test -p iopt-checkers --features loom --test loom_install --release`: the table
-//!   install and pin/claim protocols, model-checked with `loom` (a model of the protocol, not
-//!   the compiled engine: see that file);
+//! - `cargo test -p iopt-checkers --features loom --test loom_engine --release`: the engine's
+//!   own map, unmap, lookup, reserve and release, model-checked with `loom` (table memory and
+//!   reclamation on loom's atomics; see that file);
 //! - `fuzz/` (its own workspace, nightly): one libFuzzer target per checker; `.ci/fuzz-smoke`
 //!   runs each for 60 s.
 //!

@@ -43,3 +43,13 @@ pub(crate) fn full_fence_after_rmw() {
     ))]
     fence(core::sync::atomic::Ordering::SeqCst);
 }
+
+/// Waits a moment for another thread to finish what it started (a claimed table's unlink):
+/// a spin hint, or under the model checker a yield, so that it schedules the other thread.
+#[inline]
+pub(crate) fn spin_wait() {
+    #[cfg(feature = "loom")]
+    loom::thread::yield_now();
+    #[cfg(not(feature = "loom"))]
+    core::hint::spin_loop();
+}

@@ -40,8 +40,29 @@ const SC: Ordering = Ordering::SeqCst;
 /// back to this many tables plus what the operations in flight retire themselves.
 pub const LIMBO_LIMIT: usize = 4096;
 
-/// Announcement slots; a power of two.
+/// Announcement slots; a power of two. Under the model checker two suffice (and keep each
+/// reclaim's scan to two schedule points).
+#[cfg(not(feature = "loom"))]
 const SLOTS: usize = 32;
+#[cfg(feature = "loom")]
+const SLOTS: usize = 2;
+
+#[cfg(feature = "loom")]
+std::thread_local! {
+    /// Model-checker builds only: makes reclaim ignore announcements, so that a test can show
+    /// the checker catching a reader of freed tables (`checkers/tests/loom_engine.rs`).
+    #[doc(hidden)]
+    pub static IGNORE_ANNOUNCEMENTS: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+/// Whether reclaim honours announcements (always, outside the model checker's negative test).
+#[inline]
+fn honour_announcements() -> bool {
+    #[cfg(feature = "loom")]
+    return !IGNORE_ANNOUNCEMENTS.with(core::cell::Cell::get);
+    #[cfg(not(feature = "loom"))]
+    true
+}
 
 /// One announcement: 0 when free, `(epoch << 1) | 1` while an operation that entered at
 /// `epoch` holds it. Its owner alone clears it, so leaving is a plain release store.
@@ -224,7 +245,7 @@ impl Reclaim {
             // read tables unlinked before this point is seen here.
             let behind = self.slots.iter().enumerate().find_map(|(i, s)| {
                 let v = s.0.load(SC);
-                (v != 0 && v >> 1 != e).then_some((i, v))
+                (v != 0 && v >> 1 != e && honour_announcements()).then_some((i, v))
             });
             if let Some((i, v)) = behind {
                 self.blocked_by.store(v, Ordering::Relaxed);
@@ -232,7 +253,7 @@ impl Reclaim {
                 break;
             }
             // SeqCst: pairs with the increment in `enter_overflow`.
-            if self.overflow.by_parity[old].load(SC) != 0 {
+            if self.overflow.by_parity[old].load(SC) != 0 && honour_announcements() {
                 break;
             }
             // SeqCst: the epoch's total order is what `enter` and `retire` read.

@@ -616,13 +616,13 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             match self.descend_for_map(&mut path, iova, pa, target, n, bits, src, dead, epoch)? {
                 Descent::Mapped => return Ok(()),
                 Descent::Retry => {
-                    core::hint::spin_loop();
+                    crate::atomic::spin_wait();
                     continue;
                 }
                 Descent::Leaf => {}
             }
             let Some(claims) = self.prepare_leaf(&path, iova, target, n, dead)? else {
-                core::hint::spin_loop();
+                crate::atomic::spin_wait();
                 continue;
             };
             self.cursor_set(target, iova, path.last().pa(), epoch);
@@ -709,7 +709,18 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         let parent = *path.last();
         let level = parent.level;
         let need = (target - level) as usize;
-        let (held, tables) = self.obtain_chain(need, src)?;
+        // Pin the parent first: a parent being freed sends the caller back to the root
+        // without taking pages it would only give back.
+        if !K::pin(parent.t.meta, 1) {
+            return Ok(false);
+        }
+        let (held, tables) = match self.obtain_chain(need, src) {
+            Ok(chain) => chain,
+            Err(e) => {
+                self.drop_live(path.frames(), path.top(), 1, iova, dead);
+                return Err(e);
+            }
+        };
         let pages = &held[..need];
         let chain = &tables[..need];
         for i in 0..need - 1 {
@@ -728,23 +739,21 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             self.sync_table(t);
         }
         let new = desc::encode_table(cfg, pages[0]);
-        if K::pin(parent.t.meta, 1) {
-            // RMW ordering (release at least): publishes the chain to walkers that acquire the
-            // entry; SeqCst on a counting engine, ordered with the pin just made.
-            if parent.t.entries[idx]
-                .compare_exchange(0, new, K::RMW, K::LOAD)
-                .is_ok()
-            {
-                self.sync_installed(parent.t, idx, new);
-                self.counters().add_live(need as u64);
-                self.cursor_set(target, iova, pages[need - 1], epoch);
-                return Ok(true);
-            }
-            self.counters()
-                .install_races_lost
-                .fetch_add(1, Ordering::Relaxed);
-            self.drop_live(path.frames(), path.top(), 1, iova, dead);
+        // RMW ordering (release at least): publishes the chain to walkers that acquire the
+        // entry; SeqCst on a counting engine, ordered with the pin just made.
+        if parent.t.entries[idx]
+            .compare_exchange(0, new, K::RMW, K::LOAD)
+            .is_ok()
+        {
+            self.sync_installed(parent.t, idx, new);
+            self.counters().add_live(need as u64);
+            self.cursor_set(target, iova, pages[need - 1], epoch);
+            return Ok(true);
         }
+        self.counters()
+            .install_races_lost
+            .fetch_add(1, Ordering::Relaxed);
+        self.drop_live(path.frames(), path.top(), 1, iova, dead);
         for (i, t) in chain.iter().enumerate() {
             if i + 1 < need {
                 t.entries[cfg.index(iova, level + 1 + i as u32)].store(0, Ordering::Relaxed);

@@ -268,7 +268,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                         };
                         if !K::pin(sub.meta, 1) {
                             // Being freed: its parent slot empties shortly.
-                            core::hint::spin_loop();
+                            crate::atomic::spin_wait();
                             continue;
                         }
                         self.sync_seen(f.t, idx, e);
