@@ -1465,7 +1465,7 @@ fn expected_dirty(
 }
 
 /// Whether a Design 2 reservation of `r` for leaves up to `max_leaf` covers the table at
-/// `level` whose first IOVA is `base`, recomputed from the definition (designs.md; the
+/// `level` whose first IOVA is `base`, recomputed from the definition (docs/designs.md; the
 /// prealloc crate docs): the table's parent slot is touched by the range and is not a slot
 /// where a leaf of an allowed size lies wholly inside the range.
 #[must_use]

@@ -12,7 +12,7 @@
 //! - [`faults`]: the same sequence with an allocation failure injected at an arbitrary index:
 //!   a typed error, nothing changed, nothing leaked;
 //! - [`config`]: arbitrary configurations: a typed error, or a table whose geometry and
-//!   register outputs match the rules of `lpae-format.md` §3 and §5, re-derived here;
+//!   register outputs match the rules of `docs/lpae-format.md` §3 and §5, re-derived here;
 //! - [`descriptor`]: descriptor encode/decode round trips, decoding of arbitrary 64-bit values
 //!   at any level and format, and the oracle on arbitrary raw memory: never a panic.
 //!

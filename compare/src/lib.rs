@@ -14,7 +14,7 @@
 //!   the hardware-walk oracle), and the allocator's books, after every call;
 //! - [`policy`]: how each design's users drive it — the one place the designs differ;
 //! - [`harness`]: runs one design through one workload, checking and measuring;
-//! - [`experiments`]: single binds on an empty tree (designs.md §8) and queue-depth sweeps;
+//! - [`experiments`]: single binds on an empty tree (docs/designs.md §8) and queue-depth sweeps;
 //! - [`designs`]: the backends, ready to run; [`eval`]: the whole evaluation;
 //! - [`metrics`] and [`report`]: what is measured and how it is shown.
 //!

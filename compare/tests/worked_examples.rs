@@ -1,4 +1,4 @@
-//! designs.md §8 reproduced by running the backends: single binds on an empty tree (Design 1
+//! docs/designs.md §8 reproduced by running the backends: single binds on an empty tree (Design 1
 //! reserves the "reserved" column, Design 2 the "need" columns) and peak memory against queue
 //! depth (2.0 / 16.1 / 128.5 MiB for 1, 8, 64 queued 1 GiB binds under Design 1; 3,000 vs 3
 //! pages for 1000 tiny binds in one 2 MiB region).

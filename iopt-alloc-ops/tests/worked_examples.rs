@@ -1,4 +1,4 @@
-//! designs.md §8: reservation counts of panthor's formulas, and the pages maps actually take.
+//! docs/designs.md §8: reservation counts of panthor's formulas, and the pages maps actually take.
 
 mod common;
 
@@ -248,7 +248,7 @@ fn queue_depth_of_1gib_maps() {
 
 #[test]
 fn unmap_reservation_table() {
-    // designs.md §8, unmap reservations (§4.6).
+    // docs/designs.md §8, unmap reservations (§4.6).
     let cases = [
         ("4 KiB at 2 MiB-aligned VA", VA, K4, 1),
         ("4 KiB at VA + 4 KiB", VA + K4, K4, 1),
