@@ -15,8 +15,8 @@ use iopt_api::{
     AllocError, Config, ConfigError, ConfigInput, Format, Gather, Granule, Iova, MapError,
     PageSize, PageSizes, PhysAddr, Prot, Quirks, Registers, Tcr, Vtcr,
 };
-use iopt_lpae::debug::render;
-use iopt_lpae::oracle::{Access, Fault, Walker};
+use iopt_sim::debug::render;
+use iopt_sim::oracle::{Access, Fault, Walker};
 
 /// An arbitrary configuration request, biased towards the interesting values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -475,7 +475,7 @@ fn smoke(
     t: &dyn Subject,
     cfg: &Config,
     g: &Geometry,
-    mem: &iopt_lpae::SimMemory,
+    mem: &iopt_sim::SimMemory,
 ) -> Result<(), String> {
     let i = cfg.input();
     let root = t.root();

@@ -13,7 +13,7 @@ use crate::input::setups;
 use arbitrary::{Arbitrary, Unstructured};
 use iopt_api::{Config, Format, Granule, PhysAddr, Prot, Quirks, Registers, Tcr, Vtcr};
 use iopt_lpae::desc::{self, Kind};
-use iopt_lpae::oracle::{Access, PhysRead, PhysUpdate, Walker};
+use iopt_sim::oracle::{Access, PhysRead, PhysUpdate, Walker};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The descriptor functions under check.

@@ -14,9 +14,9 @@ use iopt_api::{
     AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, PageSize, PageSizes,
     PhysAddr, Prot, Reservation, Reserve, ReserveError, TableAlloc, UnmapError, WalkItem,
 };
-use iopt_lpae::debug::render;
-use iopt_lpae::oracle::{Access, Fault, MemType, Walker};
 use iopt_prealloc::PreallocTable;
+use iopt_sim::debug::render;
+use iopt_sim::oracle::{Access, Fault, MemType, Walker};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -222,7 +222,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Takes a snapshot of `table` and its memory.
     #[must_use]
-    pub fn take(table: &dyn Subject, mem: &iopt_lpae::SimMemory) -> Self {
+    pub fn take(table: &dyn Subject, mem: &iopt_sim::SimMemory) -> Self {
         let mut walk = Vec::new();
         table.walk(&mut |i| walk.push(i));
         let s = table.stats();
@@ -483,7 +483,7 @@ impl Lane {
         Failure::new(format!("[{}] {}", self.name, what.into()), self.dump_of(t))
     }
 
-    /// A readable dump: the tree (`iopt_lpae::debug::render`), the model, the device caches,
+    /// A readable dump: the tree (`iopt_sim::debug::render`), the model, the device caches,
     /// the reservations and the last operations.
     #[must_use]
     pub fn dump(&self) -> String {
@@ -1423,7 +1423,7 @@ pub mod bridged {
 /// input range, or the first unmapped page.
 fn expected_dirty(
     cfg: &Config,
-    mem: &iopt_lpae::SimMemory,
+    mem: &iopt_sim::SimMemory,
     root: PhysAddr,
     range: IovaRange,
 ) -> Result<Vec<(Iova, u64)>, iopt_api::DirtyError> {

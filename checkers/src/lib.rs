@@ -24,7 +24,7 @@
 //! no table page is freed, or unlinked, before a walk flush covered it and no removed leaf
 //! escapes both the gather and the walk flushes.
 //!
-//! A failure is a [`Failure`] with a readable dump (`iopt_lpae::debug::render` of the tree, the
+//! A failure is a [`Failure`] with a readable dump (`iopt_sim::debug::render` of the tree, the
 //! model, the device caches and the last operations).
 //!
 //! [`workloads`] drives the exhaustive fault injection, [`stress`] the concurrency stress,

@@ -23,7 +23,7 @@
 //! use compare::ops::TableKind;
 //! use iopt_alloc_ops::AllocOpsTable;
 //! use iopt_api::{Iova, IovaRange, PageSize, Prot};
-//! use iopt_lpae::SimMemory;
+//! use iopt_sim::SimMemory;
 //! use std::sync::Arc;
 //!
 //! let cfg = TableKind::Panthor.config();
@@ -45,8 +45,8 @@ use iopt_api::{
     Gather, IoPageTable, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, ReleaseError,
     Reservation, Reserve, ReserveError, UnmapError, WalkItem,
 };
-use iopt_lpae::SimMemory;
-use iopt_lpae::oracle::{Access, Walker};
+use iopt_sim::SimMemory;
+use iopt_sim::oracle::{Access, Walker};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;

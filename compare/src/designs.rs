@@ -5,7 +5,7 @@ use crate::harness::Design;
 use crate::model::{CapRule, ReservePolicy};
 use crate::policy::Policy;
 use iopt_alloc_ops::{AllocOpsTable, InFlightCap, MSM_CAP_PAGES};
-use iopt_lpae::SimMemory;
+use iopt_sim::SimMemory;
 use std::sync::Arc;
 
 /// Design 1's table type as the harness builds it.

@@ -20,7 +20,7 @@ use crate::policy::{Piece, Policy, split};
 use iopt_api::{
     AllocError, Config, Gather, Iova, PageSize, PhysAddr, Prot, Reservation, Reserve, ReserveError,
 };
-use iopt_lpae::{SimLayout, SimMemory};
+use iopt_sim::{SimLayout, SimMemory};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;

@@ -14,7 +14,7 @@ use iopt_api::{
     Config, Gather, IoPageTable, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, Registers,
     ReleaseError, Reservation, Reserve, ReserveError, Stats, Translation, UnmapError, WalkItem,
 };
-use iopt_lpae::SimMemory;
+use iopt_sim::SimMemory;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 

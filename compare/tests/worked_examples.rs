@@ -84,8 +84,8 @@ fn the_512_gib_row_from_the_counting_apis() {
     use compare::ops::TableKind;
     use iopt_alloc_ops::{AllocOpsTable, CountPolicy};
     use iopt_api::{Iova, IovaRange, PageSize, Reserve};
-    use iopt_lpae::SimMemory;
     use iopt_prealloc::PreallocTable;
+    use iopt_sim::SimMemory;
     let cfg = TableKind::Panthor.config();
     let range = IovaRange::new(Iova::new(512 << 30), 512 << 30, 4096).unwrap();
     let mem = SimMemory::new();

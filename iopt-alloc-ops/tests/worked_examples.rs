@@ -7,7 +7,7 @@ use iopt_alloc_ops::{
     AllocOpsTable, CountPolicy, msm_merged_pages, unmap_reserve_pages, worst_case_pages,
 };
 use iopt_api::{Gather, IoPageTable, Iova, PageSize, PhysAddr, Reserve, ReserveError};
-use iopt_lpae::SimMemory;
+use iopt_sim::SimMemory;
 
 /// A 2 MiB- and 1 GiB- and 512 GiB-aligned VA well inside 48 bits.
 const VA: u64 = 3 * G512;

@@ -713,7 +713,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F> {
     ///
     /// ```
     /// use iopt_api::{Config, ConfigInput, Format, Gather, Iova, PageSize, PageSizes, PhysAddr, Prot, NoFlush};
-    /// use iopt_lpae::{Engine, SimMemory, refcount::Policy};
+    /// use iopt_lpae::{Engine, refcount::Policy};
+    /// use iopt_sim::SimMemory;
     /// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
     /// let mem = SimMemory::new();
     /// let mut e = Engine::with_policy(cfg, &mem, NoFlush, Policy::Refcounted)?;
@@ -2096,7 +2097,7 @@ impl<A: TableAlloc, F: FlushOps> Drop for Engine<A, F> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::SimMemory;
+    use crate::test_mem::TestMemory as SimMemory;
     use iopt_api::{ConfigInput, Format, Granule, NoFlush, PageSizes, Quirks};
     use proptest::prelude::*;
 

@@ -16,7 +16,8 @@ use iopt_api::{
 ///
 /// ```
 /// use iopt_api::{Config, ConfigInput, Format, Gather, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot};
-/// use iopt_lpae::{LpaeTable, SimMemory};
+/// use iopt_lpae::LpaeTable;
+/// use iopt_sim::SimMemory;
 ///
 /// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
 /// let mem = SimMemory::new();
@@ -128,7 +129,8 @@ pub fn split_range<A: TableAlloc, F: FlushOps>(
 ///
 /// ```
 /// use iopt_api::{Config, ConfigInput, Format, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot};
-/// use iopt_lpae::{LpaeTable, SimMemory};
+/// use iopt_lpae::LpaeTable;
+/// use iopt_sim::SimMemory;
 /// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
 /// let mem = SimMemory::new();
 /// let t = LpaeTable::new(cfg, &mem)?;

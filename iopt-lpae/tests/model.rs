@@ -11,8 +11,9 @@ use iopt_api::{
     Config, ConfigInput, Format, Gather, IoPageTable, Iova, MapError, PageSize, PageSizes,
     PhysAddr, Prot, Quirks, UnmapError, WalkItem,
 };
-use iopt_lpae::oracle::{Access, Walker};
-use iopt_lpae::{LpaeTable, SimMemory};
+use iopt_lpae::LpaeTable;
+use iopt_sim::SimMemory;
+use iopt_sim::oracle::{Access, Walker};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -10,7 +10,7 @@
 //! ```
 //! use iopt_api::{Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, PageSize,
 //!     PageSizes, PhysAddr, Prot, Reserve};
-//! use iopt_lpae::SimMemory;
+//! use iopt_sim::SimMemory;
 //! use iopt_prealloc::PreallocTable;
 //!
 //! // panthor's configuration: 48-bit stage 1, 4 KiB and 2 MiB pages.

@@ -8,8 +8,8 @@ use iopt_api::{
     FlushOps, Gather, IoPageTable, Iova, IovaRange, Issuer, MapError, PageSize, PageSizes, Prot,
     Reservation, Reserve, ReserveError, UnmapError,
 };
-use iopt_lpae::SimMemory;
 use iopt_prealloc::PreallocTable;
+use iopt_sim::SimMemory;
 use std::sync::{Arc, Mutex};
 
 const RW: Prot = Prot::READ.union(Prot::WRITE);

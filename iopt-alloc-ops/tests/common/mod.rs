@@ -5,7 +5,7 @@ use iopt_api::{
     Config, ConfigInput, Format, IoPageTable, Iova, IovaRange, PageSizes, Prot, Quirks, Stats,
     WalkItem,
 };
-use iopt_lpae::SimMemory;
+use iopt_sim::SimMemory;
 
 pub const K4: u64 = 0x1000;
 pub const M2: u64 = 2 << 20;
