@@ -8,12 +8,12 @@ use crate::env::{Device, Hooked};
 use crate::failure::Failure;
 use crate::input::{Setup, Step};
 use crate::scan::{Scan, scan, sizes_problems};
-use compare::model::{CapRule, Model, ReservePolicy};
 use iopt_alloc_ops::{AllocOpsTable, FreePolicy, InFlightCap};
 use iopt_api::{
-    AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, PageSize, PageSizes,
-    PhysAddr, Prot, Reservation, Reserve, ReserveError, TableAlloc, UnmapError, WalkItem,
+    AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, PageSize, PhysAddr,
+    Prot, Reservation, Reserve, ReserveError, TableAlloc, UnmapError, WalkItem,
 };
+use iopt_model::{CapRule, Model, ReservePolicy};
 use iopt_prealloc::PreallocTable;
 use iopt_sim::debug::render;
 use iopt_sim::oracle::{Access, Fault, MemType, Walker};
@@ -292,52 +292,6 @@ pub fn reserve_oom(e: &ReserveError) -> bool {
             source: AllocError::OutOfMemory { .. }
         }
     )
-}
-
-/// The model's answer to `map_range`: the runs `iommu_pgsize` cuts the range into, each
-/// validated first (as `split_range` does), then mapped all or nothing.
-///
-/// # Errors
-///
-/// The error the backend must give; the model is then unchanged.
-pub fn model_map_range(
-    model: &mut Model,
-    iova: u64,
-    pa: u64,
-    len: u64,
-    prot: Prot,
-) -> Result<(), MapError> {
-    let cfg = *model.config();
-    let vi = Iova::new(iova);
-    if len == 0 {
-        return Err(MapError::Empty { iova: vi });
-    }
-    if iova.checked_add(len - 1).is_none() || pa.checked_add(len - 1).is_none() {
-        return Err(MapError::Overflow { iova: vi, len });
-    }
-    let sizes: PageSizes = cfg.page_sizes();
-    let mut runs = Vec::new();
-    let mut done = 0;
-    while done < len {
-        let (i, p) = (iova + done, pa + done);
-        let Some((size, count)) = sizes.best_fit(i, p, len - done) else {
-            return Err(MapError::Misaligned {
-                iova: Iova::new(i),
-                pa: PhysAddr::new(p),
-                size: sizes.smallest().unwrap_or(PageSize::SZ_4K),
-            });
-        };
-        // Validation alone: an empty model answers only argument errors.
-        Model::new(cfg, model.policy()).map(None, i, p, size.get(), count, prot)?;
-        runs.push((i, p, size.get(), count));
-        done += size.get() * count;
-    }
-    let mut next = model.clone();
-    for (i, p, size, count) in runs {
-        next.map(None, i, p, size, count, prot)?;
-    }
-    *model = next;
-    Ok(())
 }
 
 /// One backend under check.
@@ -649,7 +603,7 @@ impl Lane {
                 let want = self
                     .model
                     .as_mut()
-                    .map(|m| model_map_range(m, iova, pa, len, prot));
+                    .map(|m| m.map_range(iova, pa, len, prot));
                 let oom = got.as_ref().err().is_some_and(map_oom);
                 (
                     format!("{got:?}"),
@@ -775,7 +729,7 @@ impl Lane {
                     let mut at = iova;
                     let mut r = Ok(());
                     for &(pa, len) in segs.iter().take(n) {
-                        r = model_map_range(&mut trial, at, pa, len, prot);
+                        r = trial.map_range(at, pa, len, prot);
                         if r.is_err() {
                             break;
                         }
@@ -1408,7 +1362,7 @@ impl Lane {
     }
 }
 
-/// How often the checker bridged the one known difference between `compare::model::Model`
+/// How often the checker bridged the one known difference between `iopt_model::Model`
 /// and the backends (see `same_by_precedence` in [`Lane::step`]): a counter for the
 /// regression-corpus miner and for reports.
 pub mod bridged {

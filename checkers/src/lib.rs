@@ -7,7 +7,7 @@
 //!   lookup / device write / read_and_clear_dirty / reserve / map_reserved / release / flush
 //!   over a small IOVA window (on coherent and non-coherent walkers), run on Design 1,
 //!   Design 2 and the model
-//!   (`compare::model::Model`); results, errors, translations (software lookup and the
+//!   (`iopt_model::Model`); results, errors, translations (software lookup and the
 //!   hardware-walk oracle) and structural invariants must agree after every operation;
 //! - [`faults`]: the same sequence with an allocation failure injected at an arbitrary index:
 //!   a typed error, nothing changed, nothing leaked;
@@ -51,7 +51,7 @@
 //!
 //! ## What the checkers bridge
 //!
-//! `compare::model::Model` is the reference for results, with one difference bridged here
+//! `iopt_model::Model` is the reference for results, with one difference bridged here
 //! (and counted in [`lane::bridged`]): a map whose run spans several leaf tables is planned
 //! whole, so the engine reports a leaf in the way before a reserved table in the way earlier
 //! in the run (a run inside one table reports them in slot order, as the model does).

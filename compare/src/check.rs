@@ -19,7 +19,7 @@
 //!
 //! ```
 //! use compare::check::{CheckedTable, CheckOptions};
-//! use compare::model::ReservePolicy;
+//! use iopt_model::ReservePolicy;
 //! use compare::ops::TableKind;
 //! use iopt_alloc_ops::AllocOpsTable;
 //! use iopt_api::{Iova, IovaRange, PageSize, Prot};
@@ -40,11 +40,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use crate::model::{Model, ReservePolicy};
 use iopt_api::{
     Gather, IoPageTable, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, ReleaseError,
     Reservation, Reserve, ReserveError, UnmapError, WalkItem,
 };
+use iopt_model::{Model, ReservePolicy};
 use iopt_sim::SimMemory;
 use iopt_sim::oracle::{Access, Walker};
 use rand::{Rng, SeedableRng};

@@ -95,10 +95,7 @@ fn the_512_gib_row_from_the_counting_apis() {
             .unwrap(),
         262_657
     );
-    assert_eq!(
-        compare::model::worst_case(&cfg, 512 << 30, 512 << 30),
-        262_657
-    );
+    assert_eq!(iopt_model::worst_case(&cfg, 512 << 30, 512 << 30), 262_657);
     let t2 = PreallocTable::new(cfg, &mem).unwrap();
     assert_eq!(t2.pages_needed(range, PageSize::SZ_4K).unwrap(), 262_657);
     assert_eq!(t2.pages_needed(range, PageSize::SZ_2M).unwrap(), 513);
