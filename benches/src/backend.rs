@@ -10,7 +10,7 @@ use iopt_api::{
     Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, PageSize, PageSizes,
     PhysAddr, Prot, Reservation, Reserve,
 };
-use iopt_lpae::SimMemory;
+use iopt_sim::SimMemory;
 use std::sync::Mutex;
 
 /// The configuration of every iopt table here: `ARM_64_LPAE_S1`, 4K granule (4K|2M|1G), 48-bit

@@ -10,7 +10,7 @@
 //! This library holds what the benches share:
 //!
 //! - [`Backend`]: one table behind one narrow interface (map, unmap, lookup), implemented by
-//!   [`AllocOps`] (Design 1, `iopt-alloc-ops` on [`SimMemory`](iopt_lpae::SimMemory); outside a
+//!   [`AllocOps`] (Design 1, `iopt-alloc-ops` on [`SimMemory`](iopt_sim::SimMemory); outside a
 //!   reservation it maps exactly as `LpaeTable` does, through the same engine and on-demand
 //!   source) and by [`Peer`] (aarch64-paging 0.12.3, a never-activated [`Mapping`] with an
 //!   identity translation, so no break-before-make checks and no TLB maintenance run);

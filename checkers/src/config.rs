@@ -1,5 +1,5 @@
 //! The configuration checker: an arbitrary [`ConfigInput`] must give either the typed error
-//! the rules of `lpae-format.md` §3 name, or a table whose geometry (§3.4-3.7) and register
+//! the rules of `docs/lpae-format.md` §3 name, or a table whose geometry (§3.4-3.7) and register
 //! outputs (§5) match those rules, re-derived here independently of `iopt-api`, and whose
 //! registers really drive the hardware-walk oracle to the pages the table maps at both ends
 //! of its input range.
@@ -15,8 +15,8 @@ use iopt_api::{
     AllocError, Config, ConfigError, ConfigInput, Format, Gather, Granule, Iova, MapError,
     PageSize, PageSizes, PhysAddr, Prot, Quirks, Registers, Tcr, Vtcr,
 };
-use iopt_lpae::debug::render;
-use iopt_lpae::oracle::{Access, Fault, Walker};
+use iopt_sim::debug::render;
+use iopt_sim::oracle::{Access, Fault, Walker};
 
 /// An arbitrary configuration request, biased towards the interesting values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +107,7 @@ fn ips(bits: u32) -> Option<u8> {
         .map(|p| p as u8)
 }
 
-/// `lpae-format.md` §3: validates and derives, in the order Linux checks.
+/// `docs/lpae-format.md` §3: validates and derives, in the order Linux checks.
 ///
 /// # Errors
 ///
@@ -234,7 +234,7 @@ pub fn derive(i: &ConfigInput) -> Result<Geometry, ConfigError> {
     })
 }
 
-/// `lpae-format.md` §5: the register outputs of a table with geometry `g` and root `root`.
+/// `docs/lpae-format.md` §5: the register outputs of a table with geometry `g` and root `root`.
 #[must_use]
 pub fn expected_registers(i: &ConfigInput, g: &Geometry, root: PhysAddr) -> Registers {
     let coherent = i.coherent_walk;
@@ -300,7 +300,7 @@ fn bad(what: impl std::fmt::Display, dump: String) -> Failure {
 }
 
 /// Whether the geometry is a 4 KiB stage-2 table starting at level 3: VTCR.SL0 then reads 3
-/// (`~(3 + 1) & 3`, `lpae-format.md` §5.2), an encoding the architecture reserves for 4 KiB
+/// (`~(3 + 1) & 3`, `docs/lpae-format.md` §5.2), an encoding the architecture reserves for 4 KiB
 /// granules without FEAT_TTST, so the oracle cannot start a walk from it. Only tiny input
 /// sizes (IAS ≤ 21) get here.
 #[must_use]
@@ -475,7 +475,7 @@ fn smoke(
     t: &dyn Subject,
     cfg: &Config,
     g: &Geometry,
-    mem: &iopt_lpae::SimMemory,
+    mem: &iopt_sim::SimMemory,
 ) -> Result<(), String> {
     let i = cfg.input();
     let root = t.root();

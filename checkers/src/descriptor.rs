@@ -1,6 +1,6 @@
 //! The descriptor checker: leaf and table descriptors for every level of a configuration
 //! round-trip through the engine's encoder and decoder and equal an encoding re-derived here
-//! from `lpae-format.md` §4; decoding any 64-bit value at any level and format never panics and
+//! from `docs/lpae-format.md` §4; decoding any 64-bit value at any level and format never panics and
 //! agrees with the re-derived classification and decoding; and the hardware-walk oracle, run
 //! from a configuration's registers (or from arbitrary register fields) over arbitrary raw
 //! memory, never panics.
@@ -13,7 +13,7 @@ use crate::input::setups;
 use arbitrary::{Arbitrary, Unstructured};
 use iopt_api::{Config, Format, Granule, PhysAddr, Prot, Quirks, Registers, Tcr, Vtcr};
 use iopt_lpae::desc::{self, Kind};
-use iopt_lpae::oracle::{Access, PhysRead, PhysUpdate, Walker};
+use iopt_sim::oracle::{Access, PhysRead, PhysUpdate, Walker};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The descriptor functions under check.
@@ -130,12 +130,12 @@ impl<'a> Arbitrary<'a> for DescInput {
     }
 }
 
-/// `lpae-format.md` §4.2: `(pa | pa >> 36) & ADDR_MASK`.
+/// `docs/lpae-format.md` §4.2: `(pa | pa >> 36) & ADDR_MASK`.
 fn pack(pa: u64) -> u64 {
     (pa | (pa >> 36)) & 0x0000_ffff_ffff_f000
 }
 
-/// `lpae-format.md` §4.3-4.7: the leaf descriptor of `prot` at `level`, re-derived.
+/// `docs/lpae-format.md` §4.3-4.7: the leaf descriptor of `prot` at `level`, re-derived.
 #[must_use]
 pub fn expected_leaf(cfg: &Config, level: u32, pa: u64, prot: Prot) -> u64 {
     let f = cfg.format();

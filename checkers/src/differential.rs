@@ -12,7 +12,7 @@
 //! non-coherent: after every step each reachable table must read the same in the device's
 //! view of memory as in the CPU's.
 //!
-//! Each design is compared with `compare::model::Model` under that design's reservation
+//! Each design is compared with `iopt_model::Model` under that design's reservation
 //! semantics (Design 1: worst-case pools, optionally under an in-flight cap; Design 2:
 //! refcounted installation), since the designs deliberately differ there (Design 2's release
 //! unmaps, Design 1's does not). Everything else — map, map_range, unmap, lookup, validation
@@ -22,8 +22,8 @@ use crate::failure::Outcome;
 use crate::input::{DiffInput, MAX_OPS, Resolver, setup};
 use crate::lane::{Design, Lane, LaneSpec};
 use arbitrary::{Arbitrary, Unstructured};
-use compare::model::CapRule;
 use iopt_alloc_ops::FreePolicy;
+use iopt_model::CapRule;
 
 /// Design 1's cap for a selector: none most of the time, else a small strict or msm cap.
 #[must_use]

@@ -13,7 +13,7 @@
 //! neither gathered nor walk-flushed.
 
 use iopt_api::{AllocError, Config, FlushOps, Gather, Iova, PhysAddr, TableAlloc, TableRef};
-use iopt_lpae::{SimLayout, SimMemory};
+use iopt_sim::{SimLayout, SimMemory};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 

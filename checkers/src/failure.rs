@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// A checker failure: a one-paragraph description and a dump of the state (trees rendered
-/// with `iopt_lpae::debug::render`, the model, the device's caches, the last operations).
+/// with `iopt_sim::debug::render`, the model, the device's caches, the last operations).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     /// What went wrong.

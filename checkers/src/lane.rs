@@ -8,16 +8,16 @@ use crate::env::{Device, Hooked};
 use crate::failure::Failure;
 use crate::input::{Setup, Step};
 use crate::scan::{Scan, scan, sizes_problems};
-use compare::model::{CapRule, Model, ReservePolicy};
 use iopt_alloc_ops::{AllocOpsTable, FreePolicy, InFlightCap};
 use iopt_api::{
-    AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, PageSize, PageSizes,
-    PhysAddr, Prot, Reservation, Reserve, ReserveError, TableAlloc, UnmapError, WalkItem,
+    AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, PageSize, PhysAddr,
+    Prot, Reservation, Reserve, ReserveError, TableAlloc, UnmapError, WalkItem,
 };
 use iopt_lpae::account::Accounting;
-use iopt_lpae::debug::render;
-use iopt_lpae::oracle::{Access, Fault, MemType, Walker};
+use iopt_model::{CapRule, Model, ReservePolicy};
 use iopt_prealloc::PreallocTable;
+use iopt_sim::debug::render;
+use iopt_sim::oracle::{Access, Fault, MemType, Walker};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -231,7 +231,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Takes a snapshot of `table` and its memory.
     #[must_use]
-    pub fn take(table: &dyn Subject, mem: &iopt_lpae::SimMemory) -> Self {
+    pub fn take(table: &dyn Subject, mem: &iopt_sim::SimMemory) -> Self {
         let mut walk = Vec::new();
         table.walk(&mut |i| walk.push(i));
         let s = table.stats();
@@ -301,52 +301,6 @@ pub fn reserve_oom(e: &ReserveError) -> bool {
             source: AllocError::OutOfMemory { .. }
         }
     )
-}
-
-/// The model's answer to `map_range`: the runs `iommu_pgsize` cuts the range into, each
-/// validated first (as `split_range` does), then mapped all or nothing.
-///
-/// # Errors
-///
-/// The error the backend must give; the model is then unchanged.
-pub fn model_map_range(
-    model: &mut Model,
-    iova: u64,
-    pa: u64,
-    len: u64,
-    prot: Prot,
-) -> Result<(), MapError> {
-    let cfg = *model.config();
-    let vi = Iova::new(iova);
-    if len == 0 {
-        return Err(MapError::Empty { iova: vi });
-    }
-    if iova.checked_add(len - 1).is_none() || pa.checked_add(len - 1).is_none() {
-        return Err(MapError::Overflow { iova: vi, len });
-    }
-    let sizes: PageSizes = cfg.page_sizes();
-    let mut runs = Vec::new();
-    let mut done = 0;
-    while done < len {
-        let (i, p) = (iova + done, pa + done);
-        let Some((size, count)) = sizes.best_fit(i, p, len - done) else {
-            return Err(MapError::Misaligned {
-                iova: Iova::new(i),
-                pa: PhysAddr::new(p),
-                size: sizes.smallest().unwrap_or(PageSize::SZ_4K),
-            });
-        };
-        // Validation alone: an empty model answers only argument errors.
-        Model::new(cfg, model.policy()).map(None, i, p, size.get(), count, prot)?;
-        runs.push((i, p, size.get(), count));
-        done += size.get() * count;
-    }
-    let mut next = model.clone();
-    for (i, p, size, count) in runs {
-        next.map(None, i, p, size, count, prot)?;
-    }
-    *model = next;
-    Ok(())
 }
 
 /// One backend under check.
@@ -492,7 +446,7 @@ impl Lane {
         Failure::new(format!("[{}] {}", self.name, what.into()), self.dump_of(t))
     }
 
-    /// A readable dump: the tree (`iopt_lpae::debug::render`), the model, the device caches,
+    /// A readable dump: the tree (`iopt_sim::debug::render`), the model, the device caches,
     /// the reservations and the last operations.
     #[must_use]
     pub fn dump(&self) -> String {
@@ -658,7 +612,7 @@ impl Lane {
                 let want = self
                     .model
                     .as_mut()
-                    .map(|m| model_map_range(m, iova, pa, len, prot));
+                    .map(|m| m.map_range(iova, pa, len, prot));
                 let oom = got.as_ref().err().is_some_and(map_oom);
                 (
                     format!("{got:?}"),
@@ -784,7 +738,7 @@ impl Lane {
                     let mut at = iova;
                     let mut r = Ok(());
                     for &(pa, len) in segs.iter().take(n) {
-                        r = model_map_range(&mut trial, at, pa, len, prot);
+                        r = trial.map_range(at, pa, len, prot);
                         if r.is_err() {
                             break;
                         }
@@ -1417,7 +1371,7 @@ impl Lane {
     }
 }
 
-/// How often the checker bridged the one known difference between `compare::model::Model`
+/// How often the checker bridged the one known difference between `iopt_model::Model`
 /// and the backends (see `same_by_precedence` in [`Lane::step`]): a counter for the
 /// regression-corpus miner and for reports.
 pub mod bridged {
@@ -1432,7 +1386,7 @@ pub mod bridged {
 /// input range, or the first unmapped page.
 fn expected_dirty(
     cfg: &Config,
-    mem: &iopt_lpae::SimMemory,
+    mem: &iopt_sim::SimMemory,
     root: PhysAddr,
     range: IovaRange,
 ) -> Result<Vec<(Iova, u64)>, iopt_api::DirtyError> {
@@ -1474,7 +1428,7 @@ fn expected_dirty(
 }
 
 /// Whether a Design 2 reservation of `r` for leaves up to `max_leaf` covers the table at
-/// `level` whose first IOVA is `base`, recomputed from the definition (designs.md; the
+/// `level` whose first IOVA is `base`, recomputed from the definition (docs/designs.md; the
 /// prealloc crate docs): the table's parent slot is touched by the range and is not a slot
 /// where a leaf of an allowed size lies wholly inside the range.
 #[must_use]

@@ -7,12 +7,12 @@
 //!   lookup / device write / read_and_clear_dirty / reserve / map_reserved / release / flush
 //!   over a small IOVA window (on coherent and non-coherent walkers), run on Design 1,
 //!   Design 2 and the model
-//!   (`compare::model::Model`); results, errors, translations (software lookup and the
+//!   (`iopt_model::Model`); results, errors, translations (software lookup and the
 //!   hardware-walk oracle) and structural invariants must agree after every operation;
 //! - [`faults`]: the same sequence with an allocation failure injected at an arbitrary index:
 //!   a typed error, nothing changed, nothing leaked;
 //! - [`config`]: arbitrary configurations: a typed error, or a table whose geometry and
-//!   register outputs match the rules of `lpae-format.md` §3 and §5, re-derived here;
+//!   register outputs match the rules of `docs/lpae-format.md` §3 and §5, re-derived here;
 //! - [`descriptor`]: descriptor encode/decode round trips, decoding of arbitrary 64-bit values
 //!   at any level and format, and the oracle on arbitrary raw memory: never a panic.
 //!
@@ -24,7 +24,7 @@
 //! no table page is freed, or unlinked, before a walk flush covered it and no removed leaf
 //! escapes both the gather and the walk flushes.
 //!
-//! A failure is a [`Failure`] with a readable dump (`iopt_lpae::debug::render` of the tree, the
+//! A failure is a [`Failure`] with a readable dump (`iopt_sim::debug::render` of the tree, the
 //! model, the device caches and the last operations).
 //!
 //! [`workloads`] drives the exhaustive fault injection, [`stress`] the concurrency stress,
@@ -51,7 +51,7 @@
 //!
 //! ## What the checkers bridge
 //!
-//! `compare::model::Model` is the reference for results, with one difference bridged here
+//! `iopt_model::Model` is the reference for results, with one difference bridged here
 //! (and counted in [`lane::bridged`]): a map whose run spans several leaf tables is planned
 //! whole, so the engine reports a leaf in the way before a reserved table in the way earlier
 //! in the run (a run inside one table reports them in slot order, as the model does).

@@ -36,7 +36,7 @@ use iopt_api::{
     Config, ConfigInput, Format, Gather, Iova, NoFlush, PageSize, PageSizes, PhysAddr, Prot,
     WalkItem,
 };
-use iopt_lpae::SimMemory;
+use iopt_sim::SimMemory;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -4,7 +4,7 @@
 
 use crate::env::{classify, out_addr};
 use iopt_api::{Config, Iova, PhysAddr, TableAlloc};
-use iopt_lpae::SimMemory;
+use iopt_sim::SimMemory;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 

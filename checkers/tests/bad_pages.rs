@@ -11,8 +11,9 @@ use iopt_api::{
     Reserve, ReserveError, TableAlloc, TableRef,
 };
 use iopt_checkers::races::config as cfg;
-use iopt_lpae::{LpaeTable, SimLayout, SimMemory};
+use iopt_lpae::LpaeTable;
 use iopt_prealloc::PreallocTable;
+use iopt_sim::{SimLayout, SimMemory};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};

@@ -10,10 +10,10 @@ use iopt_api::{
     AllocError, Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, PageSize,
     PageSizes, PhysAddr, Prot, Quirks, Reserve, TableAlloc, TableRef, WalkItem,
 };
-use iopt_lpae::SimMemory;
 use iopt_lpae::desc::SW_SYNC;
-use iopt_lpae::oracle::{Access, Fault, Walker};
 use iopt_prealloc::PreallocTable;
+use iopt_sim::SimMemory;
+use iopt_sim::oracle::{Access, Fault, Walker};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 

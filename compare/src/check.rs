@@ -19,11 +19,11 @@
 //!
 //! ```
 //! use compare::check::{CheckedTable, CheckOptions};
-//! use compare::model::ReservePolicy;
+//! use iopt_model::ReservePolicy;
 //! use compare::ops::TableKind;
 //! use iopt_alloc_ops::AllocOpsTable;
 //! use iopt_api::{Iova, IovaRange, PageSize, Prot};
-//! use iopt_lpae::SimMemory;
+//! use iopt_sim::SimMemory;
 //! use std::sync::Arc;
 //!
 //! let cfg = TableKind::Panthor.config();
@@ -40,13 +40,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use crate::model::{Model, ReservePolicy};
 use iopt_api::{
     Gather, IoPageTable, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, ReleaseError,
     Reservation, Reserve, ReserveError, UnmapError, WalkItem,
 };
-use iopt_lpae::SimMemory;
-use iopt_lpae::oracle::{Access, Walker};
+use iopt_model::{Model, ReservePolicy};
+use iopt_sim::SimMemory;
+use iopt_sim::oracle::{Access, Walker};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;

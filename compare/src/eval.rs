@@ -20,7 +20,7 @@ pub struct Plan {
     pub workloads: Vec<Kind>,
     /// Extra workloads (replayed traces).
     pub traces: Vec<Workload>,
-    /// Run the single-bind experiment (designs.md §8).
+    /// Run the single-bind experiment (docs/designs.md §8).
     pub single_binds: bool,
     /// Queue depths of the 1 GiB sweep (empty: skip it).
     pub big_depths: Vec<usize>,

@@ -1,4 +1,4 @@
-//! The two experiments behind designs.md §8: single binds on an empty tree, and peak memory
+//! The two experiments behind docs/designs.md §8: single binds on an empty tree, and peak memory
 //! against queue depth (1 GiB binds, and 4 KiB binds sharing one 2 MiB region).
 
 use crate::harness::{AnyDesign, RunError, RunOptions};
@@ -13,7 +13,7 @@ const M2: u64 = 2 << 20;
 const G1: u64 = 1 << 30;
 const G512: u64 = 512 << 30;
 
-/// A worked example of designs.md §8: a map request, and the figures the document gives.
+/// A worked example of docs/designs.md §8: a map request, and the figures the document gives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkedExample {
     /// The request, as the document words it.
@@ -30,7 +30,7 @@ pub struct WorkedExample {
     pub need_contig: u64,
 }
 
-/// The rows of designs.md §8, in order.
+/// The rows of docs/designs.md §8, in order.
 pub const WORKED_EXAMPLES: [WorkedExample; 11] = [
     WorkedExample {
         request: Cow::Borrowed("4 KiB at 2 MiB-aligned VA"),

@@ -14,13 +14,13 @@
 
 use crate::check::{CheckOptions, CheckResult, Checker, Divergence};
 use crate::metrics::{CurvePoint, Metrics, Samples, downsample};
-use crate::model::ReservePolicy;
 use crate::ops::{BindOp, Event, JobId, Workload};
 use crate::policy::{Piece, Policy, split};
 use iopt_api::{
     AllocError, Config, Gather, Iova, PageSize, PhysAddr, Prot, Reservation, Reserve, ReserveError,
 };
-use iopt_lpae::{SimLayout, SimMemory};
+use iopt_model::ReservePolicy;
+use iopt_sim::{SimLayout, SimMemory};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;

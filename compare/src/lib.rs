@@ -9,12 +9,13 @@
 //! - [`trace`]: the versioned bind-trace text format (parser with line/column errors, writer);
 //! - [`workload`]: the built-in seeded workloads (async VM_BIND at queue depth Q, sparse
 //!   textures, DMA streaming, VFIO, sparse residency, an adversarial mix);
-//! - [`model`]: the independent model every backend is compared with;
+//! - the independent model every backend is compared with is the `iopt-model` crate, shared
+//!   with `checkers` and the crates' tests;
 //! - [`check`]: the checker that compares each call's result, a sample of translations (with
 //!   the hardware-walk oracle), and the allocator's books, after every call;
 //! - [`policy`]: how each design's users drive it — the one place the designs differ;
 //! - [`harness`]: runs one design through one workload, checking and measuring;
-//! - [`experiments`]: single binds on an empty tree (designs.md §8) and queue-depth sweeps;
+//! - [`experiments`]: single binds on an empty tree (docs/designs.md §8) and queue-depth sweeps;
 //! - [`designs`]: the backends, ready to run; [`eval`]: the whole evaluation;
 //! - [`metrics`] and [`report`]: what is measured and how it is shown.
 //!
@@ -37,7 +38,6 @@ pub mod eval;
 pub mod experiments;
 pub mod harness;
 pub mod metrics;
-pub mod model;
 pub mod ops;
 pub mod policy;
 pub mod report;

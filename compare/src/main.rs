@@ -18,7 +18,7 @@ use std::process::ExitCode;
 /// Compare Design 1 (caller-supplied allocator ops with worst-case pools) and Design 2
 /// (refcounted VA reservations) of the iopt ARM LPAE IO page table.
 ///
-/// With no arguments: the default evaluation — single binds on an empty tree (designs.md §8),
+/// With no arguments: the default evaluation — single binds on an empty tree (docs/designs.md §8),
 /// peak memory against queue depth, and every built-in workload, on both designs.
 #[derive(Debug, Parser)]
 #[command(name = "compare", version, about, long_about)]
@@ -179,7 +179,7 @@ fn main() -> ExitCode {
         print!("{}", terminal(&report));
     }
     if report.worked_examples_reproduced == Some(false) {
-        eprintln!("error: the single binds did not reproduce designs.md §8 (see the table)");
+        eprintln!("error: the single binds did not reproduce docs/designs.md §8 (see the table)");
         return ExitCode::FAILURE;
     }
     match write_all(&report, &cli.out) {

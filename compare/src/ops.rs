@@ -113,7 +113,7 @@ impl fmt::Display for Event {
 pub enum TableKind {
     /// panthor's GPU table: `ARM_64_LPAE_S1`, 4 KiB | 2 MiB pages (no 1 GiB blocks), 48-bit
     /// VA, 48-bit PA, a non-coherent walker (as on RK3588). The configuration of the worked
-    /// examples in designs.md §8.
+    /// examples in docs/designs.md §8.
     #[default]
     Panthor,
     /// An SMMUv3 stage-1 table as iommu-dma and VFIO use it: `ARM_64_LPAE_S1`, 4 KiB | 2 MiB |

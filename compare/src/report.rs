@@ -52,9 +52,9 @@ pub struct Report {
     pub scale: f64,
     /// Designs compared, in column order.
     pub designs: Vec<String>,
-    /// Single binds on an empty tree (designs.md §8), if run.
+    /// Single binds on an empty tree (docs/designs.md §8), if run.
     pub single_binds: Vec<SingleBind>,
-    /// Whether every single bind reproduced designs.md §8 (Design 1 the "reserved" column,
+    /// Whether every single bind reproduced docs/designs.md §8 (Design 1 the "reserved" column,
     /// Design 2 the "need" columns); `None` when not run.
     pub worked_examples_reproduced: Option<bool>,
     /// Queue-depth sweeps, if run.
@@ -156,7 +156,7 @@ pub fn terminal(r: &Report) -> String {
     if !r.single_binds.is_empty() {
         let mut t = table();
         let mut header = vec![
-            "single bind on an empty tree (designs.md §8)".to_string(),
+            "single bind on an empty tree (docs/designs.md §8)".to_string(),
             "§8 reserved".into(),
             "§8 need 4K / 2M".into(),
         ];
@@ -190,7 +190,7 @@ pub fn terminal(r: &Report) -> String {
         let ok = r.single_binds.iter().filter(|x| x.reproduces()).count();
         let _ = writeln!(
             out,
-            "{t}\ndesigns.md §8 reproduced: {ok} of {} rows ({} = \"reserved\", {} = \"need\" for each backing)\n",
+            "{t}\ndocs/designs.md §8 reproduced: {ok} of {} rows ({} = \"reserved\", {} = \"need\" for each backing)\n",
             r.single_binds.len(),
             r.designs.first().map_or("-", String::as_str),
             r.designs.get(1).map_or("-", String::as_str)
@@ -492,7 +492,7 @@ pub fn sweep_svg(s: &Sweep) -> Result<String, Box<dyn std::error::Error>> {
                     PathElement::new(vec![(a, b), (a + 18, b)], c.stroke_width(2))
                 });
             chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
-            // Label the figures designs.md quotes (Q = 1, 8, 64) and the last point.
+            // Label the figures docs/designs.md quotes (Q = 1, 8, 64) and the last point.
             let last = s.depths.len().saturating_sub(1);
             chart.draw_series(
                 s.depths
@@ -751,7 +751,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th
         html.push_str("</ul>\n");
     }
     if !r.single_binds.is_empty() {
-        html.push_str("<h2>Single binds on an empty tree (designs.md §8)</h2>\n<table><tr><th>request</th><th>§8 reserved</th><th>§8 need 4K / 2M</th>");
+        html.push_str("<h2>Single binds on an empty tree (docs/designs.md §8)</h2>\n<table><tr><th>request</th><th>§8 reserved</th><th>§8 need 4K / 2M</th>");
         for d in &r.designs {
             let _ = write!(html, "<th>{} 4K / 2M</th>", esc(d));
         }

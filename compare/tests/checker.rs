@@ -5,7 +5,6 @@
 use compare::check::{Call, CheckOptions, CheckedTable};
 use compare::designs::design1;
 use compare::harness::{Design, RunError, RunOptions, run};
-use compare::model::ReservePolicy;
 use compare::ops::TableKind;
 use compare::policy::Policy;
 use compare::workload::{Kind, Params, generate};
@@ -14,7 +13,8 @@ use iopt_api::{
     Config, Gather, IoPageTable, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, Registers,
     ReleaseError, Reservation, Reserve, ReserveError, Stats, Translation, UnmapError, WalkItem,
 };
-use iopt_lpae::SimMemory;
+use iopt_model::ReservePolicy;
+use iopt_sim::SimMemory;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -1,4 +1,4 @@
-//! designs.md §8 reproduced by running the backends: single binds on an empty tree (Design 1
+//! docs/designs.md §8 reproduced by running the backends: single binds on an empty tree (Design 1
 //! reserves the "reserved" column, Design 2 the "need" columns) and peak memory against queue
 //! depth (2.0 / 16.1 / 128.5 MiB for 1, 8, 64 queued 1 GiB binds under Design 1; 3,000 vs 3
 //! pages for 1000 tiny binds in one 2 MiB region).
@@ -84,8 +84,8 @@ fn the_512_gib_row_from_the_counting_apis() {
     use compare::ops::TableKind;
     use iopt_alloc_ops::{AllocOpsTable, CountPolicy};
     use iopt_api::{Iova, IovaRange, PageSize, Reserve};
-    use iopt_lpae::SimMemory;
     use iopt_prealloc::PreallocTable;
+    use iopt_sim::SimMemory;
     let cfg = TableKind::Panthor.config();
     let range = IovaRange::new(Iova::new(512 << 30), 512 << 30, 4096).unwrap();
     let mem = SimMemory::new();
@@ -95,10 +95,7 @@ fn the_512_gib_row_from_the_counting_apis() {
             .unwrap(),
         262_657
     );
-    assert_eq!(
-        compare::model::worst_case(&cfg, 512 << 30, 512 << 30),
-        262_657
-    );
+    assert_eq!(iopt_model::worst_case(&cfg, 512 << 30, 512 << 30), 262_657);
     let t2 = PreallocTable::new(cfg, &mem).unwrap();
     assert_eq!(t2.pages_needed(range, PageSize::SZ_4K).unwrap(), 262_657);
     assert_eq!(t2.pages_needed(range, PageSize::SZ_2M).unwrap(), 513);

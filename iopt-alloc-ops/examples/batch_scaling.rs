@@ -8,7 +8,7 @@ use iopt_api::{
     Config, ConfigInput, Format, Gather, Iova, IovaRange, PageSize, PageSizes, PhysAddr, Prot,
     Reserve,
 };
-use iopt_lpae::SimMemory;
+use iopt_sim::SimMemory;
 use std::hint::black_box;
 use std::time::Instant;
 

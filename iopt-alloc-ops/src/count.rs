@@ -19,7 +19,7 @@ pub const MSM_CAP_PAGES: usize = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum CountPolicy {
-    /// Panthor's formula (designs.md §4.5) generalised to the table's geometry: for every level
+    /// Panthor's formula (docs/designs.md §4.5) generalised to the table's geometry: for every level
     /// `l` from `start_level + 1` to the leaf level, the number of level-`(l - 1)` block-aligned
     /// regions the range touches. For ARM_64_LPAE_S1 with a 4 KiB granule and 48-bit VA this is
     /// exactly `N(512G) + N(1G) + N(2M)`: the tables a map needs when the tree holds only the
@@ -30,7 +30,7 @@ pub enum CountPolicy {
     /// the per-range counts, as panthor accumulates per operation.
     #[default]
     WorstCase,
-    /// msm's count (designs.md §5, `vm_bind_prealloc_count`): the ranges of one job, in the
+    /// msm's count (docs/designs.md §5, `vm_bind_prealloc_count`): the ranges of one job, in the
     /// order given, are grouped while each range starts in the same leaf-table region (2 MiB
     /// for a 4 KiB granule) as the previous range **ends** (exclusive end, so a range ending
     /// exactly on a boundary merges with one starting there); each group is counted as one
@@ -175,7 +175,7 @@ pub fn msm_merged_pages(
     Ok(total.saturating_add(worst_case_raw(cfg, lo, hi, level)))
 }
 
-/// Panthor's unmap reservation (designs.md §4.6), generalised to a leaf-table span `block`
+/// Panthor's unmap reservation (docs/designs.md §4.6), generalised to a leaf-table span `block`
 /// (2 MiB for a 4 KiB granule): one page if the range starts inside a block, plus one if it
 /// ends inside a block other than the one it starts in. These are the leaf tables needed to
 /// remap the edges of blocks that an unmap widened to whole blocks: 0, 1 or 2.

@@ -21,7 +21,7 @@
 //! use iopt_api::{Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, PageSize,
 //!                PageSizes, PhysAddr, Prot, Reserve};
 //! use iopt_alloc_ops::AllocOpsTable;
-//! use iopt_lpae::SimMemory;
+//! use iopt_sim::SimMemory;
 //!
 //! let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 40))?;
 //! let mem = SimMemory::new();

@@ -14,7 +14,8 @@ use iopt_api::{
     Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, PageSize, PageSizes,
     PhysAddr, Prot, Quirks, Reserve,
 };
-use iopt_lpae::{LpaeTable, SimMemory};
+use iopt_lpae::LpaeTable;
+use iopt_sim::SimMemory;
 use proptest::prelude::*;
 
 /// The window: 8 MiB around a 512 GiB (and so 1 GiB) boundary.

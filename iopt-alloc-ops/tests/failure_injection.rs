@@ -12,7 +12,7 @@ use iopt_api::{
     AllocError, Config, Gather, IoPageTable, Iova, MapError, PageSize, PhysAddr, Reserve,
     ReserveError,
 };
-use iopt_lpae::{SimLayout, SimMemory};
+use iopt_sim::{SimLayout, SimMemory};
 
 const VA: u64 = 0x7f_c000_0000; // 1 GiB-aligned, 2 GiB below a 512 GiB boundary
 

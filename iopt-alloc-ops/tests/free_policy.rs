@@ -7,7 +7,7 @@ use iopt_api::{
     Config, ConfigInput, FlushOps, Format, Gather, IoPageTable, Iova, IovaRange, PageSize,
     PageSizes, PhysAddr, Prot, Reserve,
 };
-use iopt_lpae::SimMemory;
+use iopt_sim::SimMemory;
 use std::sync::Mutex;
 
 const RW: Prot = Prot::READ.union(Prot::WRITE);

@@ -10,7 +10,7 @@ use iopt_api::{
     Gather, IoPageTable, Iova, Issuer, MapError, PageSize, PhysAddr, Reservation, Reserve,
     ReserveError,
 };
-use iopt_lpae::{SimMemory, SimStats};
+use iopt_sim::{SimMemory, SimStats};
 
 const VA: u64 = 0x40_0000_0000;
 

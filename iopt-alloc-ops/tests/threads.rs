@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use iopt_alloc_ops::AllocOpsTable;
 use iopt_api::{Gather, IoPageTable, Iova, PageSize, PhysAddr, Reserve, WalkItem};
-use iopt_lpae::SimMemory;
+use iopt_sim::SimMemory;
 use std::collections::BTreeMap;
 use std::sync::Barrier;
 

@@ -1,4 +1,4 @@
-//! designs.md §8: reservation counts of panthor's formulas, and the pages maps actually take.
+//! docs/designs.md §8: reservation counts of panthor's formulas, and the pages maps actually take.
 
 mod common;
 
@@ -7,7 +7,7 @@ use iopt_alloc_ops::{
     AllocOpsTable, CountPolicy, msm_merged_pages, unmap_reserve_pages, worst_case_pages,
 };
 use iopt_api::{Gather, IoPageTable, Iova, PageSize, PhysAddr, Reserve, ReserveError};
-use iopt_lpae::SimMemory;
+use iopt_sim::SimMemory;
 
 /// A 2 MiB- and 1 GiB- and 512 GiB-aligned VA well inside 48 bits.
 const VA: u64 = 3 * G512;
@@ -248,7 +248,7 @@ fn queue_depth_of_1gib_maps() {
 
 #[test]
 fn unmap_reservation_table() {
-    // designs.md §8, unmap reservations (§4.6).
+    // docs/designs.md §8, unmap reservations (§4.6).
     let cases = [
         ("4 KiB at 2 MiB-aligned VA", VA, K4, 1),
         ("4 KiB at VA + 4 KiB", VA + K4, K4, 1),

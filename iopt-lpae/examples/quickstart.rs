@@ -7,8 +7,9 @@ use iopt_api::{
     Config, ConfigInput, Format, Gather, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot,
     Quirks, Registers,
 };
-use iopt_lpae::oracle::{Access, Walker};
-use iopt_lpae::{LpaeTable, SimMemory, regs};
+use iopt_lpae::{LpaeTable, regs};
+use iopt_sim::SimMemory;
+use iopt_sim::oracle::{Access, Walker};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Stage 1, 4K granule, 48-bit VA, 40-bit PA: what panthor asks for.

@@ -7,22 +7,21 @@
 //!   S2AP/MemAttr with S2FWB, NS/NSTABLE, DBM);
 //! - [`regs`]: register outputs (TCR fields, MAIR, VTCR with SL0, TTBR/VTTBR, Mali
 //!   TRANSTAB/MEMATTR);
-//! - [`SimMemory`]: simulated physical memory for table pages, the default
-//!   [`TableAlloc`](iopt_api::TableAlloc), with leak accounting and failure injection;
 //! - [`engine`]: the one walker (map, unmap, lookup, walk) behind a narrow [`PageSource`] hook
 //!   through which backends supply table pages;
 //! - [`account`]: how the engine accounts for table pages, as a type parameter:
 //!   [`Untracked`](account::Untracked) (Linux) or [`LiveCounts`](account::LiveCounts)
 //!   (live-entry and reservation counts, eager freeing, Design 2's reserve/release), with
 //!   [`reclaim`] deferring frees past concurrent readers;
-//! - [`oracle`]: a hardware-walk oracle that translates from register values and raw memory,
-//!   sharing no code with the engine, so each checks the other;
-//! - [`LpaeTable`]: the on-demand reference table (Linux's behaviour) on the engine;
-//! - [`debug`]: the descriptors on one IOVA's path and a readable dump of a whole tree.
+//! - [`LpaeTable`]: the on-demand reference table (Linux's behaviour) on the engine.
+//!
+//! Table memory comes from the caller's [`TableAlloc`](iopt_api::TableAlloc). Simulated memory,
+//! the hardware-walk oracle and debug dumps, which tests use, live in the `iopt-sim` crate.
 //!
 //! ```
 //! use iopt_api::{Config, ConfigInput, Format, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot};
-//! use iopt_lpae::{LpaeTable, SimMemory, oracle::{Access, Walker}};
+//! use iopt_lpae::LpaeTable;
+//! use iopt_sim::{SimMemory, oracle::{Access, Walker}};
 //!
 //! let cfg = Config::new(ConfigInput::new(Format::Arm64S2, PageSizes::GRANULE_4K, 40, 40))?;
 //! let mem = SimMemory::new();
@@ -48,16 +47,14 @@ pub mod account;
 mod atomic;
 mod cache;
 mod collect;
-pub mod debug;
 pub mod desc;
 pub mod dirty;
 pub mod engine;
-pub mod oracle;
 pub mod reclaim;
 pub mod regs;
-mod sim;
 mod table;
+#[cfg(test)]
+mod test_mem;
 
 pub use engine::{Counters, Engine, OnDemand, OpGuard, PageSource, Run, Stash};
-pub use sim::{CACHE_LINE, STALE_DESCRIPTOR, SimLayout, SimMemory, SimStats};
 pub use table::{LpaeTable, split_range, split_sg};

@@ -17,7 +17,8 @@ use iopt_api::{
 ///
 /// ```
 /// use iopt_api::{Config, ConfigInput, Format, Gather, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot};
-/// use iopt_lpae::{LpaeTable, SimMemory};
+/// use iopt_lpae::LpaeTable;
+/// use iopt_sim::SimMemory;
 ///
 /// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
 /// let mem = SimMemory::new();
@@ -129,7 +130,8 @@ pub fn split_range<A: TableAlloc, F: FlushOps, K: Accounting>(
 ///
 /// ```
 /// use iopt_api::{Config, ConfigInput, Format, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot};
-/// use iopt_lpae::{LpaeTable, SimMemory};
+/// use iopt_lpae::LpaeTable;
+/// use iopt_sim::SimMemory;
 /// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
 /// let mem = SimMemory::new();
 /// let t = LpaeTable::new(cfg, &mem)?;

@@ -5,7 +5,8 @@
 use iopt_api::{
     Config, ConfigInput, Format, Gather, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot,
 };
-use iopt_lpae::{LpaeTable, SimMemory};
+use iopt_lpae::LpaeTable;
+use iopt_sim::SimMemory;
 
 /// A 48-bit stage-1 table with a 4K granule.
 fn cfg() -> Config {

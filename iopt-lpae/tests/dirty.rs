@@ -6,9 +6,10 @@ use iopt_api::{
     Config, ConfigInput, DirtyError, Format, Gather, IoPageTable, Iova, IovaRange, PageSize,
     PageSizes, PhysAddr, Prot, Quirks,
 };
+use iopt_lpae::LpaeTable;
 use iopt_lpae::dirty::{DirtyBitmap, DirtyFlags};
-use iopt_lpae::oracle::{Access, Fault, Walker};
-use iopt_lpae::{LpaeTable, SimMemory};
+use iopt_sim::SimMemory;
+use iopt_sim::oracle::{Access, Fault, Walker};
 
 const RW: Prot = Prot::READ.union(Prot::WRITE);
 

@@ -11,7 +11,8 @@ use iopt_api::{
     Config, ConfigInput, Format, Gather, IoPageTable, Iova, MapError, PageSize, PageSizes,
     PhysAddr, Prot, Quirks, UnmapError,
 };
-use iopt_lpae::{LpaeTable, SimMemory};
+use iopt_lpae::LpaeTable;
+use iopt_sim::SimMemory;
 
 const RW: Prot = Prot::READ.union(Prot::WRITE);
 
@@ -394,9 +395,9 @@ fn ttbr1_range_is_inverted() {
     )
     .unwrap();
     // The device walks the upper half from TTBR1 with the TG1 encoding.
-    let hw = iopt_lpae::oracle::Walker::from_registers(Format::Arm64S1, &t.registers(), true, 0)
-        .unwrap();
-    let access = iopt_lpae::oracle::Access::READ;
+    let hw =
+        iopt_sim::oracle::Walker::from_registers(Format::Arm64S1, &t.registers(), true, 0).unwrap();
+    let access = iopt_sim::oracle::Access::READ;
     assert_eq!(
         hw.translate(&mem, u64::MAX - 0xff, access)
             .unwrap()

@@ -4,7 +4,8 @@
 //! bit) and tables per level must match; the only differences accepted are the ones the data's
 //! README lists, each counted and printed.
 
-use iopt_lpae::{LpaeTable, SimMemory};
+use iopt_lpae::LpaeTable;
+use iopt_sim::SimMemory;
 use std::sync::{Arc, Mutex};
 
 #[test]

@@ -1,6 +1,8 @@
 //! Differential property test: random map / map_range / unmap / lookup sequences in a small
 //! IOVA window (so operations collide), checked after every operation against an independent
-//! model of Linux's semantics and tree shape, and against the hardware-walk oracle.
+//! model of Linux's semantics and tree shape (`iopt-model`, the workspace's one reference model,
+//! with Design 1's reservation policy and no reservations: exactly Linux's on-demand table), and
+//! against the hardware-walk oracle.
 
 #![allow(clippy::too_many_lines)]
 
@@ -8,129 +10,15 @@ mod common;
 
 use common::dump;
 use iopt_api::{
-    Config, ConfigInput, Format, Gather, IoPageTable, Iova, MapError, PageSize, PageSizes,
-    PhysAddr, Prot, Quirks, UnmapError, WalkItem,
+    Config, ConfigInput, Format, Gather, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot,
+    Quirks, WalkItem,
 };
-use iopt_lpae::oracle::{Access, Walker};
-use iopt_lpae::{LpaeTable, SimMemory};
+use iopt_lpae::LpaeTable;
+use iopt_model::{Model, ReservePolicy};
+use iopt_sim::SimMemory;
+use iopt_sim::oracle::{Access, Walker};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
-
-/// The model: leaves by first IOVA, and the set of table pages that exist (level, index of the
-/// region they cover), which under Linux's policy appear with the first leaf below them and go
-/// only with a covering unmap or a block map over them.
-#[derive(Debug, Default, Clone)]
-struct Model {
-    leaves: BTreeMap<u64, (u64, u64, Prot)>, // iova -> (size, pa, prot)
-    tables: BTreeSet<(u32, u64)>,
-}
-
-impl Model {
-    fn overlaps(&self, start: u64, len: u64) -> Option<u64> {
-        let end = start + len;
-        // A leaf starting before `start` may cover it.
-        if let Some((&i, &(s, _, _))) = self.leaves.range(..start).next_back() {
-            if i + s > start {
-                return Some(start);
-            }
-        }
-        self.leaves.range(start..end).next().map(|(&i, _)| i)
-    }
-
-    fn tables_on_path(
-        cfg: &Config,
-        iova: u64,
-        level: u32,
-    ) -> impl Iterator<Item = (u32, u64)> + '_ {
-        (cfg.start_level() + 1..=level).map(move |l| (l, iova >> cfg.level_shift(l - 1)))
-    }
-
-    fn drop_tables_under(&mut self, cfg: &Config, iova: u64, level: u32) {
-        let size = cfg.block_size(level);
-        self.tables.retain(|&(l, idx)| {
-            if l <= level {
-                return true;
-            }
-            let start = idx << cfg.level_shift(l - 1);
-            !(start >= iova && start < iova + size)
-        });
-    }
-
-    fn map(
-        &mut self,
-        cfg: &Config,
-        iova: u64,
-        pa: u64,
-        size: u64,
-        count: u64,
-        prot: Prot,
-    ) -> Result<(), MapError> {
-        // The error names the first page of the run that overlaps an existing leaf.
-        if self.overlaps(iova, size * count).is_some() {
-            let k = (0..count)
-                .find(|k| self.overlaps(iova + k * size, size).is_some())
-                .unwrap();
-            return Err(MapError::AlreadyMapped {
-                iova: Iova::new(iova + k * size),
-            });
-        }
-        let level = cfg.leaf_level(PageSize::new(size).unwrap()).unwrap();
-        for k in 0..count {
-            let i = iova + k * size;
-            let new: Vec<_> = Self::tables_on_path(cfg, i, level).collect();
-            self.tables.extend(new);
-            // A block replaces any (necessarily empty) table below it.
-            if level < 3 {
-                self.drop_tables_under(cfg, i, level);
-            }
-            self.leaves
-                .insert(i, (size, pa + k * size, cfg.effective_prot(prot)));
-        }
-        Ok(())
-    }
-
-    fn unmap(&mut self, cfg: &Config, iova: u64, size: u64, count: u64) -> Result<u64, UnmapError> {
-        let level = cfg.leaf_level(PageSize::new(size).unwrap()).unwrap();
-        // Check everything first: each target entry must hold a leaf of exactly this size or a
-        // table; a larger leaf covering it is a partial unmap.
-        for k in 0..count {
-            let i = iova + k * size;
-            if let Some((&li, &(ls, _, _))) = self.leaves.range(..=i).next_back() {
-                if li + ls > i && ls > size {
-                    return Err(UnmapError::PartialBlock {
-                        iova: Iova::new(i),
-                        size: PageSize::new(size).unwrap(),
-                        leaf: PageSize::new(ls).unwrap(),
-                    });
-                }
-            }
-            let is_leaf = self.leaves.get(&i).is_some_and(|&(s, _, _)| s == size);
-            let is_table = level < 3
-                && self
-                    .tables
-                    .contains(&(level + 1, i >> cfg.level_shift(level)));
-            if !is_leaf && !is_table {
-                return Err(UnmapError::NotMapped { iova: Iova::new(i) });
-            }
-        }
-        for k in 0..count {
-            let i = iova + k * size;
-            let gone: Vec<u64> = self.leaves.range(i..i + size).map(|(&a, _)| a).collect();
-            for a in gone {
-                self.leaves.remove(&a);
-            }
-            if level < 3 {
-                self.drop_tables_under(cfg, i, level);
-            }
-        }
-        Ok(size * count)
-    }
-
-    fn lookup(&self, iova: u64) -> Option<(u64, u64, Prot)> {
-        let (&i, &(s, pa, prot)) = self.leaves.range(..=iova).next_back()?;
-        (i + s > iova).then_some((pa + (iova - i), s, prot))
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -177,7 +65,7 @@ fn run(cfg: Config, ops: &[Op]) {
     let mem = SimMemory::new();
     let t = LpaeTable::new(cfg, &mem).unwrap();
     let hw = Walker::from_registers(cfg.format(), &t.registers(), false, cfg.ias()).unwrap();
-    let mut model = Model::default();
+    let mut model = Model::new(cfg, ReservePolicy::Pools { cap: None });
     let sizes: Vec<u64> = cfg.page_sizes().iter().map(PageSize::get).collect();
     let check = |iova: u64, model: &Model, t: &LpaeTable<&SimMemory>| {
         let got = t
@@ -229,11 +117,7 @@ fn run(cfg: Config, ops: &[Op]) {
                     count,
                     prot,
                 );
-                let want = if prot.is_accessible() {
-                    model.map(&cfg, iova, pa, size, count, prot)
-                } else {
-                    Err(MapError::NoAccess { prot })
-                };
+                let want = model.map(None, iova, pa, size, count, prot);
                 assert_eq!(got, want, "map {iova:#x} {size:#x} x{count}");
                 check(iova, &model, &t);
             }
@@ -250,30 +134,14 @@ fn run(cfg: Config, ops: &[Op]) {
                 let prot = Prot::from_bits_retain(prot) | Prot::READ;
                 let before = (dump(&t), mem.live_set());
                 let got = t.map_range(Iova::new(iova), PhysAddr::new(pa), len, prot);
-                match got {
-                    Ok(()) => {
-                        // Model it piece by piece as the iommu core would split it.
-                        let mut done = 0;
-                        while done < len {
-                            let (s, n) = cfg
-                                .page_sizes()
-                                .best_fit(iova + done, pa + done, len - done)
-                                .unwrap();
-                            model
-                                .map(&cfg, iova + done, pa + done, s.get(), n, prot)
-                                .unwrap();
-                            done += s.get() * n;
-                        }
-                    }
-                    Err(MapError::AlreadyMapped { .. }) => {
-                        assert!(model.overlaps(iova, len).is_some(), "spurious conflict");
-                        assert_eq!(
-                            (dump(&t), mem.live_set()),
-                            before,
-                            "refused map_range changed state"
-                        );
-                    }
-                    Err(e) => panic!("map_range: {e:?}"),
+                let want = model.map_range(iova, pa, len, prot);
+                assert_eq!(got, want, "map_range {iova:#x} {len:#x}");
+                if got.is_err() {
+                    assert_eq!(
+                        (dump(&t), mem.live_set()),
+                        before,
+                        "refused map_range changed state"
+                    );
                 }
                 check(iova, &model, &t);
             }
@@ -292,7 +160,7 @@ fn run(cfg: Config, ops: &[Op]) {
                     count,
                     &mut Gather::new(),
                 );
-                let want = model.unmap(&cfg, iova, size, count);
+                let want = model.unmap(iova, size, count);
                 assert_eq!(got, want, "unmap {iova:#x} {size:#x} x{count}");
                 if got.is_err() {
                     assert_eq!(
@@ -319,12 +187,18 @@ fn run(cfg: Config, ops: &[Op]) {
                 leaves.insert(iova.get(), (size.get(), pa.get(), prot));
             }
             WalkItem::Table { iova, level, .. } if level > cfg.start_level() => {
-                tables.insert((level, iova.get() >> cfg.level_shift(level - 1)));
+                tables.insert((level, iova.get()));
             }
             _ => {}
         });
-        assert_eq!(leaves, model.leaves, "leaves after {op:?}");
-        assert_eq!(tables, model.tables, "tables after {op:?}");
+        let want_leaves: BTreeMap<u64, (u64, u64, Prot)> = model
+            .leaves()
+            .iter()
+            .map(|(&i, l)| (i, (l.size, l.pa, l.prot)))
+            .collect();
+        let want_tables: BTreeSet<(u32, u64)> = model.table_keys().into_iter().collect();
+        assert_eq!(leaves, want_leaves, "leaves after {op:?}");
+        assert_eq!(tables, want_tables, "tables after {op:?}");
         assert_eq!(
             mem.stats().live_pages,
             tables.len() as u64 + 1,

@@ -10,8 +10,9 @@ use common::Recorder;
 use iopt_api::{
     Config, ConfigInput, Format, Gather, IoPageTable, Iova, PageSizes, PhysAddr, Prot, Quirks,
 };
-use iopt_lpae::oracle::{Access, Walker};
-use iopt_lpae::{LpaeTable, SimMemory};
+use iopt_lpae::LpaeTable;
+use iopt_sim::SimMemory;
+use iopt_sim::oracle::{Access, Walker};
 
 const SIZES: [u32; 6] = [32, 36, 40, 42, 44, 48];
 

@@ -9,7 +9,8 @@ use iopt_api::{
     Config, ConfigInput, Format, Gather, IoPageTable, Iova, MapError, PageSize, PageSizes,
     PhysAddr, Prot, Registers, Stats, Translation, UnmapError, WalkItem,
 };
-use iopt_lpae::{LpaeTable, SimMemory};
+use iopt_lpae::LpaeTable;
+use iopt_sim::SimMemory;
 use proptest::prelude::*;
 
 /// An engine table with only the required methods forwarded: `map_sg` is the trait default.

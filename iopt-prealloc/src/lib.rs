@@ -10,7 +10,7 @@
 //! ```
 //! use iopt_api::{Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, PageSize,
 //!     PageSizes, PhysAddr, Prot, Reserve};
-//! use iopt_lpae::SimMemory;
+//! use iopt_sim::SimMemory;
 //! use iopt_prealloc::PreallocTable;
 //!
 //! // panthor's configuration: 48-bit stage 1, 4 KiB and 2 MiB pages.
@@ -91,7 +91,7 @@
 //! pages), counts are atomics beside each page, eager frees use a pin/claim protocol on the
 //! live count so that no thread can write into a table being freed, and freed pages are
 //! returned to the allocator only after every operation that could still hold a pointer to
-//! them has finished. The engine's [`refcount`](iopt_lpae::refcount) module documents the
+//! them has finished. The engine's [`account`](iopt_lpae::account) and [`reclaim`](iopt_lpae::reclaim) modules document the
 //! protocol.
 //!
 //! That protocol costs two locked read-modify-writes per shared call (announcing the call to

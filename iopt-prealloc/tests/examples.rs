@@ -1,4 +1,4 @@
-//! Deterministic tests: the worked examples of designs.md §8, counters, semantics, flush
+//! Deterministic tests: the worked examples of docs/designs.md §8, counters, semantics, flush
 //! ordering, failure injection and teardown.
 
 mod common;
@@ -8,8 +8,8 @@ use iopt_api::{
     FlushOps, Gather, IoPageTable, Iova, IovaRange, Issuer, MapError, PageSize, PageSizes, Prot,
     Reservation, Reserve, ReserveError, UnmapError,
 };
-use iopt_lpae::SimMemory;
 use iopt_prealloc::PreallocTable;
+use iopt_sim::SimMemory;
 use std::sync::{Arc, Mutex};
 
 const RW: Prot = Prot::READ.union(Prot::WRITE);
@@ -36,7 +36,7 @@ fn map_congruent(t: &Table<'_>, r: &Reservation, start: u64, len: u64, max_leaf:
     }
 }
 
-/// designs.md §8: (description, start, length, need with 4K-scattered backing, need with
+/// docs/designs.md §8: (description, start, length, need with 4K-scattered backing, need with
 /// 2M-contiguous backing).
 const EXAMPLES: &[(&str, u64, u64, usize, usize)] = &[
     ("4 KiB at 2 MiB-aligned VA", VA, K4, 3, 3),
@@ -185,7 +185,7 @@ fn reserve_takes_exactly_the_needed_pages_of_each_worked_example() {
 
 #[test]
 fn many_small_binds_in_one_region_take_three_pages_in_total() {
-    // designs.md §8: 1000 separate 4 KiB binds in one 2 MiB region reserve 3,000 pages under
+    // docs/designs.md §8: 1000 separate 4 KiB binds in one 2 MiB region reserve 3,000 pages under
     // Design 1; here they take 3, once.
     let mem = SimMemory::new();
     let t = PreallocTable::new(panthor(), &mem).unwrap();

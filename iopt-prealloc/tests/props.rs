@@ -9,8 +9,9 @@ use common::*;
 use iopt_api::{
     Gather, IoPageTable, IovaRange, MapError, PageSize, Prot, Reservation, Reserve, UnmapError,
 };
-use iopt_lpae::{LpaeTable, SimMemory};
+use iopt_lpae::LpaeTable;
 use iopt_prealloc::PreallocTable;
+use iopt_sim::SimMemory;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 

@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use iopt_api::{Gather, IoPageTable, PageSize, Prot, Reservation, Reserve};
-use iopt_lpae::SimMemory;
 use iopt_prealloc::PreallocTable;
+use iopt_sim::SimMemory;
 use std::collections::BTreeMap;
 use std::sync::{Barrier, Mutex};
 

@@ -6,8 +6,9 @@
 
 use iopt::{
     Config, ConfigInput, Format, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot, Registers,
-    SimMemory, Table,
+    Table,
 };
+use iopt_sim::SimMemory;
 
 /// Panthor derives AS_MEMATTR from the stage-1 MAIR: one byte per attribute index, each
 /// translated to Mali's encoding (write-back → 0x8D-style allocate policy, non-cacheable and

@@ -6,8 +6,9 @@
 
 use iopt::{
     Config, ConfigInput, Format, IoPageTable, Iova, PageSizes, PhysAddr, Prot, Quirks, Registers,
-    SimMemory, Table, regs,
+    Table, regs,
 };
+use iopt_sim::SimMemory;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = Config::new(

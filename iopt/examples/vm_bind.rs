@@ -7,8 +7,9 @@
 
 use iopt::{
     Backend, Config, ConfigInput, FlushOps, Format, Gather, IoPageTable, Iova, IovaRange, PageSize,
-    PageSizes, PhysAddr, Prot, Reservation, Reserve, SimMemory, Table,
+    PageSizes, PhysAddr, Prot, Reservation, Reserve, Table,
 };
+use iopt_sim::SimMemory;
 use std::collections::VecDeque;
 
 /// Flush callbacks that count, as a GPU driver's LOCK/FLUSH_PT would be issued.

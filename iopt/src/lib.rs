@@ -14,9 +14,16 @@
 //! feature switches design by changing only its feature list. With no backend feature the
 //! crate refuses to compile.
 //!
+//! The crate exports what a driver uses: the configuration, address and error types and traits
+//! of `iopt-api`, the tables, the backend choices (`FreePolicy`, `CountPolicy`, `InFlightCap`),
+//! and the format's descriptor, register and dirty-tracking helpers. Test scaffolding —
+//! simulated table memory, the hardware-walk oracle and debug dumps — is in the `iopt-sim`
+//! crate, which the examples below take as a dev-dependency.
+//!
 //! ```
 //! use iopt::{Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, PageSize,
-//!            PageSizes, PhysAddr, Prot, Reserve, SimMemory, Table};
+//!            PageSizes, PhysAddr, Prot, Reserve, Table};
+//! use iopt_sim::SimMemory; // simulated table memory; a driver passes its own `TableAlloc`
 //!
 //! let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 40))?;
 //! let mem = SimMemory::new();
@@ -69,7 +76,7 @@ extern crate alloc;
 compile_error!("iopt needs a backend: enable the `alloc-ops` or the `prealloc` feature (or both)");
 
 pub use iopt_api::*;
-pub use iopt_lpae::{LpaeTable, SimLayout, SimMemory, SimStats, debug, desc, dirty, oracle, regs};
+pub use iopt_lpae::{LpaeTable, desc, dirty, regs};
 
 #[cfg(feature = "alloc-ops")]
 pub use iopt_alloc_ops::{AllocOpsTable, CountPolicy, FreePolicy, InFlightCap};

@@ -4,9 +4,8 @@
 #[cfg(feature = "alloc-ops")]
 #[test]
 fn free_policy_is_reexported() {
-    use iopt::{
-        AllocOpsTable, Config, ConfigInput, Format, FreePolicy, NoFlush, PageSizes, SimMemory,
-    };
+    use iopt::{AllocOpsTable, Config, ConfigInput, Format, FreePolicy, NoFlush, PageSizes};
+    use iopt_sim::SimMemory;
     let cfg = Config::new(ConfigInput::new(
         Format::Arm64S1,
         PageSizes::GRANULE_4K,

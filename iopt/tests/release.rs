@@ -2,8 +2,9 @@
 
 use iopt::{
     BACKENDS, Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, NoFlush, PageSize,
-    PageSizes, PhysAddr, Prot, Reserve, ReserveError, SimMemory, Table,
+    PageSizes, PhysAddr, Prot, Reserve, ReserveError, Table,
 };
+use iopt_sim::SimMemory;
 
 #[test]
 fn release_to_the_wrong_table_returns_the_handle() {

@@ -2,8 +2,9 @@
 
 use iopt::{
     BACKENDS, Config, ConfigInput, Format, Gather, IoPageTable, Iova, NoFlush, PageSize, PageSizes,
-    PhysAddr, Prot, SimMemory, Table,
+    PhysAddr, Prot, Table,
 };
+use iopt_sim::SimMemory;
 
 #[test]
 fn both_designs_return_the_removed_runs() {

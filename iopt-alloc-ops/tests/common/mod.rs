@@ -5,7 +5,7 @@ use iopt_api::{
     Config, ConfigInput, Format, IoPageTable, Iova, IovaRange, PageSizes, Prot, Quirks, Stats,
     WalkItem,
 };
-use iopt_lpae::SimMemory;
+use iopt_sim::SimMemory;
 
 pub const K4: u64 = 0x1000;
 pub const M2: u64 = 2 << 20;
@@ -13,7 +13,7 @@ pub const G1: u64 = 1 << 30;
 pub const G512: u64 = 512 << 30;
 pub const RW: Prot = Prot::READ.union(Prot::WRITE);
 
-/// panthor's configuration (designs.md §4.1): 64-bit stage 1, 4 KiB | 2 MiB, 48-bit VA.
+/// panthor's configuration (docs/designs.md §4.1): 64-bit stage 1, 4 KiB | 2 MiB, 48-bit VA.
 pub fn panthor_cfg() -> Config {
     Config::new(
         ConfigInput::new(Format::Arm64S1, PageSizes::from_bits(0x20_1000), 48, 40)

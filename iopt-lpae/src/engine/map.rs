@@ -130,7 +130,8 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     ///
     /// ```
     /// use iopt_api::{Config, ConfigInput, Format, Gather, Iova, PageSize, PageSizes, PhysAddr, Prot, NoFlush};
-    /// use iopt_lpae::{Engine, SimMemory};
+    /// use iopt_lpae::Engine;
+    /// use iopt_sim::SimMemory;
     /// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
     /// let mem = SimMemory::new();
     /// let mut e = Engine::counting(cfg, &mem, NoFlush)?;

@@ -528,7 +528,8 @@ impl<A: TableAlloc, F: FlushOps> Engine<A, F, crate::account::LiveCounts> {
     ///
     /// ```
     /// use iopt_api::{Config, ConfigInput, Format, Gather, Iova, PageSize, PageSizes, PhysAddr, Prot, NoFlush};
-    /// use iopt_lpae::{Engine, SimMemory};
+    /// use iopt_lpae::Engine;
+    /// use iopt_sim::SimMemory;
     /// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
     /// let mem = SimMemory::new();
     /// let e = Engine::counting(cfg, &mem, NoFlush)?;
@@ -921,7 +922,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Drop for Engine<A, F, K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::SimMemory;
+    use crate::test_mem::TestMemory as SimMemory;
     use iopt_api::{ConfigInput, Format, Granule, NoFlush, PageSizes, Quirks};
     use iopt_api::{Gather, UnmapError};
     use proptest::prelude::*;

@@ -5,8 +5,8 @@ use iopt_api::{
     Config, ConfigInput, Format, IoPageTable, Iova, IovaRange, PageSize, PageSizes, PhysAddr,
     TableAlloc, WalkItem,
 };
-use iopt_lpae::SimMemory;
 use iopt_prealloc::PreallocTable;
+use iopt_sim::SimMemory;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 

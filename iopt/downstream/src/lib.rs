@@ -3,9 +3,9 @@
 
 use iopt::{
     AllocError, Config, ConfigInput, Format, Gather, IoPageTable, Iova, IovaRange, MapError,
-    PageSize, PageSizes, PhysAddr, Prot, ReleaseError, Reserve, ReserveError, SimMemory, Table,
-    UnmapError,
+    PageSize, PageSizes, PhysAddr, Prot, ReleaseError, Reserve, ReserveError, Table, UnmapError,
 };
+use iopt_sim::SimMemory;
 
 /// What the driver's VM holds.
 #[derive(Debug)]

@@ -1,7 +1,8 @@
 //! The same test, whatever design the feature list picked.
 
-use iopt::{Backend, IoPageTable, Iova, SimMemory};
+use iopt::{Backend, IoPageTable, Iova};
 use iopt_downstream::Vm;
+use iopt_sim::SimMemory;
 
 #[test]
 fn binds_translate_and_nothing_leaks() {

@@ -2,15 +2,13 @@
 //! and a human-readable dump of a whole tree in which runs of contiguous leaves collapse into
 //! one line. Checkers print these when they report a divergence.
 
-use crate::account::Accounting;
-use crate::desc::{self, Kind};
-use crate::engine::Engine;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
 use core::sync::atomic::Ordering;
-use iopt_api::{FlushOps, IoPageTable, Iova, PhysAddr, TableAlloc, WalkItem};
+use iopt_api::{Config, IoPageTable, Iova, PhysAddr, TableAlloc, WalkItem};
+use iopt_lpae::desc::{self, Kind};
 
 /// One step of a walk: the table read, the index used and the descriptor found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -25,38 +23,60 @@ pub struct WalkStep {
     pub descriptor: u64,
 }
 
-impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
-    /// Returns the descriptors on the path of `iova`, from the root down to the first leaf or
-    /// empty entry (Linux's `pgtable_walk`). Empty outside the input range.
-    #[must_use]
-    pub fn walk_path(&self, iova: Iova) -> Vec<WalkStep> {
-        let _guard = self.enter();
-        let cfg = self.config();
-        let mut out = Vec::new();
-        if !cfg.iova_in_range(iova) {
-            return out;
-        }
-        let mut pa = self.root();
-        let mut level = cfg.start_level();
-        while let Some(table) = self.allocator().table(pa) {
-            let index = cfg.index(iova.get(), level);
-            let Some(d) = table.entries.get(index).map(|e| e.load(Ordering::Acquire)) else {
-                break;
-            };
-            out.push(WalkStep {
-                level,
-                table: pa,
-                index,
-                descriptor: d,
-            });
-            if desc::kind(cfg.format(), level, d) != Kind::Table {
-                break;
-            }
-            pa = desc::unpack_pa(d, cfg.granule());
-            level += 1;
-        }
-        out
+/// Returns the descriptors on the path of `iova` in the tree of configuration `cfg` rooted at
+/// `root`, whose pages `mem` holds: from the root down to the first leaf or empty entry (Linux's
+/// `pgtable_walk`). Empty outside the input range; stops early at an address `mem` does not
+/// back.
+///
+/// It reads the tables through [`TableAlloc::table`] without taking part in the table's
+/// reclamation, so call it while no operation can free tables (a debugger's view, as in
+/// Linux).
+///
+/// ```
+/// use iopt_api::{Config, ConfigInput, Format, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot};
+/// use iopt_lpae::LpaeTable;
+/// use iopt_sim::{SimMemory, debug::walk_path};
+/// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 39, 40))?;
+/// let mem = SimMemory::new();
+/// let t = LpaeTable::new(cfg, &mem)?;
+/// t.map(Iova::new(0x20_0000), PhysAddr::new(0x4000_0000), PageSize::SZ_4K, 1, Prot::READ)?;
+/// let path = walk_path(&cfg, t.root(), &mem, Iova::new(0x20_0000));
+/// // L1 and L2 tables, then the L3 page descriptor.
+/// assert_eq!(path.iter().map(|s| s.level).collect::<Vec<_>>(), [1, 2, 3]);
+/// assert_eq!(path[2].descriptor & iopt_lpae::desc::ADDR_MASK, 0x4000_0000);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[must_use]
+pub fn walk_path<A: TableAlloc + ?Sized>(
+    cfg: &Config,
+    root: PhysAddr,
+    mem: &A,
+    iova: Iova,
+) -> Vec<WalkStep> {
+    let mut out = Vec::new();
+    if !cfg.iova_in_range(iova) {
+        return out;
     }
+    let mut pa = root;
+    let mut level = cfg.start_level();
+    while let Some(table) = mem.table(pa) {
+        let index = cfg.index(iova.get(), level);
+        let Some(d) = table.entries.get(index).map(|e| e.load(Ordering::Acquire)) else {
+            break;
+        };
+        out.push(WalkStep {
+            level,
+            table: pa,
+            index,
+            descriptor: d,
+        });
+        if desc::kind(cfg.format(), level, d) != Kind::Table {
+            break;
+        }
+        pa = desc::unpack_pa(d, cfg.granule());
+        level += 1;
+    }
+    out
 }
 
 /// Renders every table and leaf of `table`, one line each, with runs of leaves that are
@@ -64,7 +84,8 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
 ///
 /// ```
 /// use iopt_api::{Config, ConfigInput, Format, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot};
-/// use iopt_lpae::{LpaeTable, SimMemory, debug::render};
+/// use iopt_lpae::LpaeTable;
+/// use iopt_sim::{SimMemory, debug::render};
 /// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 39, 40))?;
 /// let mem = SimMemory::new();
 /// let t = LpaeTable::new(cfg, &mem)?;

@@ -6,8 +6,9 @@ use iopt_api::{
     Config, ConfigInput, Format, Gather, IoPageTable, Iova, PageSize, PageSizes, PhysAddr, Prot,
     Quirks, TableAlloc, WalkItem,
 };
-use iopt_lpae::oracle::{Access, Fault, MemType, Walker};
-use iopt_lpae::{LpaeTable, SimMemory};
+use iopt_lpae::LpaeTable;
+use iopt_sim::SimMemory;
+use iopt_sim::oracle::{Access, Fault, MemType, Walker};
 use std::sync::atomic::Ordering;
 
 const RW: Prot = Prot::READ.union(Prot::WRITE);

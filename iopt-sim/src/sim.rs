@@ -272,7 +272,7 @@ pub struct SimStats {
 ///
 /// ```
 /// use iopt_api::TableAlloc;
-/// use iopt_lpae::SimMemory;
+/// use iopt_sim::SimMemory;
 /// let mem = SimMemory::new();
 /// let pa = mem.alloc(4096)?;
 /// assert_eq!(pa.get() % 4096, 0);
@@ -329,7 +329,7 @@ impl SimMemory {
     ///
     /// ```
     /// use iopt_api::{PhysAddr, TableAlloc};
-    /// use iopt_lpae::{SimMemory, STALE_DESCRIPTOR};
+    /// use iopt_sim::{SimMemory, STALE_DESCRIPTOR};
     /// use core::sync::atomic::Ordering;
     /// let mem = SimMemory::non_coherent();
     /// let pa = mem.alloc(4096)?;
@@ -501,7 +501,7 @@ impl SimMemory {
     }
 
     /// In non-coherent mode, the first word of the live page at `page` whose device view
-    /// differs from the CPU view (ignoring the software bit [`SW_SYNC`](crate::desc::SW_SYNC),
+    /// differs from the CPU view (ignoring the software bit [`SW_SYNC`](iopt_lpae::desc::SW_SYNC),
     /// which tables set after cleaning and hardware ignores), as `(address, cpu, device)`: a
     /// write nobody cleaned. Check the pages a walker can reach (pages still in a pool are
     /// cleaned when they become tables). `None` when the page is clean or not live, and always
@@ -519,7 +519,7 @@ impl SimMemory {
             .enumerate()
             .find_map(|(w, (cpu, dev))| {
                 let (cpu, dev) = (cpu.load(Ordering::Acquire), dev.load(Ordering::Acquire));
-                ((cpu ^ dev) & !crate::desc::SW_SYNC != 0)
+                ((cpu ^ dev) & !iopt_lpae::desc::SW_SYNC != 0)
                     .then(|| (PhysAddr::new(base + w as u64 * 8), cpu, dev))
             })
     }

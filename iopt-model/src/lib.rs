@@ -1,4 +1,9 @@
-//! The independent model the checker compares every backend with.
+//! # iopt-model: the one reference model of an iopt table
+//!
+//! `compare` checks every call of its workloads against it, `checkers` runs every design
+//! against it under random and adversarial sequences, and the crates' property tests compare
+//! their tables with it: one statement of what a correct table answers, so a fix or a new
+//! behaviour is written once and every checker agrees on it.
 //!
 //! It shares no code with the engine or the backends: the mapping is a map from each leaf's
 //! first IOVA to its size, output address and permissions (so "page → pa, prot" is a range
@@ -21,7 +26,8 @@
 //! Only configurations without the TTBR1 quirk are modelled.
 
 use iopt_api::{
-    Config, Iova, IovaRange, MapError, PageSize, PhysAddr, Prot, ReserveError, UnmapError,
+    Config, Iova, IovaRange, MapError, PageSize, PageSizes, PhysAddr, Prot, ReserveError,
+    UnmapError,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -431,6 +437,47 @@ impl Model {
         Ok(level)
     }
 
+    /// `map_range`: the runs `iommu_pgsize` cuts `[iova, iova + len)` into (largest page
+    /// size both addresses allow), each validated first as `split_range` does, then mapped all
+    /// or nothing on demand.
+    ///
+    /// # Errors
+    ///
+    /// The error the backend must give; the model is then unchanged.
+    pub fn map_range(&mut self, iova: u64, pa: u64, len: u64, prot: Prot) -> Result<(), MapError> {
+        let cfg = self.cfg;
+        let vi = Iova::new(iova);
+        if len == 0 {
+            return Err(MapError::Empty { iova: vi });
+        }
+        if iova.checked_add(len - 1).is_none() || pa.checked_add(len - 1).is_none() {
+            return Err(MapError::Overflow { iova: vi, len });
+        }
+        let sizes: PageSizes = cfg.page_sizes();
+        let mut runs = Vec::new();
+        let mut done = 0;
+        while done < len {
+            let (i, p) = (iova + done, pa + done);
+            let Some((size, count)) = sizes.best_fit(i, p, len - done) else {
+                return Err(MapError::Misaligned {
+                    iova: Iova::new(i),
+                    pa: PhysAddr::new(p),
+                    size: sizes.smallest().unwrap_or(PageSize::SZ_4K),
+                });
+            };
+            // Validation alone: an empty model answers only argument errors.
+            Model::new(cfg, self.policy).map(None, i, p, size.get(), count, prot)?;
+            runs.push((i, p, size.get(), count));
+            done += size.get() * count;
+        }
+        let mut next = self.clone();
+        for (i, p, size, count) in runs {
+            next.map(None, i, p, size, count, prot)?;
+        }
+        *self = next;
+        Ok(())
+    }
+
     /// Unmaps `count` leaves of `size` bytes from `iova` (a block-sized unmap over a table
     /// removes the table and all it holds): the result the backend must give, applied when
     /// `Ok`.
@@ -695,15 +742,17 @@ impl Model {
     }
 }
 
-/// [`CountPolicy::WorstCase`](iopt_alloc_ops::CountPolicy::WorstCase) recomputed
+/// `iopt_alloc_ops::CountPolicy::WorstCase` recomputed
 /// independently: the tables a map of `[va, va + size)` with leaves at the smallest page size
 /// needs in a tree holding only the root (panthor's `N(512G) + N(1G) + N(2M)` on a 48-bit,
 /// 4 KiB-granule table).
 ///
 /// ```
-/// use compare::model::worst_case;
-/// use compare::ops::TableKind;
-/// let cfg = TableKind::Panthor.config();
+/// use iopt_api::{Config, ConfigInput, Format, PageSizes};
+/// use iopt_model::worst_case;
+/// // panthor's table: 48-bit stage 1, 4 KiB and 2 MiB pages.
+/// let sizes = PageSizes::from_bits((1 << 12) | (1 << 21));
+/// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, sizes, 48, 48)).unwrap();
 /// assert_eq!(worst_case(&cfg, 1 << 30, 1 << 30), 514);
 /// assert_eq!(worst_case(&cfg, (2 << 20) - 4096, 8192), 4);
 /// ```
