@@ -1015,7 +1015,7 @@ fn replay_map<T: IoPageTable + ?Sized>(
                     .filter(|&i| {
                         let s = plan.slot(op.iova, i);
                         let inside = |x: u64| x >= s && x <= s + (plan.block - 1);
-                        now.tables.iter().any(|&(t, _)| inside(t))
+                        now.tables.iter().any(|&(t, tl)| tl > level && inside(t))
                             || now.leaves.iter().any(|l| inside(l.iova))
                     })
                     .collect();
