@@ -65,6 +65,7 @@ pub const SUBJECTS: [Subject; 6] = [
 /// Replays `cases` against fresh tables of `subject`, one per case, and checks afterwards
 /// that each case's memory got every table page back. Returns the summary and a line per
 /// case that leaked or freed a page twice.
+#[allow(dead_code)] // not every test target replays
 pub fn replay_checked(
     subject: &Subject,
     cases: &[iopt_golden::Case],
