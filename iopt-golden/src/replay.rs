@@ -700,10 +700,8 @@ fn snapshot<T: IoPageTable + ?Sized>(table: &T, cfg: &Config, lo: u64, hi: u64) 
                 s.leaves.push(leaf);
             }
         }
-        WalkItem::Table { iova, level, .. } => {
-            if level > root && (lo..=hi).contains(&iova.get()) {
-                s.tables.push((iova.get(), level));
-            }
+        WalkItem::Table { iova, level, .. } if level > root && (lo..=hi).contains(&iova.get()) => {
+            s.tables.push((iova.get(), level));
         }
         _ => {}
     });
@@ -1224,6 +1222,35 @@ fn unmap_by_entry<T: IoPageTable + ?Sized>(
     Ok((freed, removed))
 }
 
+/// Judges an unmap iopt refused as not mapped where Linux cleared `op.ret` bytes. iopt's
+/// unmap is all or nothing; Linux's clears entry after entry. So iopt is driven one entry at a
+/// time: the entries it holds must unmap as Linux's did, and the ones it refuses must hold no
+/// leaf (tables it freed when they emptied). Returns the resynchronisation made, if entries
+/// had to be unmapped one by one.
+///
+/// # Errors
+///
+/// Why the difference is not the eager-freeing one, for the mismatch message.
+fn eager_freed<T: IoPageTable + ?Sized>(
+    table: &T,
+    cfg: &Config,
+    op: &UnmapOp,
+    at: At,
+) -> Result<Option<Resync>, String> {
+    match unmap_by_entry(table, cfg, op).map_err(|e| format!("; {e}"))? {
+        (0, _) => Err(
+            "; iopt refused the run as a whole but unmapped every entry of it one by one"
+                .to_owned(),
+        ),
+        (_, 0) => Ok(None),
+        _ => Ok(Some(Resync {
+            op: at.index,
+            difference: AllowedDifference::EagerFreedEmptyTable,
+            leaves_removed: 0,
+        })),
+    }
+}
+
 fn replay_unmap<T: IoPageTable + ?Sized>(
     table: &T,
     cfg: &Config,
@@ -1284,28 +1311,13 @@ fn replay_unmap<T: IoPageTable + ?Sized>(
         Err(UnmapError::NotMapped { .. })
             if op.ret > 0 && op.ret % op.pgsize == 0 && op.iova % op.pgsize == 0 =>
         {
-            // iopt's unmap is all or nothing; Linux's clears entry after entry. Drive iopt
-            // one entry at a time: the entries it holds must unmap as Linux's did, and the
-            // ones it refuses must hold no leaf (tables it freed when they emptied).
-            match unmap_by_entry(table, cfg, op) {
-                Ok((freed, removed)) if freed > 0 => {
-                    if removed > 0 {
-                        report.resyncs.push(Resync {
-                            op: at.index,
-                            difference: AllowedDifference::EagerFreedEmptyTable,
-                            leaves_removed: 0,
-                        });
-                    }
+            match eager_freed(table, cfg, op, at) {
+                Ok(resync) => {
+                    report.resyncs.extend(resync);
                     Some(AllowedDifference::EagerFreedEmptyTable)
                 }
-                Ok(_) => {
-                    why = "; iopt refused the run as a whole but unmapped every entry of it \
-                           one by one"
-                        .to_owned();
-                    None
-                }
                 Err(e) => {
-                    why = format!("; {e}");
+                    why = e;
                     None
                 }
             }
