@@ -1,11 +1,13 @@
 //! # iopt-golden: Linux's own answers, and a replay that checks iopt against them
 //!
-//! **What.** This crate embeds `data/lpae_modern_matrix.jsonl`: 470 cases recorded from
-//! Linux's `io-pgtable-arm` (v6.11 with the v6.13 no-split and run-per-granule changes, the
-//! v6.14 stage-2 concatenation rule, S2FWB and NO_WARN), each a table configuration, the
-//! calls made on it with what Linux returned, and the final tree bit for bit. It parses them
-//! into typed [`Case`]s and replays them against any [`IoPageTable`], comparing by the rules of
-//! `data/README.md`.
+//! **What.** This crate embeds two recordings of Linux's `io-pgtable-arm` (modern semantics:
+//! the v6.13 no-split and run-per-granule changes, the v6.14 stage-2 concatenation rule, S2FWB
+//! and NO_WARN): `data/lpae_modern_matrix.jsonl`, 470 cases over the configuration space
+//! ([`cases`]), and `data/lpae_modern_random_dev.jsonl`, 160 cases of random calls
+//! ([`random_cases`]). Each case is a table configuration, the calls made on it with what Linux
+//! returned, and the final tree bit for bit. The crate parses them (or any file in the same
+//! schema, with [`parse`]) into typed [`Case`]s and replays them against any [`IoPageTable`],
+//! comparing by the rules of the crate's README.
 //!
 //! **Why.** iopt claims to behave exactly like modern Linux except in a short list of
 //! deliberate, safer differences (typed errors for misaligned or end-of-range runs, no
@@ -13,9 +15,15 @@
 //! of empty tables). Reading the Linux source is not proof; matching Linux's recorded outputs
 //! call for call is. The replay accepts each deliberate difference only under the condition
 //! that justifies it, counts it by kind, and reports everything else as a mismatch naming the
-//! case, the op and both values.
+//! case, the op and both values. Equal answers are not enough: for block maps the replay also
+//! predicts what Linux's call did to the tree and checks the table's leaves against it. Where a
+//! deliberate difference leaves the trees apart (Linux tore tables down, iopt refused), the
+//! replay brings the table to Linux's tree through the public API, counts a
+//! resynchronisation ([`Resync`]) and goes on, so nearly every recorded call is compared.
 //!
-//! The data is compiled in with `include_str!`, so tests need no file outside this crate.
+//! The data is compiled in with `include_str!`, so tests need no file outside this crate. The
+//! `replay` example (`cargo run -p iopt-golden --example replay -- FILE...`) runs recorded
+//! files through every table iopt ships.
 //!
 //! ```
 //! let cases = iopt_golden::cases()?;

@@ -337,8 +337,14 @@ pub fn check_config(case: &Case) -> CaseReport {
 
 /// Replays `case` against a table built by `build` and compares everything the README lists:
 /// allocation outcome, `cfg_out` (registers read from the table), geometry, every op in
-/// order (each called exactly once; stopping at the first mismatch), the final leaves bit for
-/// bit and the table count per level.
+/// order (each recorded call made exactly once; stopping at the first mismatch), the final
+/// leaves bit for bit and the table count per level.
+///
+/// Around a block map the replay reads the table's tree over the run (through
+/// [`IoPageTable::walk`]) to judge the call's effect, not only its answer. After a diverging
+/// allowed difference it makes further calls of its own (unmaps of the entries Linux tore
+/// down, the map Linux completed, or one granule page mapped and unmapped to build the path
+/// Linux built), checks the leaves of the run, and records a [`Resync`] in the report.
 ///
 /// `build` is called once, only when the configuration is accepted, with a fresh [`Config`];
 /// it may return any owner of the table (`Box<T>`, `Box<dyn IoPageTable>`, `Arc<T>`, `&T`).
