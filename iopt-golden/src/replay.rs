@@ -90,7 +90,10 @@ pub enum AllowedDifference {
     /// MAIR differs only above bit 31 (Linux sign-extends `0xf404ff44`).
     MairSignExtension,
     /// A map or unmap was rejected as misaligned, and its iova or pa is not a multiple of
-    /// `pgsize`.
+    /// `pgsize`. Where Linux completed the call and only the iova was misaligned, the replay
+    /// makes the call at the iova rounded down (what Linux's index arithmetic did); a
+    /// misaligned pa ends up in Linux's descriptor as it is, which iopt cannot write, so that
+    /// case stops there.
     MisalignedRejected,
     /// A run was rejected because its end leaves the IAS/OAS while its start does not.
     RangeEndRejected,
@@ -1182,7 +1185,26 @@ fn replay_map<T: IoPageTable + ?Sized>(
     };
     if let Some(difference) = allowed {
         report.allow(difference);
-        return linux_changed.then_some(OpStop::Diverged(difference));
+        if !linux_changed {
+            return None;
+        }
+        // Linux's index arithmetic rounds a misaligned iova down; with an aligned pa that is
+        // an ordinary map one page lower, which iopt can make.
+        let down = op.iova & !(op.pgsize - 1);
+        if difference == AllowedDifference::MisalignedRejected
+            && op.paddr % op.pgsize == 0
+            && table
+                .map(Iova::new(down), PhysAddr::new(op.paddr), size, count, prot)
+                .is_ok()
+        {
+            report.resyncs.push(Resync {
+                op: at.index,
+                difference,
+                leaves_removed: 0,
+            });
+            return None;
+        }
+        return Some(OpStop::Diverged(difference));
     }
     fail(report, "")
 }
@@ -1348,7 +1370,22 @@ fn replay_unmap<T: IoPageTable + ?Sized>(
     };
     if let Some(difference) = allowed {
         report.allow(difference);
-        return (linux_changed && difference.diverges()).then_some(OpStop::Diverged(difference));
+        if !(linux_changed && difference.diverges()) {
+            return None;
+        }
+        // A misaligned unmap clears from the iova rounded down in Linux; iopt can do that.
+        let down = op.iova & !(op.pgsize - 1);
+        if difference == AllowedDifference::MisalignedRejected
+            && table.unmap(Iova::new(down), size, count, &mut Gather::new()) == Ok(op.ret)
+        {
+            report.resyncs.push(Resync {
+                op: at.index,
+                difference,
+                leaves_removed: 0,
+            });
+            return None;
+        }
+        return Some(OpStop::Diverged(difference));
     }
     report.mismatch(
         step,

@@ -371,3 +371,47 @@ fn error_precedence_is_allowed_only_when_iopt_error_holds() {
         "{report}"
     );
 }
+
+/// A copy of `case` with the op at `index` moved `by` bytes up, inside its first page: Linux
+/// rounds the iova down, so its recorded answers stay exactly right for the moved call.
+fn misalign(case: &Case, index: usize, by: u64) -> Case {
+    let mut case = case.clone();
+    let iopt_golden::Outcome::Allocated(a) = &mut case.outcome else {
+        panic!("an allocated case")
+    };
+    match &mut a.ops[index] {
+        Op::Map(m) => m.iova += by,
+        Op::Unmap(u) => u.iova += by,
+        Op::IovaToPhys(_) => panic!("a map or unmap"),
+    }
+    case
+}
+
+#[test]
+fn a_misaligned_call_linux_completed_is_made_rounded_down() {
+    let cases = random();
+    let case = &cases[0];
+    let ops = case.ops();
+    let map = ops
+        .iter()
+        .position(|op| matches!(op, Op::Map(m) if m.ret == 0 && m.mapped == m.pgsize * m.pgcount))
+        .expect("a completed map");
+    let unmap = ops
+        .iter()
+        .position(|op| matches!(op, Op::Unmap(u) if u.ret != 0))
+        .expect("a completed unmap");
+    for index in [map, unmap] {
+        let moved = misalign(case, index, 0x800);
+        let report = plain(&moved);
+        assert!(report.passed(), "{report}");
+        assert_eq!(report.ops_replayed, report.ops_total, "{report}");
+        assert!(report.final_compared);
+        assert!(
+            report
+                .resyncs
+                .iter()
+                .any(|r| r.op == index && r.difference == AllowedDifference::MisalignedRejected),
+            "{report}"
+        );
+    }
+}

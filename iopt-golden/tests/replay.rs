@@ -448,8 +448,9 @@ fn misaligned_rejection_is_allowed_only_when_misaligned() {
     let (report, _) = replay_with(case, answers([(3, Answer::Map(Err(m(0))))]));
     assert_eq!(report.stopped, Some(Stop::Mismatch { op: 3 }), "{report}");
 
-    // The same op with a misaligned iova (as if Linux had mapped it): allowed, and the
-    // replay stops there because the trees now differ.
+    // The same op with a misaligned iova and pa (as if Linux had mapped it): allowed, and
+    // the replay stops there because the trees now differ and a misaligned pa cannot be
+    // written by iopt (with only the iova misaligned it is made rounded down: planted.rs).
     let mut case = cases[0].clone();
     let Outcome::Allocated(a) = &mut case.outcome else {
         unreachable!()
@@ -457,7 +458,7 @@ fn misaligned_rejection_is_allowed_only_when_misaligned() {
     let Op::Map(op) = &mut a.ops[3] else {
         unreachable!()
     };
-    op.iova = 0x800;
+    (op.iova, op.paddr) = (0x800, 0x800);
     let (report, oracle) = replay_with(&case, answers([(3, Answer::Map(Err(m(0x800))))]));
     assert!(report.passed(), "{report}");
     assert_eq!(
