@@ -1279,6 +1279,19 @@ fn eager_freed<T: IoPageTable + ?Sized>(
     }
 }
 
+/// Notes (informationally) a gathered invalidation size outside the page-size bitmap.
+fn note_gather(cfg: &Config, gather: &Gather, step: Step, report: &mut CaseReport) {
+    if gather.pgsize() != 0
+        && PageSize::new(gather.pgsize()).is_none_or(|s| !cfg.page_sizes().contains(s))
+    {
+        report.notes.push(format!(
+            "{step}: gathered leaf size {:#x} is not in pgsize_bitmap {:#x}",
+            gather.pgsize(),
+            cfg.page_sizes().bits()
+        ));
+    }
+}
+
 fn replay_unmap<T: IoPageTable + ?Sized>(
     table: &T,
     cfg: &Config,
@@ -1309,15 +1322,7 @@ fn replay_unmap<T: IoPageTable + ?Sized>(
     }
     let mut gather = Gather::new();
     let result = table.unmap(Iova::new(op.iova), size, count, &mut gather);
-    if gather.pgsize() != 0
-        && PageSize::new(gather.pgsize()).is_none_or(|s| !cfg.page_sizes().contains(s))
-    {
-        report.notes.push(format!(
-            "{step}: gathered leaf size {:#x} is not in pgsize_bitmap {:#x}",
-            gather.pgsize(),
-            cfg.page_sizes().bits()
-        ));
-    }
+    note_gather(cfg, &gather, step, report);
     let (ours, detail) = match &result {
         Ok(bytes) => (*bytes, format!("Ok({bytes:#x})")),
         Err(e) => (0, format!("Err({e:?})")),
