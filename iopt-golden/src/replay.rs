@@ -960,14 +960,13 @@ fn replay_map<T: IoPageTable + ?Sized>(
     // A block map that Linux walked (it answered 0 or -EEXIST): read what its run holds
     // first, to see what Linux tore down.
     let level = cfg.leaf_level(size);
+    // Linux's index arithmetic rounds a misaligned iova down, so its run starts there.
+    let down = op.iova & !(op.pgsize - 1);
     let plan = level
         .filter(|&l| {
-            l < 3
-                && (op.ret == 0 || op.ret == EEXIST)
-                && op.iova % op.pgsize == 0
-                && linux_map_precheck(cfg, op).is_none()
+            l < 3 && (op.ret == 0 || op.ret == EEXIST) && linux_map_precheck(cfg, op).is_none()
         })
-        .map(|l| plan_run(table, cfg, op.iova, op.pgsize, l, op.pgcount));
+        .map(|l| plan_run(table, cfg, down, op.pgsize, l, op.pgcount));
     let prot = Prot::from_bits_retain(op.prot);
     let result = table.map(
         Iova::new(op.iova),
@@ -1003,7 +1002,7 @@ fn replay_map<T: IoPageTable + ?Sized>(
         );
         Some(OpStop::Mismatch)
     };
-    if let (Some(plan), Some(level)) = (&plan, level) {
+    if let (Some(plan), Some(level), true) = (&plan, level, down == op.iova) {
         match (op.ret, &result) {
             (EEXIST, Err(MapError::AlreadyMapped { .. })) => {
                 let Some(torn) = plan.eexist_teardown() else {
@@ -1185,28 +1184,95 @@ fn replay_map<T: IoPageTable + ?Sized>(
     };
     if let Some(difference) = allowed {
         report.allow(difference);
-        if !linux_changed {
-            return None;
+        if difference == AllowedDifference::MisalignedRejected {
+            let aligned = MapOp { iova: down, ..*op };
+            match misaligned_map_resync(table, cfg, &aligned, count, plan.as_ref(), level) {
+                Ok(None) => return None,
+                Ok(Some(removed)) => {
+                    report.resyncs.push(Resync {
+                        op: at.index,
+                        difference,
+                        leaves_removed: removed,
+                    });
+                    return None;
+                }
+                Err(Some(e)) => return fail(report, &format!("; {e}")),
+                Err(None) => {}
+            }
         }
-        // Linux's index arithmetic rounds a misaligned iova down; with an aligned pa that is
-        // an ordinary map one page lower, which iopt can make.
-        let down = op.iova & !(op.pgsize - 1);
-        if difference == AllowedDifference::MisalignedRejected
-            && op.paddr % op.pgsize == 0
-            && table
-                .map(Iova::new(down), PhysAddr::new(op.paddr), size, count, prot)
-                .is_ok()
-        {
-            report.resyncs.push(Resync {
-                op: at.index,
-                difference,
-                leaves_removed: 0,
-            });
+        if !linux_changed {
             return None;
         }
         return Some(OpStop::Diverged(difference));
     }
     fail(report, "")
+}
+
+/// Makes, after iopt refused a misaligned map, what Linux did with it at the iova rounded
+/// down (`op` carries that iova): the teardown of the tables in its run, and for a completed
+/// call the map itself. Returns the leaves the teardown removed, or `None` if Linux changed
+/// nothing.
+///
+/// # Errors
+///
+/// `Err(None)` when iopt cannot make Linux's tree (Linux wrote a misaligned pa into its
+/// descriptors); `Err(Some(why))` when the resynchronised run differs from Linux's.
+fn misaligned_map_resync<T: IoPageTable + ?Sized>(
+    table: &T,
+    cfg: &Config,
+    op: &MapOp,
+    count: u64,
+    plan: Option<&RunPlan>,
+    level: Option<u32>,
+) -> Result<Option<usize>, Option<String>> {
+    let (torn, expected) = match (op.ret, plan, level) {
+        (EEXIST, None, _) => return Ok(None),
+        (EEXIST, Some(plan), _) => {
+            let torn = plan
+                .eexist_teardown()
+                .ok_or_else(|| Some("no leaf on the path or in the run".to_owned()))?;
+            if torn.is_empty() {
+                return Ok(None);
+            }
+            let after = plan.leaves_outside(op.iova, &torn);
+            (torn, after)
+        }
+        (0, _, _) if op.paddr % op.pgsize != 0 => return Err(None),
+        (0, Some(plan), Some(level)) => {
+            let reached = (count as usize).min(plan.entries.len());
+            let torn = (0..reached)
+                .filter(|&i| matches!(plan.entries[i], Entry::Table(_)))
+                .collect();
+            (torn, after_block_map(plan, op, level, count))
+        }
+        (0, None, _) => (Vec::new(), Vec::new()),
+        _ => return Err(None),
+    };
+    let removed = match plan {
+        Some(plan) => tear_down(table, plan, op.iova, &torn).map_err(Some)?,
+        None => 0,
+    };
+    if op.ret == 0 {
+        let size = PageSize::new(op.pgsize).ok_or(None)?;
+        let prot = Prot::from_bits_retain(op.prot);
+        if table
+            .map(
+                Iova::new(op.iova),
+                PhysAddr::new(op.paddr),
+                size,
+                count,
+                prot,
+            )
+            .is_err()
+        {
+            return Err(None);
+        }
+    }
+    if let Some(plan) = plan {
+        check_run(table, cfg, op.iova, plan, &expected)
+            .map_err(|e| Some(format!("after the resync at the iova rounded down, {e}")))?;
+    }
+    Ok(Some(removed))
 }
 
 /// Unmaps the `op.ret / op.pgsize` entries Linux cleared one at a time, after iopt refused

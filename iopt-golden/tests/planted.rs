@@ -415,3 +415,20 @@ fn a_misaligned_call_linux_completed_is_made_rounded_down() {
         );
     }
 }
+
+#[test]
+fn a_misaligned_eexist_still_tears_down_what_linux_did() {
+    let cases = random();
+    let (case, op, _) = first_eexist_teardown(&cases);
+    let moved = misalign(case, op, 0x800);
+    let report = plain(&moved);
+    assert!(report.passed(), "{report}");
+    assert_eq!(report.ops_replayed, report.ops_total, "{report}");
+    let resync = report
+        .resyncs
+        .iter()
+        .find(|r| r.op == op)
+        .expect("the misaligned -EEXIST is resynchronised");
+    assert_eq!(resync.difference, AllowedDifference::MisalignedRejected);
+    assert!(resync.leaves_removed > 0, "{report}");
+}
