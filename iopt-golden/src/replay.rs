@@ -115,8 +115,15 @@ pub enum AllowedDifference {
     EexistAfterTeardown,
     /// Linux's unmap cleared an empty table entry (which counts `pgsize`) that iopt had
     /// already freed because it emptied, so iopt unmapped less. Checked: iopt holds no leaf
-    /// in the part of the range Linux cleared and iopt did not.
+    /// anywhere in the part of the range Linux cleared and iopt did not.
     EagerFreedEmptyTable,
+    /// Linux's unmap run mixed entries iopt holds with empty tables iopt had freed; iopt's
+    /// unmap, all or nothing, refused the run. Checked: driven one entry at a time, every
+    /// entry iopt holds unmaps whole and every entry it refuses holds no leaf. Counted apart
+    /// from [`AllowedDifference::EagerFreedEmptyTable`] because iopt held leaves in Linux's
+    /// range: it takes eager freeing and all-or-nothing unmaps together to explain it.
+    /// Resynchronised by those per-entry calls.
+    EagerFreedEntryInRun,
     /// Linux and iopt both refused a map before touching the tree, with different errnos.
     /// Checked: Linux's errno is the one its checks give in their order (page size in the
     /// bitmap, then the start's range, then the prot), and iopt's error states a condition
@@ -136,7 +143,7 @@ pub enum AllowedDifference {
 
 impl AllowedDifference {
     /// Every kind.
-    pub const ALL: [AllowedDifference; 12] = [
+    pub const ALL: [AllowedDifference; 13] = [
         AllowedDifference::MairSignExtension,
         AllowedDifference::MisalignedRejected,
         AllowedDifference::RangeEndRejected,
@@ -146,6 +153,7 @@ impl AllowedDifference {
         AllowedDifference::BlockOverLiveTableRejected,
         AllowedDifference::EexistAfterTeardown,
         AllowedDifference::EagerFreedEmptyTable,
+        AllowedDifference::EagerFreedEntryInRun,
         AllowedDifference::ErrorPrecedence,
         AllowedDifference::OversizedPageSizeRejected,
         AllowedDifference::DerivedTableCount,
@@ -163,6 +171,7 @@ impl AllowedDifference {
             AllowedDifference::BlockOverLiveTableRejected => "block_over_live_table_rejected",
             AllowedDifference::EexistAfterTeardown => "eexist_after_teardown",
             AllowedDifference::EagerFreedEmptyTable => "eager_freed_empty_table",
+            AllowedDifference::EagerFreedEntryInRun => "eager_freed_entry_in_run",
             AllowedDifference::ErrorPrecedence => "error_precedence",
             AllowedDifference::OversizedPageSizeRejected => "oversized_page_size_rejected",
             AllowedDifference::DerivedTableCount => "derived_table_count",
@@ -178,6 +187,7 @@ impl AllowedDifference {
                 | AllowedDifference::RangeEndRejected
                 | AllowedDifference::BlockOverLiveTableRejected
                 | AllowedDifference::EexistAfterTeardown
+                | AllowedDifference::EagerFreedEntryInRun
                 | AllowedDifference::OversizedPageSizeRejected
         )
     }
@@ -1339,10 +1349,47 @@ fn eager_freed<T: IoPageTable + ?Sized>(
         (_, 0) => Ok(None),
         _ => Ok(Some(Resync {
             op: at.index,
-            difference: AllowedDifference::EagerFreedEmptyTable,
+            difference: AllowedDifference::EagerFreedEntryInRun,
             leaves_removed: 0,
         })),
     }
+}
+
+/// Linux cleared `[iova + ours, iova + ret)` and iopt did not: allowed only if iopt holds no
+/// leaf there (the entries were tables iopt freed when they emptied).
+///
+/// # Errors
+///
+/// The leaves iopt still holds there, for the mismatch message.
+fn holds_no_leaf<T: IoPageTable + ?Sized>(
+    table: &T,
+    cfg: &Config,
+    op: &UnmapOp,
+    ours: u64,
+) -> Result<(), String> {
+    let lo = op.iova.saturating_add(ours);
+    let hi = op.iova.saturating_add(op.ret - 1);
+    let held = snapshot(table, cfg, lo, hi).leaves;
+    if held.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "; iopt still holds leaves where Linux unmapped: {}",
+            show_leaves(&held)
+        ))
+    }
+}
+
+/// Makes a misaligned unmap Linux completed at the iova rounded down, where Linux's index
+/// arithmetic put it. Returns whether iopt unmapped what Linux did.
+fn misaligned_unmap_resync<T: IoPageTable + ?Sized>(
+    table: &T,
+    op: &UnmapOp,
+    size: PageSize,
+    count: u64,
+) -> bool {
+    let down = op.iova & !(op.pgsize - 1);
+    table.unmap(Iova::new(down), size, count, &mut Gather::new()) == Ok(op.ret)
 }
 
 /// Notes (informationally) a gathered invalidation size outside the page-size bitmap.
@@ -1411,9 +1458,10 @@ fn replay_unmap<T: IoPageTable + ?Sized>(
             if op.ret > 0 && op.ret % op.pgsize == 0 && op.iova % op.pgsize == 0 =>
         {
             match eager_freed(table, cfg, op, at) {
-                Ok(resync) => {
-                    report.resyncs.extend(resync);
-                    Some(AllowedDifference::EagerFreedEmptyTable)
+                Ok(None) => Some(AllowedDifference::EagerFreedEmptyTable),
+                Ok(Some(resync)) => {
+                    report.resyncs.push(resync);
+                    Some(resync.difference)
                 }
                 Err(e) => {
                     why = e;
@@ -1421,33 +1469,25 @@ fn replay_unmap<T: IoPageTable + ?Sized>(
                 }
             }
         }
-        Ok(_) if ours < op.ret => {
-            // Linux cleared [iova + ours, iova + ret) and iopt did not: allowed only if iopt
-            // holds no leaf there (the entries were tables iopt freed when they emptied).
-            let lo = op.iova.saturating_add(ours);
-            let hi = op.iova.saturating_add(op.ret - 1);
-            let held = snapshot(table, cfg, lo, hi).leaves;
-            if held.is_empty() {
-                Some(AllowedDifference::EagerFreedEmptyTable)
-            } else {
-                why = format!(
-                    "; iopt still holds leaves where Linux unmapped: {}",
-                    show_leaves(&held)
-                );
+        Ok(_) if ours < op.ret => match holds_no_leaf(table, cfg, op, ours) {
+            Ok(()) => Some(AllowedDifference::EagerFreedEmptyTable),
+            Err(e) => {
+                why = e;
                 None
             }
-        }
+        },
         _ => None,
     };
     if let Some(difference) = allowed {
         report.allow(difference);
-        if !(linux_changed && difference.diverges()) {
+        // An entry-by-entry run has already been resynchronised.
+        if !(linux_changed && difference.diverges())
+            || difference == AllowedDifference::EagerFreedEntryInRun
+        {
             return None;
         }
-        // A misaligned unmap clears from the iova rounded down in Linux; iopt can do that.
-        let down = op.iova & !(op.pgsize - 1);
         if difference == AllowedDifference::MisalignedRejected
-            && table.unmap(Iova::new(down), size, count, &mut Gather::new()) == Ok(op.ret)
+            && misaligned_unmap_resync(table, op, size, count)
         {
             report.resyncs.push(Resync {
                 op: at.index,
@@ -1606,6 +1646,8 @@ pub struct Summary {
     pub resyncs: usize,
     /// Leaves the resynchronisations removed (Linux had discarded them).
     pub resync_leaves_removed: usize,
+    /// Resynchronisations by the allowed difference that called for them.
+    pub resyncs_by_kind: BTreeMap<AllowedDifference, usize>,
     /// Informational notes over all cases.
     pub notes: usize,
 }
@@ -1633,6 +1675,9 @@ impl Summary {
             }
             s.diverged += usize::from(matches!(r.stopped, Some(Stop::Diverged { .. })));
             s.resyncs += r.resyncs.len();
+            for x in &r.resyncs {
+                *s.resyncs_by_kind.entry(x.difference).or_default() += 1;
+            }
             s.resync_leaves_removed += r.resyncs.iter().map(|x| x.leaves_removed).sum::<usize>();
             s.notes += r.notes.len();
         }
@@ -1684,11 +1729,15 @@ impl fmt::Display for Summary {
             self.ops_total,
             100.0 * self.compared_fraction()
         )?;
-        writeln!(
+        write!(
             f,
             "  resynchronisations: {} ({} leaves Linux had discarded removed)",
             self.resyncs, self.resync_leaves_removed
         )?;
+        for (k, n) in &self.resyncs_by_kind {
+            write!(f, "; {k}: {n}")?;
+        }
+        writeln!(f)?;
         writeln!(
             f,
             "  final states compared: {} ({} leaves)",
