@@ -134,7 +134,9 @@ pub enum AllowedDifference {
     /// missing table on the path, and answered -EINVAL there; iopt refused it with
     /// `InvalidPageSize` before touching the tree. Checked: Linux's pre-walk checks pass, no
     /// level maps that size, Linux answered -EINVAL. Diverging in empty tables only: the
-    /// replay maps and unmaps one granule page at the iova, which builds the same path.
+    /// replay maps and unmaps one granule page at the iova, which builds the same path. Also
+    /// counted when Linux's descent met a block on the path and answered -EEXIST (checked: a
+    /// leaf above the last level translates the iova); nothing changed then.
     OversizedPageSizeRejected,
     /// `tables_per_level` differs, but equals the count derived from the leaves: the
     /// implementation freed tables that Linux keeps empty.
@@ -1127,11 +1129,20 @@ fn replay_map<T: IoPageTable + ?Sized>(
             _ => {}
         }
     }
-    if op.ret == EINVAL
-        && matches!(result, Err(MapError::InvalidPageSize { .. }))
+    let oversized = matches!(result, Err(MapError::InvalidPageSize { .. }))
         && linux_map_precheck(cfg, op).is_none()
-        && no_level_maps(cfg, op.pgsize)
+        && no_level_maps(cfg, op.pgsize);
+    if oversized
+        && op.ret == EEXIST
+        && table
+            .iova_to_phys(Iova::new(op.iova))
+            .is_some_and(|t| t.level < 3)
     {
+        // Linux's descent met a block on the path first: -EEXIST, nothing changed.
+        report.allow(AllowedDifference::OversizedPageSizeRejected);
+        return None;
+    }
+    if oversized && op.ret == EINVAL {
         // Linux built the path down to the last level before failing; build it too.
         report.allow(AllowedDifference::OversizedPageSizeRejected);
         let granule = cfg.granule().size();

@@ -432,3 +432,76 @@ fn a_misaligned_eexist_still_tears_down_what_linux_did() {
     assert_eq!(resync.difference, AllowedDifference::MisalignedRejected);
     assert!(resync.leaves_removed > 0, "{report}");
 }
+
+/// A copy of `case` with one more map at its end: a size the bitmap has but no level of the
+/// walk maps, answered `ret` by Linux (nothing changed, so the final state stays valid).
+fn with_oversized_map(case: &Case, iova: u64, pgsize: u64, ret: i32) -> Case {
+    let mut case = case.clone();
+    let iopt_golden::Outcome::Allocated(a) = &mut case.outcome else {
+        panic!("an allocated case")
+    };
+    a.ops.push(Op::Map(MapOp {
+        iova,
+        paddr: 0,
+        pgsize,
+        pgcount: 1,
+        prot: 3,
+        ret,
+        mapped: 0,
+    }));
+    case
+}
+
+#[test]
+fn an_oversized_map_meeting_a_block_is_eexist_only_over_a_block() {
+    let cases = random();
+    // A case whose bitmap has a size no level maps (1G with a 30-bit input range), ending
+    // with a block above the last level.
+    let (case, block, pgsize) = cases
+        .iter()
+        .find_map(|c| {
+            let cfg = Config::new(c.config_input()).ok()?;
+            let big = cfg
+                .page_sizes()
+                .iter()
+                .find(|s| cfg.leaf_level(*s).is_none())?;
+            let leaf = c
+                .allocated()?
+                .final_state
+                .leaves
+                .iter()
+                .find(|l| l.level < 3)?;
+            Some((c, leaf.iova, big.get()))
+        })
+        .expect("such a case");
+    let report = plain(&with_oversized_map(case, block, pgsize, -17));
+    assert!(report.passed(), "{report}");
+    let before = plain(case).allowed[&AllowedDifference::OversizedPageSizeRejected];
+    assert_eq!(
+        report.allowed[&AllowedDifference::OversizedPageSizeRejected],
+        before + 1
+    );
+    // Where no block translates the iova, Linux's -EEXIST does not follow: a mismatch.
+    let cfg = Config::new(case.config_input()).unwrap();
+    let (lo, _) = cfg.iova_bounds();
+    let free = (0..64)
+        .map(|i| lo.get() + i * cfg.block_size(cfg.start_level() + 1))
+        .find(|&i| {
+            case.allocated()
+                .unwrap()
+                .final_state
+                .leaves
+                .iter()
+                .all(|l| {
+                    let size = cfg.block_size(l.level);
+                    i < l.iova || i >= l.iova + size
+                })
+        })
+        .expect("an unmapped iova");
+    let report = plain(&with_oversized_map(case, free, pgsize, -17));
+    assert!(!report.passed(), "{report}");
+    assert!(
+        matches!(report.stopped, Some(Stop::Mismatch { op }) if op == case.ops().len()),
+        "{report}"
+    );
+}
