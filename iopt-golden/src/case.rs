@@ -8,7 +8,6 @@ use core::fmt;
 use std::collections::BTreeMap;
 
 use iopt_api::{Config, ConfigInput, Format, Granule, PageSizes, Quirks, Tcr, Vtcr};
-use serde::Deserialize;
 
 /// Why the data could not be parsed.
 #[derive(Debug)]
@@ -22,11 +21,13 @@ pub enum GoldenError {
         /// The parser's error.
         source: serde_json::Error,
     },
-    /// A line's case number is not its position in the file (the file is in case order).
+    /// A line's case number is not larger than the one before it. Files are in case order;
+    /// the first number may be anything, and gaps are allowed, but a repeated or decreasing
+    /// number means lines were shuffled or two files concatenated.
     OutOfOrder {
         /// 1-based line number.
         line: usize,
-        /// The case number the position requires.
+        /// The smallest case number the position allows (one more than the previous case's).
         expected: usize,
         /// The case number found.
         found: usize,
@@ -46,7 +47,7 @@ impl fmt::Display for GoldenError {
             } => {
                 write!(
                     f,
-                    "golden data line {line}: case {found}, expected case {expected}"
+                    "golden data line {line}: case {found}, expected case {expected} or later"
                 )
             }
         }
@@ -62,9 +63,12 @@ impl std::error::Error for GoldenError {
     }
 }
 
-/// What a case was generated to exercise (the file's `kind`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// The kinds of case the matrix file uses (its `kind` strings).
+///
+/// `kind` is informational: [`Case::kind`] keeps whatever string a file has (the random set
+/// says `"random"`, a user's own recording may say anything), and [`Case::matrix_kind`] maps
+/// the matrix's names to this enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     /// Linux's `arm_lpae_run_tests()` sequence over the standard granule/size matrix.
     Selftest,
@@ -97,6 +101,11 @@ impl Kind {
         Kind::Pa52,
     ];
 
+    /// Returns the kind the file's `kind` string names, if it is one of the matrix's.
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
     /// Returns the name the file uses.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -121,12 +130,12 @@ impl fmt::Display for Kind {
 /// One case: a table configuration, and what Linux did with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Case {
-    /// The case number (0-based, equal to its line index).
+    /// The case number as the file gives it (the matrix numbers from 0, other sets need not).
     pub number: usize,
-    /// The semantics label (`"modern"` throughout this file).
+    /// The semantics label (`"modern"` in both shipped files).
     pub semantics: String,
-    /// What the case exercises.
-    pub kind: Kind,
+    /// What the case exercises, as the file names it (informational; any string is accepted).
+    pub kind: String,
     /// The descriptor format.
     pub format: Format,
     /// The requested page-size bitmap.
@@ -386,6 +395,11 @@ pub struct Flushes {
 }
 
 impl Case {
+    /// Returns [`Case::kind`] as one of the matrix's kinds, or `None` for any other name.
+    pub fn matrix_kind(&self) -> Option<Kind> {
+        Kind::from_name(&self.kind)
+    }
+
     /// The inputs to build this case's configuration with: the file's format, bitmap,
     /// address sizes, quirks and walk coherency, and a 4 KiB preferred granule (the host page
     /// size the data was recorded with).
@@ -420,14 +434,19 @@ impl Case {
     }
 }
 
-/// Parses JSON Lines text in the matrix's schema: one case a line, in case order.
+/// Parses JSON Lines text in the matrix's schema: one case a line, in ascending case order.
+///
+/// The schema is a public interface, so that users can replay sets they record themselves:
+/// `kind` may be any string, and case numbers may start anywhere and skip values; they must
+/// only increase from line to line. Blank lines are skipped.
 ///
 /// # Errors
 ///
 /// [`GoldenError::Parse`] for the first line that is not a valid case,
-/// [`GoldenError::OutOfOrder`] for the first case whose number is not its line index.
+/// [`GoldenError::OutOfOrder`] for the first case whose number is not larger than the
+/// previous case's.
 pub fn parse(text: &str) -> Result<Vec<Case>, GoldenError> {
-    let mut cases = Vec::new();
+    let mut cases: Vec<Case> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -440,12 +459,14 @@ pub fn parse(text: &str) -> Result<Vec<Case>, GoldenError> {
             line: i + 1,
             source: <serde_json::Error as serde::de::Error>::custom(msg),
         })?;
-        if case.number != cases.len() {
-            return Err(GoldenError::OutOfOrder {
-                line: i + 1,
-                expected: cases.len(),
-                found: case.number,
-            });
+        if let Some(prev) = cases.last() {
+            if case.number <= prev.number {
+                return Err(GoldenError::OutOfOrder {
+                    line: i + 1,
+                    expected: prev.number + 1,
+                    found: case.number,
+                });
+            }
         }
         cases.push(case);
     }
@@ -483,7 +504,7 @@ mod raw {
         #[serde(rename = "case")]
         number: usize,
         semantics: String,
-        kind: super::Kind,
+        kind: String,
         #[serde(deserialize_with = "format")]
         fmt: Format,
         #[serde(deserialize_with = "hex")]

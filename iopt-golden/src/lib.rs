@@ -1,11 +1,13 @@
 //! # iopt-golden: Linux's own answers, and a replay that checks iopt against them
 //!
-//! **What.** This crate embeds `data/lpae_modern_matrix.jsonl`: 470 cases recorded from
-//! Linux's `io-pgtable-arm` (v6.11 with the v6.13 no-split and run-per-granule changes, the
-//! v6.14 stage-2 concatenation rule, S2FWB and NO_WARN), each a table configuration, the
-//! calls made on it with what Linux returned, and the final tree bit for bit. It parses them
-//! into typed [`Case`]s and replays them against any [`IoPageTable`], comparing by the rules of
-//! `data/README.md`.
+//! **What.** This crate embeds two recordings of Linux's `io-pgtable-arm` (modern semantics:
+//! the v6.13 no-split and run-per-granule changes, the v6.14 stage-2 concatenation rule, S2FWB
+//! and NO_WARN): `data/lpae_modern_matrix.jsonl`, 470 cases over the configuration space
+//! ([`cases`]), and `data/lpae_modern_random_dev.jsonl`, 160 cases of random calls
+//! ([`random_cases`]). Each case is a table configuration, the calls made on it with what Linux
+//! returned, and the final tree bit for bit. The crate parses them (or any file in the same
+//! schema, with [`parse`]) into typed [`Case`]s and replays them against any [`IoPageTable`],
+//! comparing by the rules of the crate's README.
 //!
 //! **Why.** iopt claims to behave exactly like modern Linux except in a short list of
 //! deliberate, safer differences (typed errors for misaligned or end-of-range runs, no
@@ -13,9 +15,15 @@
 //! of empty tables). Reading the Linux source is not proof; matching Linux's recorded outputs
 //! call for call is. The replay accepts each deliberate difference only under the condition
 //! that justifies it, counts it by kind, and reports everything else as a mismatch naming the
-//! case, the op and both values.
+//! case, the op and both values. Equal answers are not enough: for block maps the replay also
+//! predicts what Linux's call did to the tree and checks the table's leaves against it. Where a
+//! deliberate difference leaves the trees apart (Linux tore tables down, iopt refused), the
+//! replay brings the table to Linux's tree through the public API, counts a
+//! resynchronisation ([`Resync`]) and goes on, so nearly every recorded call is compared.
 //!
-//! The data is compiled in with `include_str!`, so tests need no file outside this crate.
+//! The data is compiled in with `include_str!`, so tests need no file outside this crate. The
+//! `replay` example (`cargo run -p iopt-golden --example replay -- FILE...`) runs recorded
+//! files through every table iopt ships.
 //!
 //! ```
 //! let cases = iopt_golden::cases()?;
@@ -53,7 +61,8 @@ pub use case::{
     MapOp, Op, Outcome, RegsOut, UnmapOp, parse,
 };
 pub use replay::{
-    AllowedDifference, CaseReport, Mismatch, Step, Stop, Summary, check_config, replay, replay_all,
+    AllowedDifference, CaseReport, Mismatch, Resync, Step, Stop, Summary, check_config, replay,
+    replay_all,
 };
 
 /// The matrix, as embedded at build time (JSON Lines, one case a line).
@@ -75,6 +84,36 @@ pub fn cases() -> Result<Vec<Case>, GoldenError> {
     parse(DATA)
 }
 
+/// The random development set, as embedded at build time: 160 cases of random calls recorded
+/// from Linux in the matrix's schema, with `kind` `"random"` (see `data/README.md`).
+pub const RANDOM_DATA: &str = include_str!("../data/lpae_modern_random_dev.jsonl");
+
+/// The SHA-256 of [`RANDOM_DATA`], as published with the data.
+pub const RANDOM_DATA_SHA256: &str =
+    "0acfd230fe8df41d2cf8432e74e4ceed004de51a4edb7e78fd9592e8d8bb550b";
+
+/// The number of cases in [`RANDOM_DATA`].
+pub const RANDOM_CASE_COUNT: usize = 160;
+
+/// Parses every case of the embedded random set.
+///
+/// # Errors
+///
+/// A [`GoldenError`] if the embedded data does not follow the schema.
+pub fn random_cases() -> Result<Vec<Case>, GoldenError> {
+    parse(RANDOM_DATA)
+}
+
+/// Both embedded sets by name, for replays that cover everything: `("matrix", ...)` and
+/// `("random", ...)`.
+///
+/// # Errors
+///
+/// A [`GoldenError`] if either set does not follow the schema.
+pub fn embedded_sets() -> Result<[(&'static str, Vec<Case>); 2], GoldenError> {
+    Ok([("matrix", cases()?), ("random", random_cases()?)])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +123,59 @@ mod tests {
     fn embedded_data_is_the_published_file() {
         assert_eq!(DATA.len(), 1_264_288);
         assert_eq!(DATA.lines().count(), CASE_COUNT);
+    }
+
+    #[test]
+    fn embedded_random_set_is_the_published_file() {
+        assert_eq!(RANDOM_DATA.len(), 2_817_502);
+        assert_eq!(RANDOM_DATA.lines().count(), RANDOM_CASE_COUNT);
+    }
+
+    #[test]
+    fn random_set_parses_with_its_own_kind_and_counts() {
+        let cases = random_cases().unwrap();
+        assert_eq!(cases.len(), RANDOM_CASE_COUNT);
+        assert!(
+            cases
+                .iter()
+                .all(|c| c.kind == "random" && c.matrix_kind().is_none())
+        );
+        assert_eq!(cases.iter().map(|c| c.ops().len()).sum::<usize>(), 18_801);
+        let (mut map, mut unmap, mut lookup) = (BTreeMap::new(), 0, 0);
+        for op in cases.iter().flat_map(Case::ops) {
+            match op {
+                Op::Map(m) => *map.entry(m.ret).or_insert(0) += 1,
+                Op::Unmap(_) => unmap += 1,
+                Op::IovaToPhys(_) => lookup += 1,
+            }
+        }
+        assert_eq!(
+            map,
+            [(0, 4721), (-17, 2612), (-22, 693), (-34, 534)]
+                .into_iter()
+                .collect()
+        );
+        assert_eq!((unmap, lookup), (5576, 4665));
+        let leaves: usize = cases
+            .iter()
+            .filter_map(Case::allocated)
+            .map(|a| a.final_state.leaves.len())
+            .sum();
+        assert_eq!(leaves, 15_541);
+    }
+
+    #[test]
+    fn any_kind_string_is_accepted() {
+        let line = DATA
+            .lines()
+            .next()
+            .unwrap()
+            .replace("\"kind\":\"selftest\"", "\"kind\":\"my own recording\"");
+        let c = &parse(&line).unwrap()[0];
+        assert_eq!(
+            (c.kind.as_str(), c.matrix_kind()),
+            ("my own recording", None)
+        );
     }
 
     #[test]
@@ -101,7 +193,7 @@ mod tests {
         assert_eq!(cases.iter().filter(|c| c.alloc_failed()).count(), 112);
         let mut by_kind: BTreeMap<Kind, (usize, usize)> = BTreeMap::new();
         for c in &cases {
-            let e = by_kind.entry(c.kind).or_default();
+            let e = by_kind.entry(c.matrix_kind().unwrap()).or_default();
             e.0 += 1;
             e.1 += usize::from(c.alloc_failed());
         }
@@ -150,8 +242,8 @@ mod tests {
         let cases = cases().unwrap();
         let c = &cases[0];
         assert_eq!(
-            (c.kind, c.format),
-            (Kind::Selftest, iopt_api::Format::Arm64S1)
+            (c.matrix_kind(), c.format),
+            (Some(Kind::Selftest), iopt_api::Format::Arm64S1)
         );
         assert_eq!(
             (c.pgsize_bitmap_in, c.ias_in, c.oas_in),
@@ -217,16 +309,26 @@ mod tests {
         let err = parse(&text).unwrap_err();
         assert!(matches!(err, GoldenError::Parse { line: 2, .. }), "{err:?}");
         assert!(err.to_string().contains("0x prefix"), "{err}");
-        let bad = DATA
-            .lines()
-            .next()
-            .unwrap()
-            .replace("\"case\":0", "\"case\":7");
+        // Case numbers may start anywhere and skip, but must increase.
+        let mut lines = DATA.lines();
+        let (first, second) = (lines.next().unwrap(), lines.next().unwrap());
+        let renumbered = format!(
+            "{}\n{}\n",
+            first.replace("\"case\":0", "\"case\":7"),
+            second.replace("\"case\":1", "\"case\":9")
+        );
+        let parsed = parse(&renumbered).unwrap();
+        assert_eq!(parsed.iter().map(|c| c.number).collect::<Vec<_>>(), [7, 9]);
+        let repeated = format!(
+            "{}\n{}\n",
+            first.replace("\"case\":0", "\"case\":7"),
+            second.replace("\"case\":1", "\"case\":7")
+        );
         assert!(matches!(
-            parse(&bad),
+            parse(&repeated),
             Err(GoldenError::OutOfOrder {
-                line: 1,
-                expected: 0,
+                line: 2,
+                expected: 8,
                 found: 7
             })
         ));
