@@ -31,6 +31,11 @@
 //!    the last page of a leaf table while another reserves a range in that table and releases
 //!    it. Whatever the order, the table is freed exactly once and never while reserved, and
 //!    the tree ends as the root alone.
+//! 6. `seed_release_spares_an_on_demand_map_into_its_tables` (`ReservationCounts`): one
+//!    thread maps a page outside any reservation into the leaf table a reservation installed,
+//!    while another releases the reservation, which frees the tables it leaves unreserved and
+//!    empty. The transient pin and the claim's scan order them: the page always translates at
+//!    the end, and no table is freed under it.
 //!
 //! Run: `cargo test -p iopt-checkers --features loom --test loom_engine --release`.
 #![cfg(feature = "loom")]
@@ -41,6 +46,7 @@ use iopt_api::{
     PhysAddr, Prot, TableAlloc, TableMeta, TableRef,
 };
 use iopt_lpae::Engine;
+use iopt_lpae::account::{LiveCounts, ReservationCounts, Reserving};
 use loom::sync::Mutex;
 use loom::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -169,15 +175,20 @@ fn cfg() -> Config {
     .unwrap()
 }
 
-type Counting = Engine<Arc<Pages>, NoFlush, iopt_lpae::account::LiveCounts>;
+type E<K> = Engine<Arc<Pages>, NoFlush, K>;
 
 /// A closure run on a model thread.
-type Step = fn(&Pages, &Counting) -> bool;
+type Step<K = LiveCounts> = fn(&Pages, &E<K>) -> bool;
 
 /// Runs `setup`, then `a` and `b` on two threads, then `check` with both results, then tears
 /// the engine down and checks that every page came back. The engine's calls run on spawned
 /// threads with stacks large enough for them.
-fn model(setup: fn(&Counting), a: Step, b: Step, check: fn(&Pages, &Counting, bool, bool)) {
+fn model<K: Reserving>(
+    setup: fn(&E<K>),
+    a: Step<K>,
+    b: Step<K>,
+    check: fn(&Pages, &E<K>, bool, bool),
+) {
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = Some(2);
     builder.max_branches = 20_000;
@@ -188,7 +199,7 @@ fn model(setup: fn(&Counting), a: Step, b: Step, check: fn(&Pages, &Counting, bo
             let pages = Arc::clone(&pages);
             big()
                 .spawn(move || {
-                    let e = Engine::counting(cfg(), pages, NoFlush).unwrap();
+                    let e = E::<K>::with_accounting(cfg(), pages, NoFlush).unwrap();
                     setup(&e);
                     Arc::new(e)
                 })
@@ -196,7 +207,7 @@ fn model(setup: fn(&Counting), a: Step, b: Step, check: fn(&Pages, &Counting, bo
                 .join()
                 .unwrap()
         };
-        let run = |f: Step| {
+        let run = |f: Step<K>| {
             let (p, e) = (Arc::clone(&pages), Arc::clone(&e));
             big().spawn(move || f(&p, &e)).unwrap()
         };
@@ -218,7 +229,7 @@ fn model(setup: fn(&Counting), a: Step, b: Step, check: fn(&Pages, &Counting, bo
     });
 }
 
-fn map(e: &Counting, iova: u64, pa: u64) {
+fn map<K: Reserving>(e: &E<K>, iova: u64, pa: u64) {
     e.map(
         Iova::new(iova),
         PhysAddr::new(pa),
@@ -230,19 +241,19 @@ fn map(e: &Counting, iova: u64, pa: u64) {
     .unwrap();
 }
 
-fn unmap(e: &Counting, iova: u64) -> bool {
+fn unmap<K: Reserving>(e: &E<K>, iova: u64) -> bool {
     e.unmap(Iova::new(iova), PageSize::SZ_4K, 1, &mut Gather::new())
         .is_ok()
 }
 
-fn lookup(e: &Counting, iova: u64) -> Option<u64> {
+fn lookup<K: Reserving>(e: &E<K>, iova: u64) -> Option<u64> {
     e.lookup(Iova::new(iova)).map(|t| t.pa.get())
 }
 
 #[test]
 fn lookup_finds_its_own_map_while_a_neighbour_empties_tables() {
     // Two leaf tables under one level-2 table: 0x4000_0000 and 0x4020_0000.
-    model(
+    model::<LiveCounts>(
         |_| {},
         |_, e| {
             map(e, 0x4000_0000, 0x1000);
@@ -269,7 +280,7 @@ fn lookup_finds_its_own_map_while_a_neighbour_empties_tables() {
 #[test]
 fn two_unmaps_of_one_page_count_once() {
     let unmap_p: Step = |_, e| unmap(e, 0x4000_0000);
-    model(
+    model::<LiveCounts>(
         |e| {
             map(e, 0x4000_0000, 0x1000);
             map(e, 0x4000_1000, 0x2000);
@@ -286,7 +297,7 @@ fn two_unmaps_of_one_page_count_once() {
 
 #[test]
 fn two_maps_race_to_install_one_path() {
-    model(
+    model::<LiveCounts>(
         |_| {},
         |_, e| {
             map(e, 0x4000_0000, 0x1000);
@@ -309,7 +320,7 @@ fn two_maps_race_to_install_one_path() {
 }
 
 fn lookup_races_the_freeing_unmap() {
-    model(
+    model::<LiveCounts>(
         |e| map(e, 0x4000_0000, 0x1000),
         |_, e| {
             let seen = lookup(e, 0x4000_0000);
@@ -338,7 +349,7 @@ fn reclaim_that_ignores_announcements_is_caught() {
 
 #[test]
 fn a_reservation_and_the_unmap_that_empties_its_table_free_it_once() {
-    model(
+    model::<LiveCounts>(
         |e| map(e, 0x4000_0000, 0x1000),
         |_, e| unmap(e, 0x4000_0000),
         |_, e| {
@@ -351,6 +362,35 @@ fn a_reservation_and_the_unmap_that_empties_its_table_free_it_once() {
         |pages, e, a, _| {
             assert!(a);
             assert_eq!(pages.live_count(), 1 + e.deferred_frees());
+        },
+    );
+}
+
+#[test]
+fn seed_release_spares_an_on_demand_map_into_its_tables() {
+    model::<ReservationCounts>(
+        |e| {
+            let range = IovaRange::new(Iova::new(0x4000_0000), 0x1000, 0x1000).unwrap();
+            e.reserve_tables(range, PageSize::SZ_4K).unwrap();
+        },
+        |_, e| {
+            map(e, 0x4000_1000, 0x2000);
+            assert_eq!(lookup(e, 0x4000_1000), Some(0x2000), "own page missed");
+            true
+        },
+        |_, e| {
+            let range = IovaRange::new(Iova::new(0x4000_0000), 0x1000, 0x1000).unwrap();
+            e.release_tables(range, PageSize::SZ_4K, &mut Gather::new())
+                .unwrap();
+            true
+        },
+        |pages, e, _, _| {
+            assert_eq!(
+                lookup(e, 0x4000_1000),
+                Some(0x2000),
+                "page lost to the release"
+            );
+            assert_eq!(pages.live_count(), 3 + e.deferred_frees());
         },
     );
 }

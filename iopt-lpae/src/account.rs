@@ -12,6 +12,13 @@
 //!   it); a table left with neither is unlinked and freed by the operation that emptied it,
 //!   after a grace period ([`crate::reclaim`]). Every entry transition is a compare-exchange
 //!   so that each is counted exactly once even when callers overlap.
+//! - [`ReservationCounts`]: the seed message's Design 2, literally. A table counts only the
+//!   reservations that hold it ("how many callers have reserved the page"); unmaps never free,
+//!   and "unallocate VA" frees the tables its range leaves unreserved and empty. Entries are
+//!   written with plain stores. A map outside any reservation pins its leaf table for the
+//!   moment of the write, so that a concurrent release cannot free the table under it; a map
+//!   inside a reservation ([`PageSource::HELD`](crate::PageSource::HELD)) needs no pin and no
+//!   grace period at all.
 //!
 //! The primitives compile to nothing (or to the plain store) for [`Untracked`], so the
 //! shared paths cost Linux's table nothing. The engine calls down into these, never the
@@ -21,7 +28,7 @@ use crate::reclaim::{Entered, Reclaim};
 use core::fmt::Debug;
 use core::sync::atomic::Ordering;
 use iopt_api::atomic::AtomicU64;
-use iopt_api::{PhysAddr, TableMeta};
+use iopt_api::{PhysAddr, TableMeta, TableRef};
 
 /// The live count of a table that has been claimed for freeing: no thread may write into it
 /// any more, and it is unlinked and freed shortly.
@@ -63,22 +70,33 @@ pub trait Accounting: sealed::Sealed + Default + Debug + Send + Sync + 'static {
     fn deferred(&self) -> usize;
 
     /// Raises a table's count by `n` before writing `n` entries into it, unless the table is
-    /// being freed (`false`: walk again from the root).
-    fn pin(meta: &TableMeta, n: u32) -> bool;
+    /// being freed (`false`: walk again from the root). `held`: a reservation holds every
+    /// table of the caller's path for the whole call (see [`PageSource::HELD`]), so nothing
+    /// can free them.
+    ///
+    /// [`PageSource::HELD`]: crate::PageSource::HELD
+    fn pin(meta: &TableMeta, n: u32, held: bool) -> bool;
+    /// The `n` entries pinned were written: where pins are transient, give them back.
+    fn settle(meta: &TableMeta, n: u32, held: bool);
+    /// Gives back `n` pins that were not used; the count before, where a count of entries
+    /// is kept and the table is not being freed (the caller then frees it if that emptied
+    /// it).
+    fn unpin(meta: &TableMeta, n: u32, held: bool) -> Option<u32>;
+    /// `n` entries were removed (leaves, or links to tables this caller unlinked); the count
+    /// before, as for [`unpin`](Self::unpin).
+    fn removed(meta: &TableMeta, n: u32) -> Option<u32>;
     /// [`pin`](Self::pin) for a caller that holds the engine exclusively.
     fn pin_exclusive(meta: &TableMeta, n: u32) -> bool;
-    /// Lowers a table's count by `n`; the count before, where one is kept and the table is
-    /// not being freed.
-    fn unpin(meta: &TableMeta, n: u32) -> Option<u32>;
     /// Lowers the count by one for a caller holding the engine exclusively, only when the
     /// table keeps other entries (`false`: nothing done).
     fn unpin_exclusive_keeps(meta: &TableMeta) -> bool;
-    /// Claims a table whose count is `expected` for freeing (for a block map: the table it
-    /// replaces). `Untracked` has nothing to claim and always succeeds.
-    fn try_claim(meta: &TableMeta, expected: u32) -> bool;
-    /// Undoes a claim that turned out unneeded.
-    fn unclaim(meta: &TableMeta, expected: u32);
-    /// Sets the count of a table being built privately.
+    /// Claims table `t` for freeing if it holds exactly `links` valid entries (the caller's
+    /// own claimed children, still linked) and no reservation. `Untracked` has nothing to
+    /// claim and always succeeds (a block map replacing an empty table).
+    fn try_claim(t: TableRef<'_>, links: u32) -> bool;
+    /// Undoes a claim made with `links` that turned out unneeded.
+    fn unclaim(meta: &TableMeta, links: u32);
+    /// Sets the count of a table being built privately, which holds `n` valid entries.
     fn set_count(meta: &TableMeta, n: u32);
 
     /// Writes consecutive leaves into entries checked empty and pinned for them. `Err((k,
@@ -128,23 +146,29 @@ impl Accounting for Untracked {
         0
     }
     #[inline]
-    fn pin(_: &TableMeta, _: u32) -> bool {
+    fn pin(_: &TableMeta, _: u32, _: bool) -> bool {
         true
+    }
+    #[inline]
+    fn settle(_: &TableMeta, _: u32, _: bool) {}
+    #[inline]
+    fn unpin(_: &TableMeta, _: u32, _: bool) -> Option<u32> {
+        None
+    }
+    #[inline]
+    fn removed(_: &TableMeta, _: u32) -> Option<u32> {
+        None
     }
     #[inline]
     fn pin_exclusive(_: &TableMeta, _: u32) -> bool {
         true
     }
     #[inline]
-    fn unpin(_: &TableMeta, _: u32) -> Option<u32> {
-        None
-    }
-    #[inline]
     fn unpin_exclusive_keeps(_: &TableMeta) -> bool {
         true
     }
     #[inline]
-    fn try_claim(_: &TableMeta, _: u32) -> bool {
+    fn try_claim(_: TableRef<'_>, _: u32) -> bool {
         true
     }
     #[inline]
@@ -175,6 +199,33 @@ impl Accounting for Untracked {
         // Release: publishes the leaf, as `put_leaves`.
         slot.store(new, Ordering::Release);
         true
+    }
+}
+
+/// Claims a table whose count is `expected` and which no reservation holds: the count goes
+/// to [`DEAD`].
+fn claim_counted(meta: &TableMeta, expected: u32) -> bool {
+    loop {
+        // SeqCst, all four: a reservation is taken under a pin (`reserve_walk`), so the
+        // claim's exchange and the reservation checks around it must be totally ordered with
+        // that pin and the reservation increment.
+        if meta.reservations.load(SC) != 0 {
+            return false;
+        }
+        if meta
+            .live_entries
+            .compare_exchange(expected, DEAD, SC, SC)
+            .is_err()
+        {
+            return false;
+        }
+        if meta.reservations.load(SC) == 0 {
+            return true;
+        }
+        // A reservation was taken between the first check and the claim (under a pin that
+        // was released again). Undo; retry only if it has been released meanwhile, since its
+        // releaser may have seen DEAD and left the freeing to us.
+        meta.live_entries.store(expected, SC);
     }
 }
 
@@ -221,25 +272,24 @@ impl Accounting for LiveCounts {
     }
 
     #[inline]
-    fn pin(meta: &TableMeta, n: u32) -> bool {
+    fn pin(meta: &TableMeta, n: u32, _: bool) -> bool {
         // SeqCst: ordered with `try_claim`'s exchange (a pinned table cannot be claimed, a
-        // claimed one cannot be pinned) and with the entry exchanges that follow.
+        // claimed one cannot be pinned) and with the entry exchanges that follow. A held
+        // table is pinned too: the pins become the counts of the entries written.
         meta.live_entries
             .fetch_update(SC, SC, |c| (c != DEAD).then(|| c + n))
             .is_ok()
     }
     #[inline]
-    fn pin_exclusive(meta: &TableMeta, n: u32) -> bool {
-        // Relaxed: no other operation runs (`&mut` engine).
-        let live = meta.live_entries.load(Ordering::Relaxed);
-        if live == DEAD {
-            return false;
-        }
-        meta.live_entries.store(live + n, Ordering::Relaxed);
-        true
+    fn settle(_: &TableMeta, _: u32, _: bool) {
+        // The pins are now the written entries' counts.
     }
     #[inline]
-    fn unpin(meta: &TableMeta, n: u32) -> Option<u32> {
+    fn unpin(meta: &TableMeta, n: u32, _: bool) -> Option<u32> {
+        Self::removed(meta, n)
+    }
+    #[inline]
+    fn removed(meta: &TableMeta, n: u32) -> Option<u32> {
         // SeqCst: a zero this produces is what `try_claim`'s exchange must see, ordered with
         // the entry exchange that removed the last leaf. A DEAD count means an overlapping
         // block unmap tore the subtree down: the count means nothing any more. Every unit
@@ -252,6 +302,16 @@ impl Accounting for LiveCounts {
         Some(before)
     }
     #[inline]
+    fn pin_exclusive(meta: &TableMeta, n: u32) -> bool {
+        // Relaxed: no other operation runs (`&mut` engine).
+        let live = meta.live_entries.load(Ordering::Relaxed);
+        if live == DEAD {
+            return false;
+        }
+        meta.live_entries.store(live + n, Ordering::Relaxed);
+        true
+    }
+    #[inline]
     fn unpin_exclusive_keeps(meta: &TableMeta) -> bool {
         let live = meta.live_entries.load(Ordering::Relaxed);
         if live <= 1 || live == DEAD {
@@ -260,29 +320,8 @@ impl Accounting for LiveCounts {
         meta.live_entries.store(live - 1, Ordering::Relaxed);
         true
     }
-    fn try_claim(meta: &TableMeta, expected: u32) -> bool {
-        loop {
-            // SeqCst, all four: a reservation is taken under a pin (`reserve_walk`), so the
-            // claim's exchange and the reservation checks around it must be totally ordered
-            // with that pin and the reservation increment.
-            if meta.reservations.load(SC) != 0 {
-                return false;
-            }
-            if meta
-                .live_entries
-                .compare_exchange(expected, DEAD, SC, SC)
-                .is_err()
-            {
-                return false;
-            }
-            if meta.reservations.load(SC) == 0 {
-                return true;
-            }
-            // A reservation was taken between the first check and the claim (under a pin
-            // that was released again). Undo; retry only if it has been released meanwhile,
-            // since its releaser may have seen DEAD and left the freeing to us.
-            meta.live_entries.store(expected, SC);
-        }
+    fn try_claim(t: TableRef<'_>, links: u32) -> bool {
+        claim_counted(t.meta, links)
     }
     #[inline]
     fn unclaim(meta: &TableMeta, expected: u32) {
@@ -328,5 +367,139 @@ impl Accounting for LiveCounts {
     fn replace(slot: &AtomicU64, old: u64, new: u64) -> bool {
         // SeqCst (see `LOAD`).
         slot.compare_exchange(old, new, SC, SC).is_ok()
+    }
+}
+
+/// Accountings that keep reservation counts, on which the engine offers Design 2's
+/// `reserve_tables` and `release_tables`.
+#[doc(hidden)]
+pub trait Reserving: Accounting {}
+
+impl Reserving for LiveCounts {}
+
+/// Reservation counts only: the seed's Design 2. See the [module docs](self).
+#[derive(Debug, Default)]
+pub struct ReservationCounts {
+    reclaim: Reclaim,
+}
+
+impl sealed::Sealed for ReservationCounts {}
+
+impl Reserving for ReservationCounts {}
+
+impl Accounting for ReservationCounts {
+    const COUNTS: bool = false;
+    // Acquire: descriptors are published by release stores and exchanges; the claims of a
+    // release order themselves through the pin count (see `try_claim`).
+    const LOAD: Ordering = Ordering::Acquire;
+    const RMW: Ordering = Ordering::AcqRel;
+
+    #[inline]
+    fn enter(&self, hint: u64) -> Option<Entered> {
+        Some(self.reclaim.enter(hint))
+    }
+    #[inline]
+    fn exit(&self, at: Entered, ready: &mut alloc::vec::Vec<PhysAddr>) -> bool {
+        self.reclaim.exit(at, ready)
+    }
+    #[inline]
+    fn retire(&self, dead: &[PhysAddr]) -> bool {
+        self.reclaim.retire(dead);
+        false
+    }
+    #[inline]
+    fn hold_back(&self) -> bool {
+        self.reclaim.full()
+    }
+    fn drain(&mut self) -> alloc::vec::Vec<PhysAddr> {
+        self.reclaim.drain()
+    }
+    fn deferred(&self) -> usize {
+        self.reclaim.pending()
+    }
+
+    #[inline]
+    fn pin(meta: &TableMeta, n: u32, held: bool) -> bool {
+        // SeqCst: ordered with a release's claim (`try_claim`'s exchange): a pinned table
+        // cannot be claimed, a claimed one cannot be pinned.
+        held || meta
+            .live_entries
+            .fetch_update(SC, SC, |c| (c != DEAD).then(|| c + n))
+            .is_ok()
+    }
+    #[inline]
+    fn settle(meta: &TableMeta, n: u32, held: bool) {
+        if !held {
+            // SeqCst: pairs with the claim's exchange, which reads this value: the entries
+            // written before it are then visible to the claim's scan.
+            meta.live_entries.fetch_sub(n, SC);
+        }
+    }
+    #[inline]
+    fn unpin(meta: &TableMeta, n: u32, held: bool) -> Option<u32> {
+        Self::settle(meta, n, held);
+        None
+    }
+    #[inline]
+    fn removed(_: &TableMeta, _: u32) -> Option<u32> {
+        // Entries are not counted: unmaps never free.
+        None
+    }
+    #[inline]
+    fn pin_exclusive(_: &TableMeta, _: u32) -> bool {
+        true
+    }
+    #[inline]
+    fn unpin_exclusive_keeps(_: &TableMeta) -> bool {
+        true
+    }
+    fn try_claim(t: TableRef<'_>, links: u32) -> bool {
+        // No pin in flight and no reservation (as `LiveCounts`, with a count of pins only),
+        // then a scan: the table must hold nothing but the caller's claimed children. A
+        // writer pins before it writes and unpins after, so a claim that wins the exchange
+        // sees every entry written before the last unpin (SeqCst exchange, acquiring the
+        // unpin's value), and no entry can be written after it (pins fail on DEAD).
+        if !claim_counted(t.meta, 0) {
+            return false;
+        }
+        // SeqCst: after the claim in the total order, as the scan must be.
+        let valid = t.entries.iter().filter(|e| e.load(SC) != 0).count();
+        if valid == links as usize {
+            return true;
+        }
+        t.meta.live_entries.store(0, SC);
+        false
+    }
+    #[inline]
+    fn unclaim(meta: &TableMeta, _: u32) {
+        // SeqCst: a pin that failed on DEAD retries; it must see the table alive again.
+        meta.live_entries.store(0, SC);
+    }
+    #[inline]
+    fn set_count(_: &TableMeta, _: u32) {}
+
+    #[inline]
+    fn put_leaves(slots: &[AtomicU64], attrs: u64, pa: u64, size: u64) -> Result<(), (u64, u32)> {
+        // Release: pairs with the walker's acquire loads, as `Untracked`.
+        crate::engine::write_leaves(slots, attrs, pa, size, Ordering::Release);
+        Ok(())
+    }
+    #[inline]
+    fn clear_leaves(slots: &[AtomicU64]) -> bool {
+        // Release: as `Untracked`.
+        crate::engine::clear_all(slots, Ordering::Release);
+        true
+    }
+    #[inline]
+    fn remove(slot: &AtomicU64, _: u64) -> bool {
+        // Release: as `Untracked`.
+        slot.store(0, Ordering::Release);
+        true
+    }
+    #[inline]
+    fn replace(slot: &AtomicU64, _: u64, new: u64) -> bool {
+        // Release: as `Untracked`.
+        slot.store(new, Ordering::Release);
+        true
     }
 }

@@ -180,6 +180,9 @@ macro_rules! impl_io_page_table_on_engine {
     ($ty:ident<K>) => {
         $crate::impl_io_page_table_on_engine!(@impl [K: $crate::account::Accounting] $ty<A, F, K>);
     };
+    ($ty:ident<K: $bound:path>) => {
+        $crate::impl_io_page_table_on_engine!(@impl [K: $bound] $ty<A, F, K>);
+    };
     (@impl [$($k:tt)*] $ty:ident<$($p:ident),*>) => {
         impl<A: ::iopt_api::TableAlloc, F: ::iopt_api::FlushOps, $($k)*> ::iopt_api::IoPageTable
             for $ty<$($p),*>

@@ -117,18 +117,32 @@ use iopt_api::{
     AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, NoFlush, PageSize,
     PhysAddr, Prot, ReleaseError, Reservation, Reserve, ReserveError, TableAlloc,
 };
-use iopt_lpae::account::LiveCounts;
+use iopt_lpae::account::{LiveCounts, Reserving};
 use iopt_lpae::{Engine, PageSource};
 
 /// Identities of tables, so a reservation of one table is refused by another.
 static NEXT_TABLE: AtomicU64 = AtomicU64::new(1);
 
-/// The source of maps bound to a reservation: it has no pages to give.
-struct NoAlloc {
+/// The source of maps bound to a reservation: it has no pages to give. `HELD` when the
+/// reservation holds the map's leaf table and every table above it (see
+/// [`holds_path`]).
+struct NoAlloc<const HELD: bool> {
     id: u64,
 }
 
-impl PageSource for NoAlloc {
+/// Whether a reservation with leaves up to `max_leaf` installed, and so holds, the leaf table
+/// of every `size` leaf inside it: when even the table one level up could not hold a leaf of
+/// its own block size (`max_leaf` below it), the reservation needed a table at every level
+/// down to `size`'s. Otherwise a `size` leaf may sit below a block-sized slot the
+/// reservation left to a leaf, in a table nobody reserved.
+#[inline]
+fn holds_path(cfg: &Config, max_leaf: PageSize, size: PageSize) -> bool {
+    max_leaf.get() < size.get().saturating_mul(cfg.granule().entries() as u64)
+}
+
+impl<const HELD: bool> PageSource for NoAlloc<HELD> {
+    const HELD: bool = HELD;
+
     fn obtain(
         &mut self,
         count: usize,
@@ -151,8 +165,14 @@ impl PageSource for NoAlloc {
 
 /// An ARM LPAE IO page table with refcounted VA reservations (Design 2). See the
 /// [crate docs](crate) for the semantics.
-pub struct PreallocTable<A: TableAlloc, F: FlushOps = NoFlush> {
-    engine: Engine<A, F, LiveCounts>,
+///
+/// `K` is what the table counts: [`LiveCounts`] (the default: live entries and reservations,
+/// and tables an unmap empties outside reservations are freed at once) or
+/// [`ReservationCounts`](iopt_lpae::account::ReservationCounts) (the seed message's Design
+/// 2: reservations only, tables freed at release), built with
+/// [`with_accounting`](PreallocTable::with_accounting).
+pub struct PreallocTable<A: TableAlloc, F: FlushOps = NoFlush, K: Reserving = LiveCounts> {
+    engine: Engine<A, F, K>,
     /// Stamps this table's reservation handles. A handle it recognises is live (release
     /// consumes it) and says what it reserved, so the table keeps no registry.
     issuer: Issuer,
@@ -161,7 +181,7 @@ pub struct PreallocTable<A: TableAlloc, F: FlushOps = NoFlush> {
     live: AtomicUsize,
 }
 
-impl<A: TableAlloc, F: FlushOps> fmt::Debug for PreallocTable<A, F> {
+impl<A: TableAlloc, F: FlushOps, K: Reserving> fmt::Debug for PreallocTable<A, F, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PreallocTable")
             .field("id", &self.issuer.table_id())
@@ -182,13 +202,42 @@ impl<A: TableAlloc> PreallocTable<A, NoFlush> {
     }
 }
 
-impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
+impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F, LiveCounts> {
     /// Builds an empty table that reports invalidations to `flush`.
     ///
     /// # Errors
     ///
     /// The allocator's error if the root cannot be allocated.
     pub fn with_flush(cfg: Config, alloc: A, flush: F) -> Result<Self, AllocError> {
+        Self::with_accounting(cfg, alloc, flush)
+    }
+}
+
+impl<A: TableAlloc, F: FlushOps, K: Reserving> PreallocTable<A, F, K> {
+    /// Builds an empty table that counts with `K` and reports invalidations to `flush`.
+    ///
+    /// ```
+    /// use iopt_api::{Config, ConfigInput, Format, Gather, Iova, IoPageTable, IovaRange, NoFlush, PageSize, PageSizes, PhysAddr, Prot, Reserve};
+    /// use iopt_lpae::account::ReservationCounts;
+    /// use iopt_prealloc::PreallocTable;
+    /// use iopt_sim::SimMemory;
+    /// let cfg = Config::new(ConfigInput::new(Format::Arm64S1, PageSizes::GRANULE_4K, 48, 48))?;
+    /// let mem = SimMemory::new();
+    /// let t = PreallocTable::<_, _, ReservationCounts>::with_accounting(cfg, &mem, NoFlush)?;
+    /// let range = IovaRange::new(Iova::new(0x4000_0000), 0x20_0000, 0x1000)?;
+    /// let r = t.reserve(range, PageSize::SZ_4K)?;
+    /// t.map_reserved(&r, Iova::new(0x4000_0000), PhysAddr::new(0x1000), PageSize::SZ_4K, 1, Prot::READ)?;
+    /// t.unmap(Iova::new(0x4000_0000), PageSize::SZ_4K, 1, &mut Gather::new())?;
+    /// assert_eq!(mem.stats().live_pages, 4); // unmaps never free: the reservation's tables stay
+    /// t.release(r, &mut Gather::new()).map_err(|e| e.error())?;
+    /// assert_eq!(mem.stats().live_pages, 1); // "unallocate VA" frees them
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The allocator's error if the root cannot be allocated.
+    pub fn with_accounting(cfg: Config, alloc: A, flush: F) -> Result<Self, AllocError> {
         Ok(Self {
             engine: Engine::with_accounting(cfg, alloc, flush)?,
             issuer: Issuer::new(NEXT_TABLE.fetch_add(1, Ordering::Relaxed)),
@@ -199,7 +248,7 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
 
     /// Returns the engine, for inspection.
     #[must_use]
-    pub fn engine(&self) -> &Engine<A, F, LiveCounts> {
+    pub fn engine(&self) -> &Engine<A, F, K> {
         &self.engine
     }
 
@@ -246,11 +295,14 @@ impl<A: TableAlloc, F: FlushOps> PreallocTable<A, F> {
                 iova: past,
             });
         }
-        self.engine.map_run(run, prot, &mut NoAlloc { id })
+        if holds_path(self.engine.config(), reservation.max_leaf(), size) {
+            return self.engine.map_run(run, prot, &mut NoAlloc::<true> { id });
+        }
+        self.engine.map_run(run, prot, &mut NoAlloc::<false> { id })
     }
 }
 
-impl<A: TableAlloc, F: FlushOps> Drop for PreallocTable<A, F> {
+impl<A: TableAlloc, F: FlushOps, K: Reserving> Drop for PreallocTable<A, F, K> {
     fn drop(&mut self) {
         // Nothing can be running; hand back anything still waiting for a grace period (the
         // engine's own drop then frees the tree, reserved tables included).
@@ -258,9 +310,9 @@ impl<A: TableAlloc, F: FlushOps> Drop for PreallocTable<A, F> {
     }
 }
 
-iopt_lpae::impl_io_page_table_on_engine!(PreallocTable);
+iopt_lpae::impl_io_page_table_on_engine!(PreallocTable<K: Reserving>);
 
-impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
+impl<A: TableAlloc, F: FlushOps, K: Reserving> Reserve for PreallocTable<A, F, K> {
     /// Installs and counts the tables `range` needs for leaves up to `max_leaf` (see the
     /// [crate docs](crate)); takes exactly the missing pages in one `alloc_bulk`.
     fn reserve(&self, range: IovaRange, max_leaf: PageSize) -> Result<Reservation, ReserveError> {
@@ -285,9 +337,24 @@ impl<A: TableAlloc, F: FlushOps> Reserve for PreallocTable<A, F> {
         // Anything else takes the checked path, in order.
         if self.issuer.word(reservation).is_some() && reservation.holds(iova, size, count) {
             let id = reservation.id();
-            return self
-                .engine
-                .map_within(iova, pa, size, count, prot, &mut NoAlloc { id });
+            if holds_path(self.engine.config(), reservation.max_leaf(), size) {
+                return self.engine.map_within(
+                    iova,
+                    pa,
+                    size,
+                    count,
+                    prot,
+                    &mut NoAlloc::<true> { id },
+                );
+            }
+            return self.engine.map_within(
+                iova,
+                pa,
+                size,
+                count,
+                prot,
+                &mut NoAlloc::<false> { id },
+            );
         }
         self.map_reserved_checked(reservation, iova, pa, size, count, prot)
     }

@@ -38,6 +38,17 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         }
     }
 
+    /// [`enter_at`](Self::enter_at) for a map drawing from `S`: nothing when the source's
+    /// maps are held by a reservation ([`PageSource::HELD`]: no table on their path can be
+    /// freed while they run).
+    #[inline]
+    pub(crate) fn enter_for<S: super::PageSource>(&self, iova: u64) -> OpGuard<'_, A, F, K> {
+        OpGuard {
+            engine: self,
+            entered: if S::HELD { None } else { self.acct.enter(iova) },
+        }
+    }
+
     /// Leaves an operation: frees what reclamation says is ready, and sweeps if asked.
     #[inline]
     pub(super) fn exit(&self, at: Entered) {
@@ -129,9 +140,9 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         true
     }
 
-    /// Gives `n` count units of `path[i]` back (pins, or entries this caller removed) and
-    /// frees it, and the ancestors it leaves empty, if that emptied it. Returns whether
-    /// `path[i]` was freed (it is then unlinked). Nothing, on an engine that does not count.
+    /// Records that this caller removed `n` entries of `path[i]` and frees it, and the
+    /// ancestors it leaves empty, if that emptied it. Returns whether `path[i]` was freed (it
+    /// is then unlinked). Nothing, on an engine that does not count entries.
     #[inline]
     pub(crate) fn drop_live(
         &self,
@@ -144,7 +155,25 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         if n == 0 {
             return false;
         }
-        K::unpin(path[i].t.meta, n) == Some(n) && self.emptied(path, i, iova, dead)
+        K::removed(path[i].t.meta, n) == Some(n) && self.emptied(path, i, iova, dead)
+    }
+
+    /// Gives back `n` pins of `path[i]` that a map did not use, freeing what that empties
+    /// as [`drop_live`](Self::drop_live) does.
+    #[inline]
+    pub(crate) fn drop_pins(
+        &self,
+        path: &[Frame<'_>],
+        i: usize,
+        n: u32,
+        held: bool,
+        iova: u64,
+        dead: &mut Vec<PhysAddr>,
+    ) -> bool {
+        if n == 0 {
+            return false;
+        }
+        K::unpin(path[i].t.meta, n, held) == Some(n) && self.emptied(path, i, iova, dead)
     }
 
     /// [`drop_live`](Self::drop_live) after `path[i]`'s count reached zero.
@@ -192,7 +221,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     /// unlink the topmost, and continue above if that empties its parent. Returns whether
     /// `path[i]` itself was claimed.
     fn cascade(&self, path: &[Frame<'_>], i: usize, iova: u64, dead: &mut Vec<PhysAddr>) -> bool {
-        if i == 0 || !K::try_claim(path[i].t.meta, 0) {
+        if i == 0 || !K::try_claim(path[i].t, 0) {
             return false;
         }
         let cfg = self.config();
@@ -200,18 +229,18 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         loop {
             let mut top = i;
             self.note_dead(path[top].pa(), dead);
-            while top > 1 && K::try_claim(path[top - 1].t.meta, 1) {
+            while top > 1 && K::try_claim(path[top - 1].t, 1) {
                 top -= 1;
                 self.note_dead(path[top].pa(), dead);
             }
             let parent = path[top - 1];
             if !self.unlink(parent, cfg.index(iova, parent.level), iova, path[top].pa())
-                || K::unpin(parent.t.meta, 1) != Some(1)
+                || K::removed(parent.t.meta, 1) != Some(1)
             {
                 return true;
             }
             i = top - 1;
-            if i == 0 || !K::try_claim(path[i].t.meta, 0) {
+            if i == 0 || !K::try_claim(path[i].t, 0) {
                 return true;
             }
         }

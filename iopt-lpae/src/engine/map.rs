@@ -387,7 +387,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         if r.count != 1 && self.entries_in_table(r.level, r.iova, r.count) != r.count {
             return self.map_many(&[r], prot, src);
         }
-        let guard = self.enter_at(r.iova);
+        let guard = self.enter_for::<S>(r.iova);
         let mut dead = Vec::new();
         let bits = self.leaf_bits(prot);
         let result = self.map_segment(r.iova, r.pa, r.level, r.count, bits, src, &mut dead);
@@ -405,7 +405,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         prot: Prot,
         src: &mut S,
     ) -> Result<(), MapError> {
-        let guard = self.enter_at(runs.first().map_or(0, |r| r.iova));
+        let guard = self.enter_for::<S>(runs.first().map_or(0, |r| r.iova));
         let bits = self.leaf_bits(prot);
         let mut dead = Vec::new();
         let result = self.map_many_in(runs, bits, src, &mut dead);
@@ -537,9 +537,9 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         src: &mut S,
         dead: &mut Vec<PhysAddr>,
     ) -> Result<(), MapError> {
-        if let Some(t) = self.cursor_pinned(iova, target, n) {
+        if let Some(t) = self.cursor_pinned(iova, target, n, S::HELD) {
             let leaf = [Frame { t, level: target }];
-            return self.write_pinned(&leaf, iova, n, pa, bits, dead);
+            return self.write_pinned(&leaf, iova, n, pa, bits, S::HELD, dead);
         }
         self.map_segment_walk(iova, pa, target, n, bits, src, dead)
     }
@@ -548,20 +548,20 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     /// target entry is empty (else the walk decides).
     #[allow(clippy::inline_always)]
     #[inline(always)]
-    fn cursor_pinned(&self, iova: u64, target: u32, n: u64) -> Option<TableRef<'_>> {
+    fn cursor_pinned(&self, iova: u64, target: u32, n: u64, held: bool) -> Option<TableRef<'_>> {
         let t = self.cursor_get(target, iova)?;
         let first = self.index(iova, target);
         let slots = t.entries.get(first..first + usize::try_from(n).ok()?)?;
         if !all_zero(slots, K::LOAD) {
             return None;
         }
-        K::pin(t.meta, u32::try_from(n).ok()?).then_some(t)
+        K::pin(t.meta, u32::try_from(n).ok()?, held).then_some(t)
     }
 
     /// Writes `n` leaves from `iova` (mapping `pa` on) into the last table of `path`, whose
     /// target entries were empty and are pinned for them. On a conflict (an overlapping map
     /// got there first) the leaves written are taken back and the error names the entry.
-    #[allow(clippy::inline_always)]
+    #[allow(clippy::inline_always, clippy::too_many_arguments)]
     #[inline(always)]
     fn write_pinned(
         &self,
@@ -570,6 +570,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         n: u64,
         pa: u64,
         bits: u64,
+        held: bool,
         dead: &mut Vec<PhysAddr>,
     ) -> Result<(), MapError> {
         let top = path.len() - 1;
@@ -579,12 +580,13 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         let size = self.leaf_size(level);
         match K::put_leaves(slots, bits | self.leaf_type(level), pa, size) {
             Ok(()) => {
+                K::settle(t.meta, n as u32, held);
                 self.sync_entries(t, first, n as usize);
                 Ok(())
             }
             Err((k, units)) => {
                 self.sync_entries(t, first, k as usize);
-                self.drop_live(path, top, units, iova, dead);
+                self.drop_pins(path, top, units, held, iova, dead);
                 Err(MapError::AlreadyMapped {
                     iova: self.external(iova + k * size),
                 })
@@ -622,15 +624,15 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                 }
                 Descent::Leaf => {}
             }
-            let Some(claims) = self.prepare_leaf(&path, iova, target, n, dead)? else {
+            let Some(claims) = self.prepare_leaf(&path, iova, target, n, S::HELD, dead)? else {
                 crate::atomic::spin_wait();
                 continue;
             };
             self.cursor_set(target, iova, path.last().pa(), epoch);
             if claims.is_empty() {
-                return self.write_pinned(path.frames(), iova, n, pa, bits, dead);
+                return self.write_pinned(path.frames(), iova, n, pa, bits, S::HELD, dead);
             }
-            return self.replace_tables(&path, iova, n, pa, bits, &claims, dead);
+            return self.replace_tables(&path, iova, n, pa, bits, &claims, S::HELD, dead);
         }
     }
 
@@ -712,13 +714,13 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         let need = (target - level) as usize;
         // Pin the parent first: a parent being freed sends the caller back to the root
         // without taking pages it would only give back.
-        if !K::pin(parent.t.meta, 1) {
+        if !K::pin(parent.t.meta, 1, S::HELD) {
             return Ok(false);
         }
         let (held, tables) = match self.obtain_chain(need, src) {
             Ok(chain) => chain,
             Err(e) => {
-                self.drop_live(path.frames(), path.top(), 1, iova, dead);
+                self.drop_pins(path.frames(), path.top(), 1, S::HELD, iova, dead);
                 return Err(e);
             }
         };
@@ -746,6 +748,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             .compare_exchange(0, new, K::RMW, K::LOAD)
             .is_ok()
         {
+            K::settle(parent.t.meta, 1, S::HELD);
             self.sync_installed(parent.t, idx, new);
             self.counters().add_live(need as u64);
             self.cursor_set(target, iova, pages[need - 1], epoch);
@@ -754,7 +757,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         self.counters()
             .install_races_lost
             .fetch_add(1, Ordering::Relaxed);
-        self.drop_live(path.frames(), path.top(), 1, iova, dead);
+        self.drop_pins(path.frames(), path.top(), 1, S::HELD, iova, dead);
         for (i, t) in chain.iter().enumerate() {
             if i + 1 < need {
                 t.entries[cfg.index(iova, level + 1 + i as u32)].store(0, Ordering::Relaxed);
@@ -817,6 +820,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         iova: u64,
         target: u32,
         n: u64,
+        held: bool,
         dead: &mut Vec<PhysAddr>,
     ) -> Result<Option<Claims>, MapError> {
         let size = self.leaf_size(target);
@@ -860,17 +864,17 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                 }
             }
         }
-        if !K::pin(cur.t.meta, free) {
+        if !K::pin(cur.t.meta, free, held) {
             return Ok(None);
         }
         for (j, &(k, link)) in claims.iter().enumerate() {
-            if !self.resolve(link).is_some_and(|t| K::try_claim(t.meta, 0)) {
+            if !self.resolve(link).is_some_and(|t| K::try_claim(t, 0)) {
                 for &(_, done) in &claims[..j] {
                     if let Some(t) = self.resolve(done) {
                         K::unclaim(t.meta, 0);
                     }
                 }
-                self.drop_live(path.frames(), path.top(), free, iova, dead);
+                self.drop_pins(path.frames(), path.top(), free, held, iova, dead);
                 return Err(MapError::AlreadyMapped {
                     iova: self.external(iova + k as u64 * size),
                 });
@@ -892,6 +896,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         pa: u64,
         bits: u64,
         claims: &Claims,
+        held: bool,
         dead: &mut Vec<PhysAddr>,
     ) -> Result<(), MapError> {
         let Frame { t, level } = *path.last();
@@ -931,14 +936,18 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                     }
                 }
             }
+            // Only where entries are exchanged (counted engines) can a replacement fail, and
+            // there the units are pins and counted entries alike.
             self.sync_entries(t, first, n as usize);
-            self.drop_live(path.frames(), path.top(), units, iova, dead);
+            self.drop_pins(path.frames(), path.top(), units, held, iova, dead);
             return Err(MapError::AlreadyMapped {
                 iova: self.external(iova + k as u64 * size),
             });
         }
-        // One clean for the whole segment; then the walker forgets each replaced table,
-        // freed after its flush.
+        // The pins of the empty entries are spent (each replaced table's unit became its
+        // leaf's). One clean for the whole segment; then the walker forgets each replaced
+        // table, freed after its flush.
+        K::settle(t.meta, (n as usize - claims.len()) as u32, held);
         self.sync_entries(t, first, n as usize);
         for &(k, link) in claims {
             let at = iova + k as u64 * size;

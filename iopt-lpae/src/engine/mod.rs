@@ -45,6 +45,14 @@ use iopt_api::{
 /// Every page handed out must be zeroed and granule-sized, from the same allocator the engine
 /// resolves addresses with.
 pub trait PageSource {
+    /// Whether every map drawing from this source lies inside a live reservation that holds
+    /// (by its count) every table on the map's path for the whole call, so that no
+    /// operation can free them: a Design 2 reservation's maps. The engine then skips what
+    /// only protects tables that may be freed (the grace period; transient pins where the
+    /// accounting uses them). A source that claims this wrongly lets a concurrent release
+    /// free a table under the map.
+    const HELD: bool = false;
+
     /// Provides `count` pages, all or nothing, appended to `out`.
     ///
     /// # Errors
@@ -353,6 +361,8 @@ pub(crate) struct TopUp<'s, S: PageSource> {
 }
 
 impl<S: PageSource> PageSource for TopUp<'_, S> {
+    const HELD: bool = S::HELD;
+
     fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError> {
         let start = out.len();
         let have = self.stash.pages.len().min(count);

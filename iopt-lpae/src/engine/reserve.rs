@@ -22,7 +22,7 @@
 #![allow(clippy::many_single_char_names)]
 
 use super::{Engine, Frame};
-use crate::account::{Accounting, LiveCounts};
+use crate::account::{Accounting, Reserving};
 use crate::desc::{self, Kind};
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
@@ -266,14 +266,14 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                             });
                             return false;
                         };
-                        if !K::pin(sub.meta, 1) {
+                        if !K::pin(sub.meta, 1, false) {
                             // Being freed: its parent slot empties shortly.
                             crate::atomic::spin_wait();
                             continue;
                         }
                         self.sync_seen(f.t, idx, e);
                         sub.meta.reservations.fetch_add(1, SC);
-                        K::unpin(sub.meta, 1);
+                        K::unpin(sub.meta, 1, false);
                         taken.push(spa);
                         let child = Frame {
                             t: sub,
@@ -293,13 +293,16 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                             }
                         };
                         // `f` is the root or held by this reservation: never dead.
-                        let pinned = K::pin(f.t.meta, 1);
+                        let pinned = K::pin(f.t.meta, 1, false);
                         debug_assert!(pinned);
                         for &(_, t) in &built {
                             self.sync_table(t);
                         }
                         let new = desc::encode_table(cfg, top);
                         if pinned && slot.compare_exchange(0, new, SC, SC).is_ok() {
+                            // The pin is the new link's count (or, where pins are
+                            // transient, given back).
+                            K::settle(f.t.meta, 1, false);
                             self.sync_installed(f.t, idx, new);
                             let c = self.counters();
                             c.add_live(built.len() as u64);
@@ -309,7 +312,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                             return true;
                         }
                         if pinned {
-                            K::unpin(f.t.meta, 1);
+                            K::unpin(f.t.meta, 1, false);
                         }
                         Self::dismantle(&built, src);
                         self.counters()
@@ -348,14 +351,16 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             return Ok(p);
         }
         let mut result = Ok(p);
+        let mut links = 0u32;
         self.slots(level, a, b, |s, at, next| {
             if !self.needs_child(w, level, s) {
                 return true;
             }
             match self.build(w, level + 1, at, next, src, built) {
                 Ok(c) => {
+                    // Relaxed: the table is private until its chain is published.
                     t.entries[cfg.index(at, level)].store(self.private_link(c), Ordering::Relaxed);
-                    t.meta.live_entries.fetch_add(1, Ordering::Relaxed);
+                    links += 1;
                     true
                 }
                 Err(e) => {
@@ -364,6 +369,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                 }
             }
         });
+        K::set_count(t.meta, links);
         result
     }
 
@@ -437,14 +443,14 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             true
         });
         if cleared > 0 {
-            K::unpin(f.t.meta, cleared);
+            K::removed(f.t.meta, cleared);
         }
         if dec_self {
             f.t.meta.reservations.fetch_sub(1, SC);
         }
         let is_root = f.pa() == self.root();
         let k = kids.len() as u32;
-        if !is_root && K::try_claim(f.t.meta, k) {
+        if !is_root && K::try_claim(f.t, k) {
             // Unlinked by the caller: that clean hides the cleared leaves too.
             self.note_dead(f.pa(), dead);
             return true;
@@ -455,9 +461,9 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             .filter(|&&(idx, s, child)| self.unlink(f, idx, s, child))
             .count() as u32;
         if unlinked > 0
-            && K::unpin(f.t.meta, unlinked) == Some(unlinked)
+            && K::removed(f.t.meta, unlinked) == Some(unlinked)
             && !is_root
-            && K::try_claim(f.t.meta, 0)
+            && K::try_claim(f.t, 0)
         {
             self.note_dead(f.pa(), dead);
             return true;
@@ -470,7 +476,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     }
 }
 
-impl<A: TableAlloc, F: FlushOps> Engine<A, F, LiveCounts> {
+impl<A: TableAlloc, F: FlushOps, K: Reserving> Engine<A, F, K> {
     /// Returns exactly how many table pages [`reserve_tables`](Self::reserve_tables) would
     /// allocate now for `range` and `max_leaf`: what a `map_range` of the range with leaves up
     /// to `max_leaf` (and IOVA-congruent backing) would install.
