@@ -225,25 +225,49 @@ impl Shared for AllocOps {
     }
 }
 
-/// Design 2: [`PreallocTable`](iopt_prealloc::PreallocTable) on [`SimMemory`]. Plain maps
-/// allocate on demand; unmaps free a table that empties outside reservations, so
-/// [`Backend::clear_keep_tables`] keeps the tables by holding a reservation over the range.
+/// The accountings Design 2 runs on in the benches, with their lane names.
+#[cfg(feature = "prealloc")]
+pub trait Accounted: iopt_lpae::account::Reserving {
+    /// The lane's name.
+    const LANE: &'static str;
+}
+
+#[cfg(feature = "prealloc")]
+impl Accounted for iopt_lpae::account::LiveCounts {
+    const LANE: &'static str = "prealloc";
+}
+
+#[cfg(feature = "prealloc")]
+impl Accounted for iopt_lpae::account::ReservationCounts {
+    const LANE: &'static str = "prealloc_seed";
+}
+
+/// Design 2: [`PreallocTable`](iopt_prealloc::PreallocTable) on [`SimMemory`], counting with
+/// `K` (live entries and reservations, or, `prealloc_seed`, reservations only as the seed
+/// message has it). Plain maps allocate on demand; with `LiveCounts` unmaps free a table that
+/// empties outside reservations, so [`Backend::clear_keep_tables`] keeps the tables by
+/// holding a reservation over the range.
 #[cfg(feature = "prealloc")]
 #[derive(Debug)]
-pub struct Prealloc {
+pub struct Prealloc<K: Accounted = iopt_lpae::account::LiveCounts> {
     /// The table.
-    pub table: iopt_prealloc::PreallocTable<SimMemory>,
+    pub table: iopt_prealloc::PreallocTable<SimMemory, iopt_api::NoFlush, K>,
     /// Reservations [`Backend::clear_keep_tables`] holds to keep tables present.
     pub held: Vec<Reservation>,
 }
 
 #[cfg(feature = "prealloc")]
-impl Backend for Prealloc {
-    const NAME: &'static str = "prealloc";
+impl<K: Accounted> Backend for Prealloc<K> {
+    const NAME: &'static str = K::LANE;
 
     fn fresh() -> Self {
         Self {
-            table: iopt_prealloc::PreallocTable::new(cfg(), SimMemory::new()).expect("root"),
+            table: iopt_prealloc::PreallocTable::with_accounting(
+                cfg(),
+                SimMemory::new(),
+                iopt_api::NoFlush,
+            )
+            .expect("root"),
             held: Vec::new(),
         }
     }
@@ -278,7 +302,7 @@ impl Backend for Prealloc {
 }
 
 #[cfg(feature = "prealloc")]
-impl Reserving for Prealloc {
+impl<K: Accounted> Reserving for Prealloc<K> {
     type Res = Reservation;
     const RELEASE_UNMAPS: bool = true;
 

@@ -34,9 +34,9 @@ pub mod work;
 mod backend;
 mod profile;
 
-pub use backend::{AllocOps, Backend, LockedPeer, Peer, Reserving, Shared, cfg, prot};
 #[cfg(feature = "prealloc")]
-pub use backend::{Prealloc, PreallocMut, SharedPrealloc};
+pub use backend::{Accounted, Prealloc, PreallocMut, SharedPrealloc};
+pub use backend::{AllocOps, Backend, LockedPeer, Peer, Reserving, Shared, cfg, prot};
 pub use profile::Profile;
 
 /// 4 KiB.

@@ -50,3 +50,25 @@ pub fn design2() -> Design<Design2Table> {
         build: Box::new(iopt_prealloc::PreallocTable::new),
     }
 }
+
+/// Design 2 with the seed message's accounting: reservations counted per table, tables freed
+/// only at release ("unallocate VA"); unmaps never free.
+pub type Design2SeedTable = iopt_prealloc::PreallocTable<
+    Arc<SimMemory>,
+    iopt_api::NoFlush,
+    iopt_lpae::account::ReservationCounts,
+>;
+
+/// Design 2 as the seed message has it: the same reservations as [`design2`], counting
+/// reservations only, so tables an unmap empties stay until the release of their range.
+#[must_use]
+pub fn design2_seed() -> Design<Design2SeedTable> {
+    Design {
+        name: "Design 2 (reservation counts)".to_string(),
+        policy: Policy::PerMapping,
+        model: ReservePolicy::ReservationCounts,
+        build: Box::new(|cfg, mem| {
+            iopt_prealloc::PreallocTable::with_accounting(cfg, mem, iopt_api::NoFlush)
+        }),
+    }
+}

@@ -103,6 +103,9 @@ pub trait Accounting: sealed::Sealed + Default + Debug + Send + Sync + 'static {
     /// units))`: entry `k` was taken meanwhile; what this call wrote is taken back and `units`
     /// count units go back to the table.
     fn put_leaves(slots: &[AtomicU64], attrs: u64, pa: u64, size: u64) -> Result<(), (u64, u32)>;
+    /// Writes one leaf into an entry checked empty and pinned for it; `false` (nothing
+    /// written) if another caller took the entry meanwhile.
+    fn put_leaf(slot: &AtomicU64, desc: u64) -> bool;
     /// Clears `slots`, every one a leaf, in one pass; `false` (nothing done) where each
     /// removal must be counted on its own.
     fn clear_leaves(slots: &[AtomicU64]) -> bool;
@@ -181,6 +184,12 @@ impl Accounting for Untracked {
         // Release: pairs with the walker's (and lookups') acquire loads of the entry.
         crate::engine::write_leaves(slots, attrs, pa, size, Ordering::Release);
         Ok(())
+    }
+    #[inline]
+    fn put_leaf(slot: &AtomicU64, desc: u64) -> bool {
+        // Release: pairs with the walker's acquire loads, as `put_leaves`.
+        slot.store(desc, Ordering::Release);
+        true
     }
     #[inline]
     fn clear_leaves(slots: &[AtomicU64]) -> bool {
@@ -354,6 +363,11 @@ impl Accounting for LiveCounts {
         Ok(())
     }
     #[inline]
+    fn put_leaf(slot: &AtomicU64, desc: u64) -> bool {
+        // SeqCst, as `put_leaves`.
+        slot.compare_exchange(0, desc, SC, SC).is_ok()
+    }
+    #[inline]
     fn clear_leaves(_: &[AtomicU64]) -> bool {
         false
     }
@@ -483,6 +497,12 @@ impl Accounting for ReservationCounts {
         // Release: pairs with the walker's acquire loads, as `Untracked`.
         crate::engine::write_leaves(slots, attrs, pa, size, Ordering::Release);
         Ok(())
+    }
+    #[inline]
+    fn put_leaf(slot: &AtomicU64, desc: u64) -> bool {
+        // Release: pairs with the walker's acquire loads, as `put_leaves`.
+        slot.store(desc, Ordering::Release);
+        true
     }
     #[inline]
     fn clear_leaves(slots: &[AtomicU64]) -> bool {

@@ -21,7 +21,10 @@
 //!   covers its range down to its leaf level and takes a reference on each covering table; a
 //!   block map or a block-sized unmap that would remove a referenced table is refused
 //!   (`ReservedTable`); release drops the references and frees, bottom-up, every table it
-//!   referenced whose count reached zero and that holds nothing.
+//!   referenced whose count reached zero and that holds nothing. An unmap frees the tables
+//!   it leaves empty outside reservations.
+//! - [`ReservePolicy::ReservationCounts`] (the seed's Design 2): the same reservations, but
+//!   only a release frees tables.
 //!
 //! Only configurations without the TTBR1 quirk are modelled.
 
@@ -60,8 +63,21 @@ pub enum ReservePolicy {
         /// The cap, if any.
         cap: Option<CapRule>,
     },
-    /// Design 2: refcounted table installation.
+    /// Design 2: refcounted table installation, and tables an unmap leaves empty outside
+    /// reservations freed at once (`LiveCounts`).
     Refcounts,
+    /// Design 2 as the seed message has it (`ReservationCounts`): reservations as
+    /// [`Refcounts`](Self::Refcounts), but unmaps never free; only a release frees the tables
+    /// its range leaves unreserved and empty.
+    ReservationCounts,
+}
+
+impl ReservePolicy {
+    /// Whether reservations count the tables they cover (either Design 2).
+    #[must_use]
+    pub fn counts_reservations(self) -> bool {
+        matches!(self, Self::Refcounts | Self::ReservationCounts)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -342,7 +358,7 @@ impl Model {
                 });
             }
         }
-        let refcounts = self.policy == ReservePolicy::Refcounts;
+        let refcounts = self.policy.counts_reservations();
         if self.overlaps(iova, size * count) || (refcounts && level < self.last_level()) {
             // Slot by slot, as the walker checks them: a leaf in the way, then (Design 2) a
             // table a reservation holds.
@@ -370,7 +386,7 @@ impl Model {
                 .ok_or(MapError::UnknownReservation { id })?;
             let left = match self.policy {
                 ReservePolicy::Pools { .. } => r.left,
-                ReservePolicy::Refcounts => 0,
+                ReservePolicy::Refcounts | ReservePolicy::ReservationCounts => 0,
             };
             if missing.len() > left {
                 return Err(MapError::ReservationExhausted {
@@ -488,7 +504,7 @@ impl Model {
     pub fn unmap(&mut self, iova: u64, size: u64, count: u64) -> Result<u64, UnmapError> {
         let level = self.validate_unmap(iova, size, count)?;
         let ps = PageSize::new(size).ok_or(UnmapError::InvalidPageSize { size })?;
-        let refcounts = self.policy == ReservePolicy::Refcounts;
+        let refcounts = self.policy.counts_reservations();
         for k in 0..count {
             let i = iova + k * size;
             if let Some((&li, l)) = self.leaves.range(..=i).next_back() {
@@ -520,7 +536,7 @@ impl Model {
                 self.remove_tables_under(i, level);
             }
         }
-        if refcounts {
+        if self.policy == ReservePolicy::Refcounts {
             self.sweep(iova, iova + (size * count - 1));
         }
         Ok(size * count)
@@ -549,7 +565,7 @@ impl Model {
         // page size (its plan puts smaller leaves at unaligned ends).
         let align = match self.policy {
             ReservePolicy::Pools { .. } => leaf.get(),
-            ReservePolicy::Refcounts => cfg
+            ReservePolicy::Refcounts | ReservePolicy::ReservationCounts => cfg
                 .page_sizes()
                 .smallest()
                 .map_or(leaf.get(), PageSize::get),
@@ -586,7 +602,7 @@ impl Model {
                 self.counters.reserved_outstanding += n as u64;
                 n
             }
-            ReservePolicy::Refcounts => {
+            ReservePolicy::Refcounts | ReservePolicy::ReservationCounts => {
                 let pieces = self.plan(start, last, leaf);
                 // A leaf larger than the plan's leaf where the plan needs a table below it.
                 for &(ps, pl, psize) in &pieces {
@@ -639,7 +655,7 @@ impl Model {
                 self.counters.reserved_unused += r.left as u64;
                 self.counters.reserved_outstanding -= r.left as u64;
             }
-            ReservePolicy::Refcounts => {
+            ReservePolicy::Refcounts | ReservePolicy::ReservationCounts => {
                 // Release unmaps what is left in the range first.
                 let gone: Vec<u64> = self
                     .leaves

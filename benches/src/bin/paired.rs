@@ -21,6 +21,8 @@ use clap::Parser;
 use iopt_benches::{AllocOps, Backend, Peer, Profile, Reserving, SZ_2M, SZ_4K, floor, work};
 #[cfg(feature = "prealloc")]
 use iopt_benches::{Prealloc, PreallocMut, SharedPrealloc};
+#[cfg(feature = "prealloc")]
+use iopt_lpae::account::ReservationCounts;
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -184,6 +186,7 @@ fn backends<J: Job>(job: J) -> Vec<Lane> {
     #[cfg(feature = "prealloc")]
     {
         lanes.push(lane_of::<Prealloc, J>(job));
+        lanes.push(lane_of::<Prealloc<ReservationCounts>, J>(job));
         lanes.push(lane_of::<PreallocMut, J>(job));
     }
     lanes.push(lane_of::<Peer, J>(job));
@@ -191,12 +194,22 @@ fn backends<J: Job>(job: J) -> Vec<Lane> {
 }
 
 fn against_peer(at_most: f64) -> Vec<Goal> {
-    vec![Goal {
-        reference: Peer::NAME,
-        at_most,
-        only: None,
-        lanes: None,
-    }]
+    vec![
+        Goal {
+            reference: Peer::NAME,
+            at_most,
+            only: None,
+            lanes: None,
+        },
+        // Design 2 on the seed's accounting against Design 1, where no operation can free a
+        // table concurrently (single calls on one thread): within 1.2x.
+        Goal {
+            reference: AllocOps::NAME,
+            at_most: 1.2,
+            only: Some("prealloc_seed"),
+            lanes: Some(&["prealloc", "prealloc_seed"]),
+        },
+    ]
 }
 
 /// A map inside a reservation against a map into present tables, for one design.
@@ -354,8 +367,8 @@ fn bulk(n: u64) -> Workload {
     )];
     #[cfg(feature = "prealloc")]
     bulk.push(lane(
-        Prealloc::NAME,
-        Prealloc::fresh,
+        <Prealloc>::NAME,
+        <Prealloc>::fresh,
         move |t: &mut Prealloc| {
             work::map_pages(t, n, false);
         },
@@ -461,6 +474,8 @@ fn workloads(p: Profile) -> Vec<Workload> {
         w.push(reservation::<AllocOps>(rn, single));
         #[cfg(feature = "prealloc")]
         w.push(reservation::<Prealloc>(rn, single));
+        #[cfg(feature = "prealloc")]
+        w.push(reservation::<Prealloc<ReservationCounts>>(rn, single));
     }
     w
 }

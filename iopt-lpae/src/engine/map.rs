@@ -537,25 +537,50 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         src: &mut S,
         dead: &mut Vec<PhysAddr>,
     ) -> Result<(), MapError> {
-        if let Some(t) = self.cursor_pinned(iova, target, n, S::HELD) {
+        if let Some((t, first)) = self.cursor_pinned(iova, target, n, S::HELD) {
+            if n == 1 {
+                // One leaf (every single-page map): one write, no slice or loop set-up.
+                let d = bits | self.leaf_type(target) | desc::pack_pa(PhysAddr::new(pa));
+                if K::put_leaf(&t.entries[first], d) {
+                    K::settle(t.meta, 1, S::HELD);
+                    self.sync_entries(t, first, 1);
+                    return Ok(());
+                }
+                let leaf = [Frame { t, level: target }];
+                self.drop_pins(&leaf, 0, 1, S::HELD, iova, dead);
+                return Err(MapError::AlreadyMapped {
+                    iova: self.external(iova),
+                });
+            }
             let leaf = [Frame { t, level: target }];
             return self.write_pinned(&leaf, iova, n, pa, bits, S::HELD, dead);
         }
         self.map_segment_walk(iova, pa, target, n, bits, src, dead)
     }
 
-    /// The leaf table the cursor holds for `n` leaves at `iova`, pinned for them, if every
-    /// target entry is empty (else the walk decides).
+    /// The leaf table the cursor holds for `n` leaves at `iova`, pinned for them, and the
+    /// index of the first, if every target entry is empty (else the walk decides).
     #[allow(clippy::inline_always)]
     #[inline(always)]
-    fn cursor_pinned(&self, iova: u64, target: u32, n: u64, held: bool) -> Option<TableRef<'_>> {
+    fn cursor_pinned(
+        &self,
+        iova: u64,
+        target: u32,
+        n: u64,
+        held: bool,
+    ) -> Option<(TableRef<'_>, usize)> {
         let t = self.cursor_get(target, iova)?;
         let first = self.index(iova, target);
-        let slots = t.entries.get(first..first + usize::try_from(n).ok()?)?;
-        if !all_zero(slots, K::LOAD) {
-            return None;
-        }
-        K::pin(t.meta, u32::try_from(n).ok()?, held).then_some(t)
+        let empty = if n == 1 {
+            // One leaf (every single-page map): no loop set-up.
+            t.entries.get(first)?.load(K::LOAD) == 0
+        } else {
+            all_zero(
+                t.entries.get(first..first + usize::try_from(n).ok()?)?,
+                K::LOAD,
+            )
+        };
+        (empty && K::pin(t.meta, u32::try_from(n).ok()?, held)).then_some((t, first))
     }
 
     /// Writes `n` leaves from `iova` (mapping `pa` on) into the last table of `path`, whose

@@ -117,24 +117,64 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     #[inline]
     pub fn unmap_run(&self, r: Run, gather: &mut Gather) -> Result<u64, UnmapError> {
         if r.count == 1 {
-            if let Some(done) = self.unmap_one(r, gather) {
+            // The common case first: the cursor's table holds the leaf.
+            let guard = self.enter_at(r.iova);
+            let mut dead = Vec::new();
+            if let Some(bytes) = self.unmap_leaf_at_cursor(r, gather, &mut dead) {
+                self.retire(&dead);
+                drop(guard);
+                return Ok(bytes);
+            }
+            drop(guard);
+            if let Some(done) = self.unmap_one_walk(r, gather) {
                 return done;
             }
         }
         self.unmap_many(r, gather)
     }
 
-    /// A one-leaf unmap without the two passes and their loops: `None` (nothing done) when
-    /// the entry holds a table, which the general path handles.
-    #[inline]
-    fn unmap_one(&self, r: Run, gather: &mut Gather) -> Option<Result<u64, UnmapError>> {
+    /// The common one-leaf unmap: the cursor holds the leaf table and the entry is a leaf
+    /// this call removes. `None` (nothing done) otherwise: a miss through the cursor is no
+    /// answer (the cursor's table may have been claimed since it was cached), so the walk
+    /// from the root decides.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn unmap_leaf_at_cursor(
+        &self,
+        r: Run,
+        gather: &mut Gather,
+        dead: &mut Vec<PhysAddr>,
+    ) -> Option<u64> {
+        let t = self.cursor_get(r.level, r.iova)?;
+        let idx = self.index(r.iova, r.level);
+        let e = t.entries.get(idx)?;
+        let old = e.load(K::LOAD);
+        // Exactly once where counts are kept: only the caller whose exchange removes the
+        // leaf counts it.
+        if self.kind(r.level, old) != Kind::Leaf || !K::remove(e, old) {
+            return None;
+        }
+        let size = r.size.get();
+        self.flush_ops()
+            .add_page(gather, self.external(r.iova), size);
+        let leaf = [Frame { t, level: r.level }];
+        if !self.drop_live(&leaf, 0, 1, r.iova, dead) {
+            self.sync_entries(t, idx, 1);
+        }
+        Some(size)
+    }
+
+    /// A one-leaf unmap the cursor did not serve, by walks from the root until the entry is
+    /// removed, or answers, or holds a table (`None`: nothing done, the general path removes
+    /// it).
+    #[inline(never)]
+    fn unmap_one_walk(&self, r: Run, gather: &mut Gather) -> Option<Result<u64, UnmapError>> {
         let guard = self.enter_at(r.iova);
         let mut dead = Vec::new();
-        let mut from_root = false;
         let out = loop {
             let mut kept = None;
-            match self.unmap_leaf_once(r, from_root, &mut kept, gather, &mut dead) {
-                LeafStep::Retry => from_root = true,
+            match self.unmap_leaf_once(r, true, &mut kept, gather, &mut dead) {
+                LeafStep::Retry => crate::atomic::spin_wait(),
                 LeafStep::Done(x) => break Some(x),
                 LeafStep::Table => break None,
             }
@@ -144,7 +184,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         out
     }
 
-    /// One attempt of [`unmap_one`](Self::unmap_one), from the cursor's table unless
+    /// One attempt of [`unmap_one_walk`](Self::unmap_one_walk), from the cursor's table unless
     /// `from_root`.
     #[inline]
     fn unmap_leaf_once<'a>(
