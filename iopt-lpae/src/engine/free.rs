@@ -230,6 +230,10 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                 return;
             }
             self.collect_below(t.entries, level, out);
+            if self.orphaned(t.meta) {
+                // Held: its holder frees it (`hold`).
+                return;
+            }
         }
         out.push(pa);
     }

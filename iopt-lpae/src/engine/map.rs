@@ -732,6 +732,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             K::set_count(chain[i].meta, 1);
         }
         K::set_count(chain[need - 1].meta, n as u32);
+        Self::hold_private::<S>(chain);
         let first = cfg.index(iova, target);
         let leaves = &chain[need - 1].entries[first..first + n as usize];
         let attrs = bits | self.leaf_type(target);
@@ -749,6 +750,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             self.sync_installed(parent.t, idx, new);
             self.counters().add_live(need as u64);
             self.cursor_set(target, iova, pages[need - 1], epoch);
+            self.held_published(src, pages, iova, target);
             return Ok(true);
         }
         self.counters()

@@ -23,6 +23,7 @@
 
 mod check;
 mod free;
+pub mod hold;
 mod map;
 mod read;
 mod reserve;
@@ -67,6 +68,22 @@ pub trait PageSource {
 
     /// Takes back pages that were obtained but never became reachable. They are zeroed.
     fn give_back(&mut self, pages: &[PhysAddr]);
+
+    /// Whether the tables a map builds from this source's pages are *held* by the source's
+    /// owner (a Design 1 reservation) until it gives them up with
+    /// [`Engine::release_held`]. On an engine that counts, each such table is marked
+    /// [`HELD`](hold::HELD) while it is still private, before the exchange that publishes it,
+    /// so no unmap can free it meanwhile; the engine then reports the chain to
+    /// [`held`](Self::held). Ignored (and compiled away) otherwise. See [`hold`].
+    const HOLDS: bool = false;
+
+    /// Told, only when [`HOLDS`](Self::HOLDS) and the engine counts, of a chain of tables a
+    /// map just published from this source's pages, now held: record it (see
+    /// [`hold::Holds::record`]) and give it up later with [`Engine::release_held`], or the
+    /// tables stay in the tree until the engine is dropped.
+    fn held(&mut self, chain: hold::Chain<'_>) {
+        let _ = chain;
+    }
 }
 
 /// Statistics counters the engine and its sources maintain.
@@ -376,6 +393,12 @@ impl<S: PageSource> PageSource for TopUp<'_, S> {
 
     fn give_back(&mut self, pages: &[PhysAddr]) {
         self.stash.pages.extend_from_slice(pages);
+    }
+
+    const HOLDS: bool = S::HOLDS;
+
+    fn held(&mut self, chain: hold::Chain<'_>) {
+        self.src.held(chain);
     }
 }
 
