@@ -45,7 +45,11 @@ fn reservation_survives_unmap_and_maps_again() {
         let calls = alloc_calls(&mem);
         t.map_reserved(&res, Iova::new(VA), pa(round * K4), PageSize::SZ_4K, 4, RW)
             .unwrap_or_else(|e| panic!("round {round}: {e:?}"));
-        assert_eq!(alloc_calls(&mem), calls, "no allocator call inside a reservation");
+        assert_eq!(
+            alloc_calls(&mem),
+            calls,
+            "no allocator call inside a reservation"
+        );
         assert_eq!(
             t.iova_to_phys(Iova::new(VA + 3 * K4 + 5)).map(|x| x.pa),
             Some(PhysAddr::new(pa(round * K4).get() + 3 * K4 + 5))
@@ -166,7 +170,11 @@ fn release_frees_what_is_empty_and_keeps_the_rest() {
     t.unmap(Iova::new(VA), PageSize::SZ_4K, 4, &mut g).unwrap();
     t.unmap(Iova::new(VA + G1), PageSize::SZ_4K, 4, &mut g)
         .unwrap();
-    assert_eq!(mem.stats().live_pages, 1 + 3 + 2 + 1, "tables + `b`'s spare page");
+    assert_eq!(
+        mem.stats().live_pages,
+        1 + 3 + 2 + 1,
+        "tables + `b`'s spare page"
+    );
     // `a`'s leaf table still holds the on-demand leaf; its L1 holds `b`'s L2.
     t.release(a, &mut g).unwrap();
     assert_eq!(t.engine().deferred_frees(), 0);
@@ -195,10 +203,7 @@ fn held_table_unlinked_from_above_is_freed_by_its_holder() {
     assert_eq!(t.held_tables().len(), 1, "the L3 alone came from the pool");
     assert_eq!(t.reservation_left(&res), Some(2));
     // The whole 1 GiB: the L2 (not held) and both L3 tables go.
-    assert_eq!(
-        t.unmap(Iova::new(VA), PageSize::SZ_1G, 1, &mut g),
-        Ok(G1)
-    );
+    assert_eq!(t.unmap(Iova::new(VA), PageSize::SZ_1G, 1, &mut g), Ok(G1));
     assert!(leaves(&t).is_empty());
     assert_eq!(tables(&t), 1, "the root alone is reachable");
     assert_eq!(t.engine().deferred_frees(), 0);
@@ -219,7 +224,9 @@ fn drop_with_live_holds_returns_every_page() {
     let t = eager(&mem);
     t.map(Iova::new(VA), pa(0), PageSize::SZ_4K, 1, RW).unwrap();
     let a = t.reserve(range(VA + M2, 4 * K4), PageSize::SZ_4K).unwrap();
-    let b = t.reserve(range(VA + 2 * G1, 4 * K4), PageSize::SZ_4K).unwrap();
+    let b = t
+        .reserve(range(VA + 2 * G1, 4 * K4), PageSize::SZ_4K)
+        .unwrap();
     t.map_reserved(&a, Iova::new(VA + M2), pa(0), PageSize::SZ_4K, 4, RW)
         .unwrap();
     t.map_reserved(&b, Iova::new(VA + 2 * G1), pa(0), PageSize::SZ_4K, 4, RW)
