@@ -230,7 +230,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                 return;
             }
             self.collect_below(t.entries, level, out);
-            if self.orphaned(t.meta) {
+            if Self::orphaned(t.meta) {
                 // Held: its holder frees it (`hold`).
                 return;
             }

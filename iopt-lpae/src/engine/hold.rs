@@ -17,14 +17,14 @@
 //! everywhere the engine looks at reservations, exactly as Design 2's: an unmap that empties
 //! it leaves it linked and empty, ready for the next map; a block map over it, or an unmap at
 //! its parent's block size, is refused with `ReservedTable`. [`Engine::release_held`] drops
-//! the holds and, through the engine's own claiming pass ([`collapse`](Engine::collapse),
-//! which also serves Design 2's release and the sweep), frees every table left with neither
+//! the holds and, through the engine's own claiming pass (`collapse`, which also serves
+//! Design 2's release and the sweep), frees every table left with neither
 //! live entries nor reservations, with the ancestors that empties; tables still holding
 //! leaves stay, to be freed by the unmaps that empty them.
 //!
 //! **A held table unlinked from above.** An unmap at the block size of an *unheld* ancestor
 //! (a table that was there before the reservation's map) removes the whole subtree. The
-//! engine then leaves each held table in it to its holder: [`collect_tables`] marks it
+//! engine then leaves each held table in it to its holder: `collect_tables` marks it
 //! *orphaned* instead of freeing it, and `release_held` frees it (after the grace period, as
 //! every unlinked table). One read-modify-write on the `reservations` word each decides who
 //! frees it — the later of the unmap's `fetch_or(ORPHAN)` and the release's
@@ -34,9 +34,7 @@
 //!
 //! **Cost.** Holding is decided by the types: with [`Untracked`](crate::account::Untracked)
 //! or a source that does not hold, every function here compiles to nothing on the map path,
-//! and [`collect_tables`] pays one predictable branch only on a counting engine.
-//!
-//! [`collect_tables`]: Engine::collect_tables
+//! and `collect_tables` pays one predictable branch only on a counting engine.
 
 use super::{Engine, PageSource};
 use crate::account::Accounting;
@@ -136,7 +134,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     /// (`DEAD`) after unlinking it: whether the table is held, and so left to its holder
     /// (orphaned) instead of being freed now.
     #[inline]
-    pub(super) fn orphaned(&self, meta: &TableMeta) -> bool {
+    pub(super) fn orphaned(meta: &TableMeta) -> bool {
         // SeqCst, the load and both exchanges: ordered with the holder's `fetch_and` in
         // `release_held`; of the two read-modify-writes, the later one frees the table.
         if !K::COUNTS || meta.reservations.load(SC) & HELD == 0 {
