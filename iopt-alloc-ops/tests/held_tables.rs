@@ -292,3 +292,56 @@ fn linux_freeing_holds_nothing() {
         "and removes them at block size"
     );
 }
+
+/// Releases racing with unmaps in the same leaf table: one thread reserves, maps, unmaps and
+/// releases over and over (each of its reservations installs and holds the tables whenever
+/// the others have just emptied them), the others map and unmap their own pages on demand.
+/// Nothing is lost, freed twice or left behind.
+#[test]
+fn releases_race_with_unmaps_in_the_same_tables() {
+    const ROUNDS: u64 = 2000;
+    let mem = SimMemory::new();
+    let t = eager(&mem);
+    std::thread::scope(|s| {
+        let t = &t;
+        s.spawn(move || {
+            let mut g = Gather::new();
+            for round in 0..ROUNDS {
+                let res = t.reserve(range(VA, 2 * K4), PageSize::SZ_4K).unwrap();
+                for again in 0..2 {
+                    t.map_reserved(&res, Iova::new(VA), pa(round * K4), PageSize::SZ_4K, 2, RW)
+                        .unwrap_or_else(|e| panic!("round {round}/{again}: {e:?}"));
+                    t.unmap(Iova::new(VA), PageSize::SZ_4K, 2, &mut g).unwrap();
+                }
+                // Sometimes released with a leaf left, unmapped after.
+                if round % 4 == 0 {
+                    t.map_reserved(&res, Iova::new(VA), pa(0), PageSize::SZ_4K, 1, RW)
+                        .unwrap();
+                    t.release(res, &mut g).unwrap();
+                    t.unmap(Iova::new(VA), PageSize::SZ_4K, 1, &mut g).unwrap();
+                } else {
+                    t.release(res, &mut g).unwrap();
+                }
+                g.reset();
+            }
+        });
+        for k in 1..3u64 {
+            s.spawn(move || {
+                let mut g = Gather::new();
+                let iova = VA + k * 16 * K4;
+                for round in 0..ROUNDS * 2 {
+                    t.map(Iova::new(iova), pa(round * K4), PageSize::SZ_4K, 3, RW)
+                        .unwrap();
+                    assert!(t.iova_to_phys(Iova::new(iova + 2 * K4)).is_some());
+                    t.unmap(Iova::new(iova), PageSize::SZ_4K, 3, &mut g)
+                        .unwrap();
+                    g.reset();
+                }
+            });
+        }
+    });
+    assert_root_alone(&t, &mem);
+    drop(t);
+    assert_eq!(mem.stats().live_pages, 0);
+    assert_eq!(mem.stats().bad_frees, 0);
+}
