@@ -79,8 +79,9 @@ pub trait PageSource {
 
     /// Told, only when [`HOLDS`](Self::HOLDS) and the engine counts, of a chain of tables a
     /// map just published from this source's pages, now held: record it (see
-    /// [`hold::Holds::record`]) and give it up later with [`Engine::release_held`], or the
-    /// tables stay in the tree until the engine is dropped.
+    /// [`hold::Holds::record`]) and give it up with [`Engine::release_held`] before the
+    /// engine is dropped (a held table an unmap unlinked is freed by its holder alone, so
+    /// a hold never given up leaks it).
     fn held(&mut self, chain: hold::Chain<'_>) {
         let _ = chain;
     }
