@@ -32,15 +32,23 @@
 //!    it. Whatever the order, the table is freed exactly once and never while reserved, and
 //!    the tree ends as the root alone.
 //!
+//! 6. `a_held_table_unlinked_from_above_is_freed_once_by_its_holder`: a leaf table a
+//!    reservation holds (issue 20, finding 4: `iopt_lpae::engine::hold`) sits under a level-2
+//!    table that was there before; one thread unmaps the whole 1 GiB at block size while
+//!    another releases the hold. Whatever the order, the held table is freed exactly once
+//!    (by the unmap, or by its holder after the unmap orphaned it) and the tree ends as the
+//!    root alone.
+//!
 //! Run: `cargo test -p iopt-checkers --features loom --test loom_engine --release`.
 #![cfg(feature = "loom")]
 
 use iopt_api::atomic::AtomicU64;
 use iopt_api::{
-    AllocError, Config, ConfigInput, Format, Gather, Iova, IovaRange, NoFlush, PageSize, PageSizes,
-    PhysAddr, Prot, TableAlloc, TableMeta, TableRef,
+    AllocError, Config, ConfigInput, Format, Gather, Iova, IovaRange, MapError, NoFlush, PageSize,
+    PageSizes, PhysAddr, Prot, TableAlloc, TableMeta, TableRef,
 };
-use iopt_lpae::Engine;
+use iopt_lpae::engine::hold::{Chain, Holds};
+use iopt_lpae::{Engine, PageSource};
 use loom::sync::Mutex;
 use loom::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -346,6 +354,80 @@ fn a_reservation_and_the_unmap_that_empties_its_table_free_it_once() {
             e.reserve_tables(range, PageSize::SZ_4K).unwrap();
             e.release_tables(range, PageSize::SZ_4K, &mut Gather::new())
                 .unwrap();
+            true
+        },
+        |pages, e, a, _| {
+            assert!(a);
+            assert_eq!(pages.live_count(), 1 + e.deferred_frees());
+        },
+    );
+}
+
+/// A page source whose tables are held, as a Design 1 reservation's pool on this engine.
+struct Holding<'a> {
+    alloc: &'a Pages,
+    holds: Holds,
+}
+
+impl PageSource for Holding<'_> {
+    fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError> {
+        for _ in 0..count {
+            out.push(self.alloc.alloc(4096)?);
+        }
+        Ok(())
+    }
+
+    fn give_back(&mut self, pages: &[PhysAddr]) {
+        for &p in pages {
+            self.alloc.free(p, 4096);
+        }
+    }
+
+    const HOLDS: bool = true;
+
+    fn held(&mut self, chain: Chain<'_>) {
+        self.holds.record(chain);
+    }
+}
+
+/// The holds the set-up made, for the releasing thread of the same execution.
+static SET_UP_HOLDS: std::sync::Mutex<Option<Holds>> = std::sync::Mutex::new(None);
+
+#[test]
+fn a_held_table_unlinked_from_above_is_freed_once_by_its_holder() {
+    model(
+        |e| {
+            // On demand: the level-2 table and one leaf table; held: a second leaf table.
+            map(e, 0x4000_0000, 0x1000);
+            let mut src = Holding {
+                alloc: e.allocator(),
+                holds: Holds::default(),
+            };
+            e.map(
+                Iova::new(0x4020_0000),
+                PhysAddr::new(0x2000),
+                PageSize::SZ_4K,
+                1,
+                Prot::READ,
+                &mut src,
+            )
+            .unwrap();
+            assert_eq!(src.holds.tables().len(), 1);
+            unmap(e, 0x4020_0000);
+            *SET_UP_HOLDS.lock().unwrap() = Some(src.holds);
+        },
+        |_, e| {
+            e.unmap(
+                Iova::new(0x4000_0000),
+                PageSize::SZ_1G,
+                1,
+                &mut Gather::new(),
+            )
+            .is_ok()
+        },
+        |_, e| {
+            let mut holds = SET_UP_HOLDS.lock().unwrap().take().unwrap();
+            e.release_held(&mut holds);
             true
         },
         |pages, e, a, _| {
