@@ -38,6 +38,11 @@
 //!    another releases the hold. Whatever the order, the held table is freed exactly once
 //!    (by the unmap, or by its holder after the unmap orphaned it) and the tree ends as the
 //!    root alone.
+//! 7. `a_table_held_from_birth_survives_a_neighbour_emptying_it`: one thread maps a page
+//!    through a holding source and unmaps it, another maps and unmaps a page of its own in
+//!    the same leaf table on demand. The chain the holding map installs (if it wins the
+//!    install race) is still there, empty, after both unmaps, and its release frees it; a
+//!    chain the other thread installed is freed by the unmaps as usual.
 //!
 //! Run: `cargo test -p iopt-checkers --features loom --test loom_engine --release`.
 #![cfg(feature = "loom")]
@@ -432,6 +437,47 @@ fn a_held_table_unlinked_from_above_is_freed_once_by_its_holder() {
         },
         |pages, e, a, _| {
             assert!(a);
+            assert_eq!(pages.live_count(), 1 + e.deferred_frees());
+        },
+    );
+}
+
+/// The holds thread `a` made, for the check of the same execution.
+static RACED_HOLDS: std::sync::Mutex<Option<Holds>> = std::sync::Mutex::new(None);
+
+#[test]
+fn a_table_held_from_birth_survives_a_neighbour_emptying_it() {
+    model(
+        |_| {},
+        |pages, e| {
+            let mut src = Holding {
+                alloc: pages,
+                holds: Holds::default(),
+            };
+            e.map(
+                Iova::new(0x4000_0000),
+                PhysAddr::new(0x1000),
+                PageSize::SZ_4K,
+                1,
+                Prot::READ,
+                &mut src,
+            )
+            .unwrap();
+            let ok = unmap(e, 0x4000_0000);
+            *RACED_HOLDS.lock().unwrap() = Some(src.holds);
+            ok
+        },
+        |_, e| {
+            map(e, 0x4000_1000, 0x2000);
+            unmap(e, 0x4000_1000)
+        },
+        |pages, e, a, b| {
+            assert!(a && b);
+            let mut holds = RACED_HOLDS.lock().unwrap().take().unwrap();
+            // Held: the chain stays (root, level 2, leaf); else only the root.
+            let want = if holds.is_empty() { 1 } else { 3 };
+            assert_eq!(pages.live_count(), want + e.deferred_frees());
+            e.release_held(&mut holds);
             assert_eq!(pages.live_count(), 1 + e.deferred_frees());
         },
     );
