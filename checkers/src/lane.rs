@@ -14,6 +14,7 @@ use iopt_api::{
     Prot, Reservation, Reserve, ReserveError, TableAlloc, UnmapError, WalkItem,
 };
 use iopt_lpae::account::Accounting;
+use iopt_lpae::engine::hold::HELD;
 use iopt_model::{CapRule, Model, ReservePolicy};
 use iopt_prealloc::PreallocTable;
 use iopt_sim::debug::render;
@@ -29,11 +30,50 @@ pub trait Subject: Reserve {
     fn deferred_frees(&self) -> usize {
         0
     }
+
+    /// Tables live reservations hold (Design 1 freeing empty tables: the tables their maps
+    /// installed from their pools, each with [`HELD`] in its reservations count).
+    fn held_tables(&self) -> Vec<PhysAddr> {
+        Vec::new()
+    }
 }
 
 impl<A: TableAlloc, F: FlushOps, K: Accounting> Subject for AllocOpsTable<A, F, K> {
     fn deferred_frees(&self) -> usize {
         self.engine().deferred_frees()
+    }
+
+    fn held_tables(&self) -> Vec<PhysAddr> {
+        AllocOpsTable::held_tables(self)
+    }
+}
+
+/// What the tables live reservations hold change in the checks: the reservations count each
+/// held table must carry, and the held tables an unmap unlinked from above (orphans: still
+/// allocated and counted live, freed by their holder at release).
+#[derive(Debug, Default)]
+pub struct Holds {
+    held: std::collections::BTreeSet<PhysAddr>,
+    /// Held tables not reachable from the root.
+    pub orphans: u64,
+}
+
+impl Holds {
+    /// The holds of `t`, against the tables `sc` found.
+    #[must_use]
+    pub fn of(t: &dyn Subject, sc: &Scan) -> Self {
+        let held: std::collections::BTreeSet<PhysAddr> = t.held_tables().into_iter().collect();
+        let reachable = sc.tables.iter().filter(|x| held.contains(&x.pa)).count();
+        Self {
+            orphans: (held.len() - reachable) as u64,
+            held,
+        }
+    }
+
+    /// What a hold adds to the reservations count of the table at `pa`.
+    #[must_use]
+    pub fn count(&self, pa: PhysAddr) -> u32 {
+        if self.held.contains(&pa) { HELD } else { 0 }
     }
 }
 
@@ -1124,10 +1164,12 @@ impl Lane {
 
         // Counters and the allocator's books.
         let stats = t.stats();
-        let tables = sc.tables.len() as u64;
+        let holds = Holds::of(t, &sc);
+        // Held tables an unmap unlinked stay allocated, and counted, until their release.
+        let tables = sc.tables.len() as u64 + holds.orphans;
         if stats.live_tables != tables {
             problems.push(format!(
-                "stats.live_tables is {}, {tables} tables are reachable",
+                "stats.live_tables is {}, {tables} tables are reachable or held",
                 stats.live_tables
             ));
         }
@@ -1187,7 +1229,7 @@ impl Lane {
                     .count() as u32
             } else {
                 0
-            };
+            } + holds.count(x.pa);
             if x.live_entries != want_le || x.reservations != want_rs {
                 problems.push(format!(
                     "L{} table {} for {:#x}: live_entries {} reservations {}, expected {} and {}",

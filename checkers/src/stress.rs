@@ -10,7 +10,7 @@
 
 use crate::env::Hooked;
 use crate::failure::Failure;
-use crate::lane::{Design, Subject, covers};
+use crate::lane::{Design, Holds, Subject, covers};
 use crate::scan::scan;
 use crate::search::Rng;
 use iopt_api::{Gather, Iova, IovaRange, PageSize, PhysAddr, Prot, Reservation, WalkItem};
@@ -213,7 +213,9 @@ fn quiescent_problems(
     p.extend(sc.problems.iter().cloned());
     let s = t.stats();
     let ms = alloc.mem.stats();
-    let tables = sc.tables.len() as u64;
+    let holds = Holds::of(t, &sc);
+    // Held tables an unmap unlinked stay allocated, and counted, until their release.
+    let tables = sc.tables.len() as u64 + holds.orphans;
     if ms.live_pages != tables + s.reserved_outstanding || s.live_tables != tables {
         p.push(format!(
             "allocator {} pages, {tables} tables reachable, {} reserved outstanding, stats live \
@@ -240,7 +242,7 @@ fn quiescent_problems(
                 .count() as u32
         } else {
             0
-        };
+        } + holds.count(x.pa);
         if x.live_entries != le || x.reservations != rs {
             p.push(format!(
                 "L{} table {} for {:#x}: live_entries {} reservations {}, expected {le} and {rs}",
@@ -300,8 +302,19 @@ fn quiescent_problems(
         .collect();
     tt.sort_unstable();
     let exact = design.counts_entries();
+    // Tables live reservations hold stay, empty or not, with the tables linking them.
+    let held: Vec<(u32, u64)> = sc
+        .tables
+        .iter()
+        .filter(|x| holds.count(x.pa) != 0)
+        .map(|x| (x.level, x.iova))
+        .collect();
+    let on_a_held_path = |&(l, i): &(u32, u64)| {
+        held.iter()
+            .any(|&(hl, hi)| hl >= l && hi >= i && hi - i < cfg.block_size(l - 1))
+    };
     let ok = if exact {
-        mt == tt
+        mt.iter().all(|k| tt.contains(k)) && tt.iter().all(|k| mt.contains(k) || on_a_held_path(k))
     } else {
         mt.iter().all(|k| tt.contains(k))
     };

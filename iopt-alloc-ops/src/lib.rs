@@ -71,8 +71,11 @@
 //!   pool, as in panthor). A reservation therefore stays sufficient only while nothing frees
 //!   tables in its range before its maps run. Freed pages reach the allocator only after the
 //!   walk flush. [`FreePolicy::EmptyTables`] (opt-in, via
-//!   [`AllocOpsTable::with_free_policy`]) also frees every table an unmap leaves empty, so a
-//!   full unmap returns to the root alone.
+//!   [`AllocOpsTable::freeing_empty_tables`]) also frees every table an unmap leaves empty, so a
+//!   full unmap returns to the root alone; there, the tables a reservation's maps install from
+//!   its pool are *held* by it until release (as Design 2 reserves its tables), so unmaps inside
+//!   a live reservation cannot free what its pool paid for and mapping there again needs no
+//!   page; release frees those left empty (see [`iopt_lpae::engine::hold`]).
 //! - **Reservations overlap freely**: two pools may both count the same missing table; the
 //!   first map installs it and the other pool's page stays unused until release. A thread that
 //!   loses an install race gives its page back to the pool it drew from.

@@ -7,6 +7,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::Ordering::Relaxed;
 use iopt_api::{FlushOps, IovaRange, MapError, PhysAddr, TableAlloc};
 use iopt_lpae::account::Accounting;
+use iopt_lpae::engine::hold::{Chain, Holds};
 use iopt_lpae::{Counters, Engine, PageSource};
 
 /// One live reservation's record.
@@ -20,6 +21,9 @@ pub(crate) struct Pool {
     pub(crate) reserved: usize,
     /// Pages not yet consumed.
     pub(crate) pages: Vec<PhysAddr>,
+    /// The tables its maps installed from its pages, held until release (counting engines
+    /// only; always empty under Linux's freeing).
+    pub(crate) holds: Holds,
 }
 
 impl Pool {
@@ -120,5 +124,23 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> PageSource for PoolSource<'_, A,
                 .allocator()
                 .free_bulk(pages, self.engine.config().granule().size());
         }
+    }
+
+    /// On an engine that frees empty tables, the tables a reservation's maps build from its
+    /// pool stay held by it until release: unmaps inside the reservation leave them in place,
+    /// so mapping there again needs no page (Linux's freeing never frees them early anyway).
+    const HOLDS: bool = K::COUNTS;
+
+    fn held(&mut self, chain: Chain<'_>) {
+        let mut pools = self.pools.lock();
+        if let Some(pool) = pools.get_mut(&self.id) {
+            pool.holds.record(chain);
+            return;
+        }
+        drop(pools);
+        // The pool is gone (ruled out, as in `give_back`): give the hold up at once.
+        let mut holds = Holds::default();
+        holds.record(chain);
+        self.engine.release_held(&mut holds);
     }
 }

@@ -11,6 +11,7 @@ use iopt_api::{
     PhysAddr, Prot, RangeError, ReleaseError, Reservation, Reserve, ReserveError, TableAlloc,
 };
 use iopt_lpae::account::{Accounting, LiveCounts, Untracked};
+use iopt_lpae::engine::hold::Holds;
 use iopt_lpae::{Engine, split_range};
 
 /// Source of table identities, so a handle of one table is never accepted by another.
@@ -176,6 +177,17 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> AllocOpsTable<A, F, K> {
     #[must_use]
     pub fn live_reservations(&self) -> usize {
         self.pools.lock().len()
+    }
+
+    /// Returns the tables live reservations hold (empty under Linux's freeing; see
+    /// [`map_reserved`](Reserve::map_reserved)).
+    #[must_use]
+    pub fn held_tables(&self) -> Vec<PhysAddr> {
+        self.pools
+            .lock()
+            .values()
+            .flat_map(|p| p.holds.tables().iter().copied())
+            .collect()
     }
 
     /// Returns the unused pages left in a live reservation of this table, or `None` for an
@@ -407,6 +419,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> AllocOpsTable<A, F, K> {
                 range,
                 reserved: n,
                 pages,
+                holds: Holds::default(),
             },
         );
         drop(pools);
@@ -512,6 +525,14 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Reserve for AllocOpsTable<A, F, 
     /// pool holds too few the map fails with [`MapError::ReservationExhausted`] and changes
     /// nothing. Leaves larger than the reservation's leaf are allowed (they need fewer
     /// tables); smaller ones may exhaust it.
+    ///
+    /// Under [`FreePolicy::EmptyTables`], every table the map installs from the pool is held
+    /// by the reservation until [`release`](Reserve::release) (its `reservations` count
+    /// raised before it is published, [`iopt_lpae::engine::hold`]): unmaps inside the
+    /// reservation leave it in place, empty, so mapping there again needs no page. Like a
+    /// table Design 2 reserves, a held table cannot be replaced by a block map or removed by
+    /// an unmap at its parent's block size meanwhile ([`MapError::ReservedTable`],
+    /// [`UnmapError::ReservedTable`](iopt_api::UnmapError::ReservedTable)).
     #[inline]
     fn map_reserved(
         &self,
@@ -537,8 +558,12 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Reserve for AllocOpsTable<A, F, 
     }
 
     /// Returns the unused pages with one [`TableAlloc::free_bulk`] call (none if all were
-    /// used). Tables made from the pool stay in the tree: Design 1 frees tables only where
-    /// Linux does. `gather` is untouched.
+    /// used). Under Linux's freeing, tables made from the pool stay in the tree: Design 1
+    /// frees tables only where Linux does. Under [`FreePolicy::EmptyTables`] the tables the
+    /// reservation's maps installed from its pool were held by it (see
+    /// [`map_reserved`](Reserve::map_reserved)); release gives them up and frees, after the
+    /// walk flush and the grace period, every one left empty, with the ancestors that
+    /// empties. Tables still holding leaves stay. `gather` is untouched.
     ///
     /// A refused release (a handle of another table, or a rebuilt one) touches nothing and
     /// gives the handle back.
@@ -551,9 +576,12 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Reserve for AllocOpsTable<A, F, 
             return Err(ReleaseError::new(reservation, unknown));
         }
         let pool = self.pools.lock().remove(&reservation.id());
-        let Some(pool) = pool else {
+        let Some(mut pool) = pool else {
             return Err(ReleaseError::new(reservation, unknown));
         };
+        if K::COUNTS {
+            self.engine.release_held(&mut pool.holds);
+        }
         let n = pool.pages.len() as u64;
         let c = self.engine.counters();
         if n > 0 {
@@ -578,7 +606,13 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Drop for AllocOpsTable<A, F, K> 
     /// Returns the pages of every unreleased reservation in one bulk free; the engine then
     /// frees the tree and the root.
     fn drop(&mut self) {
-        let pools = core::mem::take(self.pools.get_mut());
+        let mut pools = core::mem::take(self.pools.get_mut());
+        if K::COUNTS {
+            // Held tables an unmap unlinked are freed by their holder alone.
+            for pool in pools.values_mut() {
+                self.engine.release_held(&mut pool.holds);
+            }
+        }
         let pages: Vec<PhysAddr> = pools.into_values().flat_map(|p| p.pages).collect();
         if pages.is_empty() {
             return;

@@ -9,7 +9,7 @@ use common::*;
 use core::fmt::Debug;
 use iopt_alloc_ops::{AllocOpsTable, CountPolicy};
 use iopt_api::{
-    AllocError, Config, Gather, IoPageTable, Iova, MapError, PageSize, PhysAddr, Reserve,
+    AllocError, Config, Gather, IoPageTable, Iova, MapError, NoFlush, PageSize, PhysAddr, Reserve,
     ReserveError,
 };
 use iopt_sim::{SimLayout, SimMemory};
@@ -241,6 +241,56 @@ fn two_table_workload(inj: &mut Injector<'_>) -> Vec<Vec<String>> {
     vec![shape(&a), shape(&b)]
 }
 
+/// Design 1 freeing empty tables (issue 20, finding 4): reservations whose maps hold the
+/// tables they install, emptied and mapped again, a map over several leaf tables, an
+/// on-demand map into a held table, a held table unlinked from above by a block-size unmap,
+/// and releases with and without leaves left.
+fn held_workload(inj: &mut Injector<'_>) -> Vec<Vec<String>> {
+    let mem = inj.mem;
+    let t = inj.run(&[], oom, || {
+        AllocOpsTable::freeing_empty_tables(full_cfg(), mem, NoFlush)
+    });
+    let tt: &[&dyn IoPageTable] = &[&t];
+    let sz4 = PageSize::SZ_4K;
+    // The L2 of this 1 GiB comes on demand, not from a pool.
+    inj.run(tt, map_oom, || t.map(Iova::new(VA), pa(0), sz4, 1, RW));
+    let r1 = inj.run(tt, reserve_oom, || t.reserve(range(VA + M2, 4 * K4), sz4));
+    for i in 0..3 {
+        inj.run(tt, never, || {
+            t.map_reserved(&r1, Iova::new(VA + M2), pa(i * 0x10000), sz4, 4, RW)
+        });
+        inj.run(tt, never, || {
+            t.unmap(Iova::new(VA + M2), sz4, 4, &mut Gather::new())
+        });
+    }
+    // 4 MiB at +4 KiB over three leaf tables, backing not congruent: 4 KiB leaves.
+    let r2_range = range(VA + G1 + K4, 2 * M2);
+    let r2 = inj.run(tt, reserve_oom, || t.reserve(r2_range, sz4));
+    for i in 0..2 {
+        inj.run(tt, never, || {
+            t.map_range_reserved(&r2, r2_range.start(), pa(i * M2 + 2 * K4), 2 * M2, RW)
+        });
+        if i == 0 {
+            inj.run(tt, never, || {
+                t.unmap(r2_range.start(), sz4, 1024, &mut Gather::new())
+            });
+        }
+    }
+    // On demand into `r1`'s held leaf table, then the whole 1 GiB at block size: the held
+    // table leaves the tree and waits for its holder.
+    inj.run(tt, map_oom, || {
+        t.map(Iova::new(VA + M2 + 8 * K4), pa(0x40_0000), sz4, 1, RW)
+    });
+    inj.run(tt, never, || {
+        t.unmap(Iova::new(VA), PageSize::SZ_1G, 1, &mut Gather::new())
+    });
+    t.release(r1, &mut Gather::new()).unwrap();
+    inj.run(tt, map_oom, || t.map(Iova::new(VA + M2), pa(0), sz4, 2, RW));
+    // Released with its leaves in place: its tables stay.
+    t.release(r2, &mut Gather::new()).unwrap();
+    vec![shape(&t)]
+}
+
 /// A small memory, so that a live-set snapshot (a scan of every slot) stays cheap.
 fn small_memory() -> SimMemory {
     SimMemory::with_layout(SimLayout {
@@ -284,7 +334,8 @@ fn exercise(name: &str, workload: fn(&mut Injector<'_>) -> Vec<Vec<String>>) -> 
 fn failure_at_every_allocation() {
     let points = exercise("reservations", reserve_workload)
         + exercise("on-demand maps", on_demand_workload)
-        + exercise("two tables", two_table_workload);
+        + exercise("two tables", two_table_workload)
+        + exercise("held tables", held_workload);
     println!("total: {points} injection points exercised");
     assert!(points > 50);
 }

@@ -17,7 +17,7 @@
 //!   and "unallocate VA" frees the tables its range leaves unreserved and empty. Entries are
 //!   written with plain stores. A map outside any reservation pins its leaf table for the
 //!   moment of the write, so that a concurrent release cannot free the table under it; a map
-//!   inside a reservation ([`PageSource::HELD`](crate::PageSource::HELD)) needs no pin and no
+//!   inside a reservation ([`PageSource::PATH_HELD`](crate::PageSource::PATH_HELD)) needs no pin and no
 //!   grace period at all.
 //!
 //! The primitives compile to nothing (or to the plain store) for [`Untracked`], so the
@@ -71,10 +71,10 @@ pub trait Accounting: sealed::Sealed + Default + Debug + Send + Sync + 'static {
 
     /// Raises a table's count by `n` before writing `n` entries into it, unless the table is
     /// being freed (`false`: walk again from the root). `held`: a reservation holds every
-    /// table of the caller's path for the whole call (see [`PageSource::HELD`]), so nothing
+    /// table of the caller's path for the whole call (see [`PageSource::PATH_HELD`]), so nothing
     /// can free them.
     ///
-    /// [`PageSource::HELD`]: crate::PageSource::HELD
+    /// [`PageSource::PATH_HELD`]: crate::PageSource::PATH_HELD
     fn pin(meta: &TableMeta, n: u32, held: bool) -> bool;
     /// The `n` entries pinned were written: where pins are transient, give them back.
     fn settle(meta: &TableMeta, n: u32, held: bool);

@@ -24,7 +24,8 @@
 //! only costs a probe of the next slot. Nothing depends on stack addresses or thread-local
 //! storage (`no_std`, kernel stacks).
 //!
-//! The atomics come through [`crate::atomic`], so `loom` model-checks this code itself.
+//! The atomics come through a shim (`iopt-lpae/src/atomic.rs`), so `loom` model-checks this
+//! code itself.
 //!
 //! [`LiveCounts`]: crate::account::LiveCounts
 

@@ -141,7 +141,7 @@ fn holds_path(cfg: &Config, max_leaf: PageSize, size: PageSize) -> bool {
 }
 
 impl<const HELD: bool> PageSource for NoAlloc<HELD> {
-    const HELD: bool = HELD;
+    const PATH_HELD: bool = HELD;
 
     fn obtain(
         &mut self,

@@ -39,13 +39,17 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     }
 
     /// [`enter_at`](Self::enter_at) for a map drawing from `S`: nothing when the source's
-    /// maps are held by a reservation ([`PageSource::HELD`]: no table on their path can be
+    /// maps are held by a reservation ([`PageSource::PATH_HELD`]: no table on their path can be
     /// freed while they run).
     #[inline]
     pub(crate) fn enter_for<S: super::PageSource>(&self, iova: u64) -> OpGuard<'_, A, F, K> {
         OpGuard {
             engine: self,
-            entered: if S::HELD { None } else { self.acct.enter(iova) },
+            entered: if S::PATH_HELD {
+                None
+            } else {
+                self.acct.enter(iova)
+            },
         }
     }
 
@@ -259,6 +263,10 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                 return;
             }
             self.collect_below(t.entries, level, out);
+            if Self::orphaned(t.meta) {
+                // Held: its holder frees it (`hold`).
+                return;
+            }
         }
         out.push(pa);
     }

@@ -537,23 +537,23 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         src: &mut S,
         dead: &mut Vec<PhysAddr>,
     ) -> Result<(), MapError> {
-        if let Some((t, first)) = self.cursor_pinned(iova, target, n, S::HELD) {
+        if let Some((t, first)) = self.cursor_pinned(iova, target, n, S::PATH_HELD) {
             if n == 1 {
                 // One leaf (every single-page map): one write, no slice or loop set-up.
                 let d = bits | self.leaf_type(target) | desc::pack_pa(PhysAddr::new(pa));
                 if K::put_leaf(&t.entries[first], d) {
-                    K::settle(t.meta, 1, S::HELD);
+                    K::settle(t.meta, 1, S::PATH_HELD);
                     self.sync_entries(t, first, 1);
                     return Ok(());
                 }
                 let leaf = [Frame { t, level: target }];
-                self.drop_pins(&leaf, 0, 1, S::HELD, iova, dead);
+                self.drop_pins(&leaf, 0, 1, S::PATH_HELD, iova, dead);
                 return Err(MapError::AlreadyMapped {
                     iova: self.external(iova),
                 });
             }
             let leaf = [Frame { t, level: target }];
-            return self.write_pinned(&leaf, iova, n, pa, bits, S::HELD, dead);
+            return self.write_pinned(&leaf, iova, n, pa, bits, S::PATH_HELD, dead);
         }
         self.map_segment_walk(iova, pa, target, n, bits, src, dead)
     }
@@ -649,15 +649,16 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                 }
                 Descent::Leaf => {}
             }
-            let Some(claims) = self.prepare_leaf(&path, iova, target, n, S::HELD, dead)? else {
+            let Some(claims) = self.prepare_leaf(&path, iova, target, n, S::PATH_HELD, dead)?
+            else {
                 crate::atomic::spin_wait();
                 continue;
             };
             self.cursor_set(target, iova, path.last().pa(), epoch);
             if claims.is_empty() {
-                return self.write_pinned(path.frames(), iova, n, pa, bits, S::HELD, dead);
+                return self.write_pinned(path.frames(), iova, n, pa, bits, S::PATH_HELD, dead);
             }
-            return self.replace_tables(&path, iova, n, pa, bits, &claims, S::HELD, dead);
+            return self.replace_tables(&path, iova, n, pa, bits, &claims, S::PATH_HELD, dead);
         }
     }
 
@@ -739,13 +740,13 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         let need = (target - level) as usize;
         // Pin the parent first: a parent being freed sends the caller back to the root
         // without taking pages it would only give back.
-        if !K::pin(parent.t.meta, 1, S::HELD) {
+        if !K::pin(parent.t.meta, 1, S::PATH_HELD) {
             return Ok(false);
         }
         let (held, tables) = match self.obtain_chain(need, src) {
             Ok(chain) => chain,
             Err(e) => {
-                self.drop_pins(path.frames(), path.top(), 1, S::HELD, iova, dead);
+                self.drop_pins(path.frames(), path.top(), 1, S::PATH_HELD, iova, dead);
                 return Err(e);
             }
         };
@@ -759,6 +760,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             K::set_count(chain[i].meta, 1);
         }
         K::set_count(chain[need - 1].meta, n as u32);
+        Self::hold_private::<S>(chain);
         let first = cfg.index(iova, target);
         let leaves = &chain[need - 1].entries[first..first + n as usize];
         let attrs = bits | self.leaf_type(target);
@@ -773,16 +775,17 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             .compare_exchange(0, new, K::RMW, K::LOAD)
             .is_ok()
         {
-            K::settle(parent.t.meta, 1, S::HELD);
+            K::settle(parent.t.meta, 1, S::PATH_HELD);
             self.sync_installed(parent.t, idx, new);
             self.counters().add_live(need as u64);
             self.cursor_set(target, iova, pages[need - 1], epoch);
+            self.held_published(src, pages, iova, target);
             return Ok(true);
         }
         self.counters()
             .install_races_lost
             .fetch_add(1, Ordering::Relaxed);
-        self.drop_pins(path.frames(), path.top(), 1, S::HELD, iova, dead);
+        self.drop_pins(path.frames(), path.top(), 1, S::PATH_HELD, iova, dead);
         for (i, t) in chain.iter().enumerate() {
             if i + 1 < need {
                 t.entries[cfg.index(iova, level + 1 + i as u32)].store(0, Ordering::Relaxed);

@@ -23,6 +23,7 @@
 
 mod check;
 mod free;
+pub mod hold;
 mod map;
 mod read;
 mod reserve;
@@ -51,7 +52,7 @@ pub trait PageSource {
     /// only protects tables that may be freed (the grace period; transient pins where the
     /// accounting uses them). A source that claims this wrongly lets a concurrent release
     /// free a table under the map.
-    const HELD: bool = false;
+    const PATH_HELD: bool = false;
 
     /// Provides `count` pages, all or nothing, appended to `out`.
     ///
@@ -75,6 +76,23 @@ pub trait PageSource {
 
     /// Takes back pages that were obtained but never became reachable. They are zeroed.
     fn give_back(&mut self, pages: &[PhysAddr]);
+
+    /// Whether the tables a map builds from this source's pages are *held* by the source's
+    /// owner (a Design 1 reservation) until it gives them up with
+    /// [`Engine::release_held`]. On an engine that counts, each such table is marked
+    /// [`HELD`](hold::HELD) while it is still private, before the exchange that publishes it,
+    /// so no unmap can free it meanwhile; the engine then reports the chain to
+    /// [`held`](Self::held). Ignored (and compiled away) otherwise. See [`hold`].
+    const HOLDS: bool = false;
+
+    /// Told, only when [`HOLDS`](Self::HOLDS) and the engine counts, of a chain of tables a
+    /// map just published from this source's pages, now held: record it (see
+    /// [`hold::Holds::record`]) and give it up with [`Engine::release_held`] before the
+    /// engine is dropped (a held table an unmap unlinked is freed by its holder alone, so
+    /// a hold never given up leaks it).
+    fn held(&mut self, chain: hold::Chain<'_>) {
+        let _ = chain;
+    }
 }
 
 /// Statistics counters the engine and its sources maintain.
@@ -361,7 +379,7 @@ pub(crate) struct TopUp<'s, S: PageSource> {
 }
 
 impl<S: PageSource> PageSource for TopUp<'_, S> {
-    const HELD: bool = S::HELD;
+    const PATH_HELD: bool = S::PATH_HELD;
 
     fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError> {
         let start = out.len();
@@ -386,6 +404,12 @@ impl<S: PageSource> PageSource for TopUp<'_, S> {
 
     fn give_back(&mut self, pages: &[PhysAddr]) {
         self.stash.pages.extend_from_slice(pages);
+    }
+
+    const HOLDS: bool = S::HOLDS;
+
+    fn held(&mut self, chain: hold::Chain<'_>) {
+        self.src.held(chain);
     }
 }
 

@@ -502,7 +502,7 @@ impl<A: TableAlloc, F: FlushOps, K: Reserving> Engine<A, F, K> {
 
     /// Reserves `range` for leaves up to `max_leaf` (Design 2's "allocate VA"): counts the
     /// missing tables, takes them in one `alloc_bulk`, installs them, and increments the
-    /// reservation count of every table covering the range (see the [module docs](self)).
+    /// reservation count of every table covering the range (see `engine/reserve.rs`).
     /// Returns the pages taken from the allocator. All or nothing.
     ///
     /// The engine does not track reservations; the caller must release each successful
