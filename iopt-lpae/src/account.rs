@@ -115,6 +115,44 @@ pub trait Accounting: sealed::Sealed + Default + Debug + Send + Sync + 'static {
     fn replace(slot: &AtomicU64, old: u64, new: u64) -> bool;
 }
 
+/// The entry writes of an accounting that counts no entries: plain release stores, as Linux
+/// writes them (each pairs with the walker's and lookups' acquire loads of the entry).
+/// Overlapping callers are the caller's bug and may lose each other's leaves, never a count.
+macro_rules! plain_entry_writes {
+    () => {
+        #[inline]
+        fn put_leaves(
+            slots: &[AtomicU64],
+            attrs: u64,
+            pa: u64,
+            size: u64,
+        ) -> Result<(), (u64, u32)> {
+            crate::engine::write_leaves(slots, attrs, pa, size, Ordering::Release);
+            Ok(())
+        }
+        #[inline]
+        fn put_leaf(slot: &AtomicU64, desc: u64) -> bool {
+            slot.store(desc, Ordering::Release);
+            true
+        }
+        #[inline]
+        fn clear_leaves(slots: &[AtomicU64]) -> bool {
+            crate::engine::clear_all(slots, Ordering::Release);
+            true
+        }
+        #[inline]
+        fn remove(slot: &AtomicU64, _: u64) -> bool {
+            slot.store(0, Ordering::Release);
+            true
+        }
+        #[inline]
+        fn replace(slot: &AtomicU64, _: u64, new: u64) -> bool {
+            slot.store(new, Ordering::Release);
+            true
+        }
+    };
+}
+
 /// Linux's semantics: no counts, frees at once. See the [module docs](self).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Untracked;
@@ -179,36 +217,7 @@ impl Accounting for Untracked {
     #[inline]
     fn set_count(_: &TableMeta, _: u32) {}
 
-    #[inline]
-    fn put_leaves(slots: &[AtomicU64], attrs: u64, pa: u64, size: u64) -> Result<(), (u64, u32)> {
-        // Release: pairs with the walker's (and lookups') acquire loads of the entry.
-        crate::engine::write_leaves(slots, attrs, pa, size, Ordering::Release);
-        Ok(())
-    }
-    #[inline]
-    fn put_leaf(slot: &AtomicU64, desc: u64) -> bool {
-        // Release: pairs with the walker's acquire loads, as `put_leaves`.
-        slot.store(desc, Ordering::Release);
-        true
-    }
-    #[inline]
-    fn clear_leaves(slots: &[AtomicU64]) -> bool {
-        // Release: as `remove`.
-        crate::engine::clear_all(slots, Ordering::Release);
-        true
-    }
-    #[inline]
-    fn remove(slot: &AtomicU64, _: u64) -> bool {
-        // Release: a lookup that reads zero reads nothing the unmap's caller reuses earlier.
-        slot.store(0, Ordering::Release);
-        true
-    }
-    #[inline]
-    fn replace(slot: &AtomicU64, _: u64, new: u64) -> bool {
-        // Release: publishes the leaf, as `put_leaves`.
-        slot.store(new, Ordering::Release);
-        true
-    }
+    plain_entry_writes!();
 }
 
 /// Claims a table whose count is `expected` and which no reservation holds: the count goes
@@ -238,6 +247,36 @@ fn claim_counted(meta: &TableMeta, expected: u32) -> bool {
     }
 }
 
+/// The operation hooks of an accounting that frees tables while other operations may read
+/// them: every one goes to its [`Reclaim`] (the grace period of [`crate::reclaim`]).
+macro_rules! deferred_reclamation {
+    () => {
+        #[inline]
+        fn enter(&self, hint: u64) -> Option<Entered> {
+            Some(self.reclaim.enter(hint))
+        }
+        #[inline]
+        fn exit(&self, at: Entered, ready: &mut alloc::vec::Vec<PhysAddr>) -> bool {
+            self.reclaim.exit(at, ready)
+        }
+        #[inline]
+        fn retire(&self, dead: &[PhysAddr]) -> bool {
+            self.reclaim.retire(dead);
+            false
+        }
+        #[inline]
+        fn hold_back(&self) -> bool {
+            self.reclaim.full()
+        }
+        fn drain(&mut self) -> alloc::vec::Vec<PhysAddr> {
+            self.reclaim.drain()
+        }
+        fn deferred(&self) -> usize {
+            self.reclaim.pending()
+        }
+    };
+}
+
 /// Live-entry counts, eager freeing, deferred reclamation. See the [module docs](self) and
 /// [`crate::reclaim`].
 #[derive(Debug, Default)]
@@ -256,29 +295,7 @@ impl Accounting for LiveCounts {
     const LOAD: Ordering = Ordering::SeqCst;
     const RMW: Ordering = Ordering::SeqCst;
 
-    #[inline]
-    fn enter(&self, hint: u64) -> Option<Entered> {
-        Some(self.reclaim.enter(hint))
-    }
-    #[inline]
-    fn exit(&self, at: Entered, ready: &mut alloc::vec::Vec<PhysAddr>) -> bool {
-        self.reclaim.exit(at, ready)
-    }
-    #[inline]
-    fn retire(&self, dead: &[PhysAddr]) -> bool {
-        self.reclaim.retire(dead);
-        false
-    }
-    #[inline]
-    fn hold_back(&self) -> bool {
-        self.reclaim.full()
-    }
-    fn drain(&mut self) -> alloc::vec::Vec<PhysAddr> {
-        self.reclaim.drain()
-    }
-    fn deferred(&self) -> usize {
-        self.reclaim.pending()
-    }
+    deferred_reclamation!();
 
     #[inline]
     fn pin(meta: &TableMeta, n: u32, _: bool) -> bool {
@@ -408,29 +425,7 @@ impl Accounting for ReservationCounts {
     const LOAD: Ordering = Ordering::Acquire;
     const RMW: Ordering = Ordering::AcqRel;
 
-    #[inline]
-    fn enter(&self, hint: u64) -> Option<Entered> {
-        Some(self.reclaim.enter(hint))
-    }
-    #[inline]
-    fn exit(&self, at: Entered, ready: &mut alloc::vec::Vec<PhysAddr>) -> bool {
-        self.reclaim.exit(at, ready)
-    }
-    #[inline]
-    fn retire(&self, dead: &[PhysAddr]) -> bool {
-        self.reclaim.retire(dead);
-        false
-    }
-    #[inline]
-    fn hold_back(&self) -> bool {
-        self.reclaim.full()
-    }
-    fn drain(&mut self) -> alloc::vec::Vec<PhysAddr> {
-        self.reclaim.drain()
-    }
-    fn deferred(&self) -> usize {
-        self.reclaim.pending()
-    }
+    deferred_reclamation!();
 
     #[inline]
     fn pin(meta: &TableMeta, n: u32, held: bool) -> bool {
@@ -492,34 +487,5 @@ impl Accounting for ReservationCounts {
     #[inline]
     fn set_count(_: &TableMeta, _: u32) {}
 
-    #[inline]
-    fn put_leaves(slots: &[AtomicU64], attrs: u64, pa: u64, size: u64) -> Result<(), (u64, u32)> {
-        // Release: pairs with the walker's acquire loads, as `Untracked`.
-        crate::engine::write_leaves(slots, attrs, pa, size, Ordering::Release);
-        Ok(())
-    }
-    #[inline]
-    fn put_leaf(slot: &AtomicU64, desc: u64) -> bool {
-        // Release: pairs with the walker's acquire loads, as `put_leaves`.
-        slot.store(desc, Ordering::Release);
-        true
-    }
-    #[inline]
-    fn clear_leaves(slots: &[AtomicU64]) -> bool {
-        // Release: as `Untracked`.
-        crate::engine::clear_all(slots, Ordering::Release);
-        true
-    }
-    #[inline]
-    fn remove(slot: &AtomicU64, _: u64) -> bool {
-        // Release: as `Untracked`.
-        slot.store(0, Ordering::Release);
-        true
-    }
-    #[inline]
-    fn replace(slot: &AtomicU64, _: u64, new: u64) -> bool {
-        // Release: as `Untracked`.
-        slot.store(new, Ordering::Release);
-        true
-    }
+    plain_entry_writes!();
 }

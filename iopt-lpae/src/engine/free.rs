@@ -202,23 +202,8 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     /// The path from the root to the table at `level` for `iova`, if that is the table at
     /// `pa`.
     fn path_to(&self, iova: u64, level: u32, pa: PhysAddr) -> Option<Path<'_>> {
-        let mut path = Path::new(self.root_frame()?);
-        let mut l = self.config().start_level();
-        while l < level {
-            let e = path
-                .last()
-                .t
-                .entries
-                .get(self.index(iova, l))?
-                .load(K::LOAD);
-            if self.kind(l, e) != Kind::Table {
-                return None;
-            }
-            let t = self.resolve(e)?;
-            l += 1;
-            path.push(Frame { t, level: l });
-        }
-        (path.last().pa() == pa).then_some(path)
+        self.path_from_root(iova, level)
+            .filter(|path| path.last().pa() == pa)
     }
 
     /// `path[i]`'s count just reached 0: claim it and every ancestor holding nothing else,

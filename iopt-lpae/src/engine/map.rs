@@ -280,23 +280,18 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                         });
                     }
                 }
-                (Kind::Table, true) => {
+                (Kind::Table, leaf_level) => {
                     let sub = self.resolve(e).ok_or(MapError::BrokenTable {
                         iova: self.external(at),
                         pa: self.unpack(e),
                     })?;
-                    if strict && self.subtree_has_leaf(sub, level + 1) {
+                    if !leaf_level {
+                        self.plan(plan, sub, level + 1, target, at, next, strict)?;
+                    } else if strict && self.subtree_has_leaf(sub, level + 1) {
                         return Err(MapError::AlreadyMapped {
                             iova: self.external(at),
                         });
                     }
-                }
-                (Kind::Table, false) => {
-                    let sub = self.resolve(e).ok_or(MapError::BrokenTable {
-                        iova: self.external(at),
-                        pa: self.unpack(e),
-                    })?;
-                    self.plan(plan, sub, level + 1, target, at, next, strict)?;
                 }
             }
             at = next;
