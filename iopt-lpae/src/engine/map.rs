@@ -383,11 +383,31 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             return self.map_many(&[r], prot, src);
         }
         let guard = self.enter_for::<S>(r.iova);
-        let mut dead = Vec::new();
         let bits = self.leaf_bits(prot);
-        let result = self.map_segment(r.iova, r.pa, r.level, r.count, bits, src, &mut dead);
-        self.retire(&dead);
+        // The cursor's table first; only the walk keeps a list of tables to free.
+        let result = match self.map_at_cursor::<S>(r.iova, r.pa, r.level, r.count, bits) {
+            Some(done) => done,
+            None => self.map_segment_alone(r.iova, r.pa, r.level, r.count, bits, src),
+        };
         drop(guard);
+        result
+    }
+
+    /// [`map_segment_walk`](Self::map_segment_walk) for a call of one segment: it keeps the
+    /// tables a failure frees, and retires them.
+    #[inline(never)]
+    fn map_segment_alone<S: PageSource>(
+        &self,
+        iova: u64,
+        pa: u64,
+        target: u32,
+        n: u64,
+        bits: u64,
+        src: &mut S,
+    ) -> Result<(), MapError> {
+        let mut dead = Vec::new();
+        let result = self.map_segment_walk(iova, pa, target, n, bits, src, &mut dead);
+        self.retire(&dead);
         result
     }
 
@@ -532,25 +552,53 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         src: &mut S,
         dead: &mut Vec<PhysAddr>,
     ) -> Result<(), MapError> {
-        if let Some((t, first)) = self.cursor_pinned(iova, target, n, S::PATH_HELD) {
-            if n == 1 {
-                // One leaf (every single-page map): one write, no slice or loop set-up.
-                let d = bits | self.leaf_type(target) | desc::pack_pa(PhysAddr::new(pa));
-                if K::put_leaf(&t.entries[first], d) {
-                    K::settle(t.meta, 1, S::PATH_HELD);
-                    self.sync_entries(t, first, 1);
-                    return Ok(());
-                }
-                let leaf = [Frame { t, level: target }];
-                self.drop_pins(&leaf, 0, 1, S::PATH_HELD, iova, dead);
-                return Err(MapError::AlreadyMapped {
-                    iova: self.external(iova),
-                });
-            }
-            let leaf = [Frame { t, level: target }];
-            return self.write_pinned(&leaf, iova, n, pa, bits, S::PATH_HELD, dead);
+        if let Some(done) = self.map_at_cursor::<S>(iova, pa, target, n, bits) {
+            return done;
         }
         self.map_segment_walk(iova, pa, target, n, bits, src, dead)
+    }
+
+    /// Maps the segment into the cursor's leaf table if the cursor holds it and every target
+    /// entry is empty; `None` (nothing done) otherwise, for the walk to decide.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn map_at_cursor<S: PageSource>(
+        &self,
+        iova: u64,
+        pa: u64,
+        target: u32,
+        n: u64,
+        bits: u64,
+    ) -> Option<Result<(), MapError>> {
+        let (t, first) = self.cursor_pinned(iova, target, n, S::PATH_HELD)?;
+        let leaf = [Frame { t, level: target }];
+        if n == 1 {
+            // One leaf (every single-page map): one write, no slice or loop set-up.
+            let d = bits | self.leaf_type(target) | desc::pack_pa(PhysAddr::new(pa));
+            if K::put_leaf(&t.entries[first], d) {
+                K::settle(t.meta, 1, S::PATH_HELD);
+                self.sync_entries(t, first, 1);
+                return Some(Ok(()));
+            }
+            return Some(self.lost_leaf::<S>(&leaf, iova));
+        }
+        let mut dead = Vec::new();
+        let result = self.write_pinned(&leaf, iova, n, pa, bits, S::PATH_HELD, &mut dead);
+        self.retire(&dead);
+        Some(result)
+    }
+
+    /// An overlapping caller took the one entry a cursor map had pinned: give the pin back
+    /// (freeing what that empties) and refuse.
+    #[cold]
+    #[inline(never)]
+    fn lost_leaf<S: PageSource>(&self, leaf: &[Frame<'_>], iova: u64) -> Result<(), MapError> {
+        let mut dead = Vec::new();
+        self.drop_pins(leaf, 0, 1, S::PATH_HELD, iova, &mut dead);
+        self.retire(&dead);
+        Err(MapError::AlreadyMapped {
+            iova: self.external(iova),
+        })
     }
 
     /// The leaf table the cursor holds for `n` leaves at `iova`, pinned for them, and the

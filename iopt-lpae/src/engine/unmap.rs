@@ -114,7 +114,10 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     /// [`UnmapError::NotMapped`] if any entry of the run is empty, [`UnmapError::PartialBlock`]
     /// if a larger leaf covers it, [`UnmapError::ReservedTable`] where it would remove a table
     /// a reservation holds, [`UnmapError::BrokenTable`] on a corrupted tree.
-    #[inline]
+    // Measured (callgrind): left to `#[inline]` it stays out of line, 15 instructions of call
+    // overhead per single-page unmap.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     pub fn unmap_run(&self, r: Run, gather: &mut Gather) -> Result<u64, UnmapError> {
         if r.count == 1 {
             // The common case first: the cursor's table holds the leaf.
