@@ -577,14 +577,17 @@ fn shared_worker(
         match rng.below(16) {
             0..=5 => {
                 let p = pages + rng.below(512) * K4;
-                map_one(t, p, PageSize::SZ_4K).map_err(|e| format!("map own page {p:#x}: {e:?}"))?;
+                map_one(t, p, PageSize::SZ_4K)
+                    .map_err(|e| format!("map own page {p:#x}: {e:?}"))?;
                 expect_own(t, p, "own page just mapped:")?;
                 match unmap_one(t, p, PageSize::SZ_4K) {
                     Ok(K4) => {}
                     r => return Err(format!("unmap own page {p:#x}: {r:x?}")),
                 }
                 if let Some(pa) = translate(t, p) {
-                    return Err(format!("own page {p:#x} still maps {pa:#x} after its unmap"));
+                    return Err(format!(
+                        "own page {p:#x} still maps {pa:#x} after its unmap"
+                    ));
                 }
             }
             6 => {
@@ -596,8 +599,15 @@ fn shared_worker(
                     .reserve(r, PageSize::SZ_4K)
                     .map_err(|e| format!("reserve own slot {block:#x}: {e:?}"))?;
                 let p = block + rng.below(512) * K4;
-                t.map_reserved(&res, Iova::new(p), PhysAddr::new(pa_for(p)), PageSize::SZ_4K, 1, RW)
-                    .map_err(|e| format!("map_reserved own page {p:#x}: {e:?}"))?;
+                t.map_reserved(
+                    &res,
+                    Iova::new(p),
+                    PhysAddr::new(pa_for(p)),
+                    PageSize::SZ_4K,
+                    1,
+                    RW,
+                )
+                .map_err(|e| format!("map_reserved own page {p:#x}: {e:?}"))?;
                 expect_own(t, p, "own reserved page just mapped:")?;
                 match unmap_one(t, p, PageSize::SZ_4K) {
                     Ok(K4) => {}
@@ -737,7 +747,9 @@ pub fn check_bytes(data: &[u8]) -> Result<(), Failure> {
         .map(|_| ())
         .map_err(|f| {
             Failure::new(
-                format!("stress {table:?}, {threads} threads, {rounds} rounds each, seed {seed:#x}: {f}"),
+                format!(
+                    "stress {table:?}, {threads} threads, {rounds} rounds each, seed {seed:#x}: {f}"
+                ),
                 String::new(),
             )
         })
