@@ -1,6 +1,10 @@
 //! Concurrency stress: 4 threads on disjoint, interleaved ranges sharing every table, random
 //! operations on Design 1 (Linux and eager freeing) and Design 2 (with reservations), then
 //! the quiescent-state checks, the model replay, a concurrent teardown and the leak check.
+//!
+//! The `shared_tables_*` tests run `stress::shared_tables` on each table for
+//! `IOPT_STRESS_SECS` (default 1 s; hunting wants e.g. `IOPT_STRESS_SECS=300 cargo test
+//! --release -p iopt-checkers --test stress shared`), one table at a time.
 
 use iopt_checkers::lane::Design;
 use iopt_checkers::stress;
@@ -54,7 +58,8 @@ static SHARED_ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Block churn beside 4 KiB traffic in one level-2 table with lookups checked right after
 /// each own map, and overlapping calls beside watched bystanders, on one table:
-/// `IOPT_STRESS_THREADS` threads (default 2) for `IOPT_STRESS_SECS`.
+/// `IOPT_STRESS_THREADS` threads (default 2) for `IOPT_STRESS_SECS`, mixing both shapes in
+/// bursts (`IOPT_STRESS_SHAPES=disjoint` or `overlap` for one alone).
 fn shared(table: stress::Table) {
     let _one = SHARED_ONE_AT_A_TIME
         .lock()
@@ -63,13 +68,18 @@ fn shared(table: stress::Table) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
-    match stress::shared_tables(table, threads, u64::MAX, 0x5eed, &shared_budget()) {
+    let shapes = match std::env::var("IOPT_STRESS_SHAPES").as_deref() {
+        Ok("disjoint") => stress::Shapes::Disjoint,
+        Ok("overlap") => stress::Shapes::Overlap,
+        _ => stress::Shapes::Both,
+    };
+    match stress::shared_tables(table, shapes, threads, u64::MAX, 0x5eed, &shared_budget()) {
         Ok(r) => eprintln!(
-            "shared tables {table:?}, {threads} threads: {} rounds in {:.2} s",
+            "shared tables {table:?} {shapes:?}, {threads} threads: {} rounds in {:.2} s",
             r.rounds,
             r.elapsed.as_secs_f64()
         ),
-        Err(f) => panic!("shared tables {table:?}, {threads} threads: {f}"),
+        Err(f) => panic!("shared tables {table:?} {shapes:?}, {threads} threads: {f}"),
     }
 }
 
