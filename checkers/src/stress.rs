@@ -581,6 +581,7 @@ fn unmap_one(t: &dyn Subject, iova: u64, size: PageSize) -> Result<u64, iopt_api
 ///   maps and unmaps of the same targets by every thread, any answer accepted but an unmap
 ///   claiming more than it was asked for.
 /// - A bystander check: every bystander page still translates to its own address.
+#[allow(clippy::too_many_lines)]
 fn shared_worker(
     t: &dyn Subject,
     ctx: &crate::races::Ctx,
@@ -699,7 +700,7 @@ fn shared_worker(
     Ok(())
 }
 
-/// Stress on shared tables: `threads` threads (see [`shared_worker`]) mix legal disjoint
+/// Stress on shared tables: `threads` threads (see `shared_worker`) mix legal disjoint
 /// traffic (4 KiB map, lookup, unmap beside 2 MiB block churn in one level-2 table, every
 /// lookup right after the thread's own map checked) with overlapping calls next to
 /// bystander pages that no call touches. Each thread runs `rounds` operations or until
