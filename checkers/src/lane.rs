@@ -13,7 +13,7 @@ use iopt_api::{
     AllocError, Config, FlushOps, Gather, Iova, IovaRange, Issuer, MapError, PageSize, PhysAddr,
     Prot, Reservation, Reserve, ReserveError, TableAlloc, UnmapError, WalkItem,
 };
-use iopt_lpae::account::Accounting;
+use iopt_lpae::account::{Accounting, Reserving};
 use iopt_lpae::engine::hold::HELD;
 use iopt_model::{CapRule, Model, ReservePolicy};
 use iopt_prealloc::PreallocTable;
@@ -77,7 +77,7 @@ impl Holds {
     }
 }
 
-impl<A: TableAlloc, F: FlushOps> Subject for PreallocTable<A, F> {
+impl<A: TableAlloc, F: FlushOps, K: Reserving> Subject for PreallocTable<A, F, K> {
     fn deferred_frees(&self) -> usize {
         self.engine().deferred_frees()
     }

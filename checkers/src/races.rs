@@ -493,7 +493,7 @@ pub fn lookup_after_map(
     }
     let report = watch(jobs, budget, start)?;
     let rounds = report.rounds;
-    finish(t, &mem, design, Vec::new(), budget, start).map(|mut r| {
+    finish(t, &mem, design.counts_entries(), Vec::new(), budget, start).map(|mut r| {
         r.rounds = rounds;
         r
     })
@@ -605,7 +605,7 @@ pub fn double_unmap(design: Design, budget: &Budget) -> RaceResult {
         oks.saturating_sub(rounds * DOUBLE_UNMAP_PAGES),
         rounds * DOUBLE_UNMAP_PAGES
     )];
-    finish(t, &mem, design, notes, budget, start).map(|mut r| {
+    finish(t, &mem, design.counts_entries(), notes, budget, start).map(|mut r| {
         r.rounds = rounds;
         r
     })
@@ -709,7 +709,7 @@ pub fn overlap_chaos(design: Design, threads: usize, budget: &Budget) -> RaceRes
         }
     }
     let rounds = report.rounds;
-    finish(t, &mem, design, Vec::new(), budget, start).map(|mut r| {
+    finish(t, &mem, design.counts_entries(), Vec::new(), budget, start).map(|mut r| {
         r.rounds = rounds;
         r
     })
@@ -719,10 +719,10 @@ pub fn overlap_chaos(design: Design, threads: usize, budget: &Budget) -> RaceRes
 /// may hang any later call): unmaps every leaf left, single-threaded; checks that no leaf is
 /// left, that an eager engine is back to the root alone, and that dropping the table returns
 /// every page.
-fn finish(
+pub(crate) fn finish(
     t: Arc<dyn Subject>,
     mem: &Arc<SimMemory>,
-    design: Design,
+    counts_entries: bool,
     notes: Vec<String>,
     budget: &Budget,
     start: Instant,
@@ -751,7 +751,7 @@ fn finish(
             }
             let s = t.stats();
             let live = mem2.stats().live_pages;
-            if design.counts_entries() && (s.live_tables != 1 || live != 1) {
+            if counts_entries && (s.live_tables != 1 || live != 1) {
                 return Err(format!(
                     "after unmapping everything {live} pages are held and {} tables live: \
                      expected the root alone",
@@ -941,7 +941,7 @@ pub fn stalled_walk(
         ));
     }
     watch(jobs, budget, start)?;
-    finish(t, &mem, design, Vec::new(), budget, start)?;
+    finish(t, &mem, design.counts_entries(), Vec::new(), budget, start)?;
     let r = report
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -5,6 +5,11 @@
 //! structural invariant, translate through the oracle, and have the tables a model replay of
 //! the final state predicts; a concurrent teardown must then leave the root alone (refcounted
 //! engines) and dropping the table must return every page.
+//!
+//! [`shared_tables`] adds the shapes that random stress lacked (issue 20, findings 1 and 2):
+//! 2 MiB block churn beside 4 KiB traffic in one level-2 table with every lookup checked right
+//! after the thread's own map, and overlapping calls beside bystander pages no call touches,
+//! on every eager table (Design 1 eager, Design 2 on both accountings) and Linux freeing.
 
 #![allow(clippy::many_single_char_names)]
 
@@ -455,4 +460,338 @@ pub fn run(design: Design, threads: u64, ops: u64, seed: u64) -> Result<StressRe
         ));
     }
     Ok(report)
+}
+
+/// The tables [`shared_tables`] runs on: every eager table and Linux freeing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// Design 1, Linux freeing (`AllocOpsTable::new`).
+    D1,
+    /// Design 1, eager freeing (`AllocOpsTable::freeing_empty_tables`).
+    D1Eager,
+    /// Design 2 on `LiveCounts` (`PreallocTable::new`).
+    D2,
+    /// Design 2 on `ReservationCounts` (`PreallocTable::with_accounting`).
+    D2Reservations,
+}
+
+impl Table {
+    /// Every table, eager ones first.
+    pub const ALL: [Table; 4] = [Table::D1Eager, Table::D2, Table::D2Reservations, Table::D1];
+
+    /// Whether the table frees every table an unmap leaves empty (so that, once everything
+    /// is unmapped, the root is all that is left). `ReservationCounts` frees tables at the
+    /// release of the reservations that hold them, not at unmaps.
+    #[must_use]
+    pub fn eager(self) -> bool {
+        matches!(self, Table::D1Eager | Table::D2)
+    }
+
+    /// A fresh table over a fresh [`SimMemory`](iopt_sim::SimMemory), without flush callbacks.
+    ///
+    /// # Panics
+    ///
+    /// If the root cannot be allocated.
+    #[must_use]
+    pub fn build(self) -> (Arc<dyn Subject>, Arc<iopt_sim::SimMemory>) {
+        use iopt_lpae::account::ReservationCounts;
+        use iopt_prealloc::PreallocTable;
+        match self {
+            Table::D1 => crate::races::build(Design::D1),
+            Table::D1Eager => crate::races::build(Design::D1_EAGER),
+            Table::D2 => crate::races::build(Design::D2),
+            Table::D2Reservations => {
+                let mem = Arc::new(iopt_sim::SimMemory::new());
+                match PreallocTable::<_, _, ReservationCounts>::with_accounting(
+                    crate::races::config(),
+                    Arc::clone(&mem),
+                    iopt_api::NoFlush,
+                ) {
+                    Ok(t) => (Arc::new(t), mem),
+                    Err(e) => panic!("build {self:?}: {e:?}"),
+                }
+            }
+        }
+    }
+}
+
+/// The level-2 table [`shared_tables`] crowds with legal, disjoint traffic: thread `k` owns
+/// the 2 MiB slots `2k` (4 KiB pages) and `2k + 1` (a 2 MiB block). Nothing else lives in
+/// this level-2 table, so eager engines free it, and its leaf tables, whenever the threads
+/// happen to have nothing mapped, and reinstall them under each other's lookups.
+pub const SHARED_L2: u64 = 0x100_4000_0000;
+/// The leaf table [`shared_tables`] aims overlapping calls at: its first
+/// [`CONTESTED_PAGES`] pages, and the 2 MiB block after it, are everyone's.
+pub const CONTESTED: u64 = SHARED_L2 + G1;
+/// Pages at the start of [`CONTESTED`] that every thread maps and unmaps at random.
+pub const CONTESTED_PAGES: u64 = 8;
+/// Bystander slots in the [`CONTESTED`] leaf table: mapped before the threads start, touched
+/// by no call, checked all the time.
+pub const BYSTANDER_SLOTS: std::ops::Range<u64> = 256..260;
+
+/// Which operations [`shared_tables`] mixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shapes {
+    /// Legal disjoint traffic and overlapping calls, in bursts.
+    Both,
+    /// Legal disjoint traffic only (blocks beside pages, lookups after own maps).
+    Disjoint,
+    /// Overlapping calls beside the bystanders only.
+    Overlap,
+}
+
+impl Shapes {
+    /// All three mixes.
+    pub const ALL: [Shapes; 3] = [Shapes::Both, Shapes::Disjoint, Shapes::Overlap];
+}
+
+fn pa_for(iova: u64) -> u64 {
+    0x8_0000_0000 + iova
+}
+
+fn translate(t: &dyn Subject, iova: u64) -> Option<u64> {
+    t.iova_to_phys(Iova::new(iova)).map(|x| x.pa.get())
+}
+
+fn expect_own(t: &dyn Subject, iova: u64, what: &str) -> Result<(), String> {
+    match translate(t, iova) {
+        Some(pa) if pa == pa_for(iova) => Ok(()),
+        other => Err(format!(
+            "{what} {iova:#x}: lookup gives {other:x?}, expected {:#x}",
+            pa_for(iova)
+        )),
+    }
+}
+
+fn map_one(t: &dyn Subject, iova: u64, size: PageSize) -> Result<(), iopt_api::MapError> {
+    t.map(Iova::new(iova), PhysAddr::new(pa_for(iova)), size, 1, RW)
+}
+
+fn unmap_one(t: &dyn Subject, iova: u64, size: PageSize) -> Result<u64, iopt_api::UnmapError> {
+    let mut g = Gather::new();
+    t.unmap(Iova::new(iova), size, 1, &mut g)
+}
+
+/// One thread of [`shared_tables`]: random operations of three kinds, each checked at once.
+///
+/// - Legal, disjoint traffic in [`SHARED_L2`]: map one of its own 4 KiB pages, look it up
+///   (it must be found: nothing else touches it), unmap it (exactly one page), look it up
+///   again (it must be gone); or the same with its own 2 MiB block beside the pages.
+/// - Overlapping calls (a caller bug) on the contested pages and block of [`CONTESTED`]:
+///   maps and unmaps of the same targets by every thread, any answer accepted but an unmap
+///   claiming more than it was asked for.
+/// - A bystander check: every bystander page still translates to its own address.
+#[allow(clippy::too_many_lines)]
+fn shared_worker(
+    t: &dyn Subject,
+    ctx: &crate::races::Ctx,
+    id: u64,
+    rounds: u64,
+    seed: u64,
+    shapes: Shapes,
+) -> Result<(), String> {
+    let mut rng = Rng(seed ^ (id << 40) ^ 0x5_4a2e_d000);
+    let pages = SHARED_L2 + 2 * id * M2;
+    let block = pages + M2;
+    let bystanders = BYSTANDER_SLOTS.map(|s| CONTESTED + s * K4);
+    let mut n = 0;
+    let mut legal = true;
+    while n < rounds && ctx.go() {
+        // Bursts: for 256 operations at a time a thread stays with legal traffic (two bursts
+        // in three) or with overlapping calls, so that the threads are often all in the
+        // shared level-2 table together, emptying and refilling it under each other.
+        if n % 256 == 0 {
+            legal = match shapes {
+                Shapes::Both => rng.below(3) != 0,
+                Shapes::Disjoint => true,
+                Shapes::Overlap => false,
+            };
+        }
+        n += 1;
+        let op = if legal {
+            rng.below(9)
+        } else {
+            9 + rng.below(7)
+        };
+        match op {
+            0..=5 => {
+                let p = pages + rng.below(512) * K4;
+                map_one(t, p, PageSize::SZ_4K)
+                    .map_err(|e| format!("map own page {p:#x}: {e:?}"))?;
+                expect_own(t, p, "own page just mapped:")?;
+                match unmap_one(t, p, PageSize::SZ_4K) {
+                    Ok(K4) => {}
+                    r => return Err(format!("unmap own page {p:#x}: {r:x?}")),
+                }
+                if let Some(pa) = translate(t, p) {
+                    return Err(format!(
+                        "own page {p:#x} still maps {pa:#x} after its unmap"
+                    ));
+                }
+            }
+            6 => {
+                // A reservation over the block's slot, one page mapped in it and checked at
+                // once, then unmapped and released: on `ReservationCounts` the release frees
+                // the tables the reservation holds, under the other threads' lookups.
+                let r = IovaRange::new(Iova::new(block), M2, K4).map_err(|e| e.to_string())?;
+                let res = t
+                    .reserve(r, PageSize::SZ_4K)
+                    .map_err(|e| format!("reserve own slot {block:#x}: {e:?}"))?;
+                let p = block + rng.below(512) * K4;
+                t.map_reserved(
+                    &res,
+                    Iova::new(p),
+                    PhysAddr::new(pa_for(p)),
+                    PageSize::SZ_4K,
+                    1,
+                    RW,
+                )
+                .map_err(|e| format!("map_reserved own page {p:#x}: {e:?}"))?;
+                expect_own(t, p, "own reserved page just mapped:")?;
+                match unmap_one(t, p, PageSize::SZ_4K) {
+                    Ok(K4) => {}
+                    r => return Err(format!("unmap own reserved page {p:#x}: {r:x?}")),
+                }
+                let mut g = Gather::new();
+                t.release(res, &mut g)
+                    .map_err(|e| format!("release own slot {block:#x}: {e:?}"))?;
+            }
+            7 | 8 => {
+                map_one(t, block, PageSize::SZ_2M)
+                    .map_err(|e| format!("map own block {block:#x}: {e:?}"))?;
+                expect_own(t, block + (rng.below(512) << 12), "own block just mapped:")?;
+                match unmap_one(t, block, PageSize::SZ_2M) {
+                    Ok(M2) => {}
+                    r => return Err(format!("unmap own block {block:#x}: {r:x?}")),
+                }
+            }
+            9..=11 => {
+                let p = CONTESTED + rng.below(CONTESTED_PAGES) * K4;
+                if let Ok(n) = unmap_one(t, p, PageSize::SZ_4K) {
+                    if n != K4 {
+                        return Err(format!("overlapping unmap {p:#x} returned {n:#x}"));
+                    }
+                }
+            }
+            12 | 13 => {
+                let p = CONTESTED + rng.below(CONTESTED_PAGES) * K4;
+                let _ = map_one(t, p, PageSize::SZ_4K);
+            }
+            14 => {
+                let b = CONTESTED + M2;
+                if rng.below(2) == 0 {
+                    let _ = map_one(t, b, PageSize::SZ_2M);
+                } else if let Ok(n) = unmap_one(t, b, PageSize::SZ_2M) {
+                    if n != M2 {
+                        return Err(format!("overlapping unmap of block {b:#x} returned {n:#x}"));
+                    }
+                }
+            }
+            _ => {
+                for q in bystanders.clone() {
+                    expect_own(t, q, "bystander beside overlapping calls:")?;
+                }
+            }
+        }
+        ctx.beat();
+    }
+    // Whoever stops first stops the others: the shape needs its partners running.
+    ctx.halt();
+    Ok(())
+}
+
+/// Stress on shared tables: `threads` threads (see `shared_worker`) mix legal disjoint
+/// traffic (4 KiB map, lookup, unmap beside 2 MiB block churn in one level-2 table, every
+/// lookup right after the thread's own map checked) with overlapping calls next to
+/// bystander pages that no call touches. Each thread runs `rounds` operations or until
+/// `budget.time` runs out; a thread stuck for `budget.hang` is a hang. At the end the
+/// bystanders must still be mapped, a single-threaded unmap of every leaf must succeed, an
+/// eager table must be back to its root alone, and the drop must return every page.
+///
+/// # Errors
+///
+/// The first wrong result, lost bystander, hang, or leak, with the time it took to find.
+pub fn shared_tables(
+    table: Table,
+    shapes: Shapes,
+    threads: u64,
+    rounds: u64,
+    seed: u64,
+    budget: &crate::races::Budget,
+) -> crate::races::RaceResult {
+    use crate::races::{Ctx, Job, RaceFailure, finish, watch};
+    let start = std::time::Instant::now();
+    let (t, mem) = table.build();
+    for s in BYSTANDER_SLOTS {
+        let q = CONTESTED + s * K4;
+        if let Err(e) = map_one(t.as_ref(), q, PageSize::SZ_4K) {
+            return Err(RaceFailure {
+                message: format!("map bystander {q:#x}: {e:?}"),
+                rounds: 0,
+                elapsed: start.elapsed(),
+                per_thread: Vec::new(),
+            });
+        }
+    }
+    let jobs: Vec<Job> = (0..threads)
+        .map(|id| {
+            let t = Arc::clone(&t);
+            let job: Job = (
+                format!("shared{id}"),
+                Box::new(move |ctx: &Ctx| shared_worker(t.as_ref(), ctx, id, rounds, seed, shapes)),
+            );
+            job
+        })
+        .collect();
+    let report = watch(jobs, budget, start)?;
+    for s in BYSTANDER_SLOTS {
+        let q = CONTESTED + s * K4;
+        if let Err(message) = expect_own(t.as_ref(), q, "bystander after the stress:") {
+            return Err(RaceFailure {
+                message,
+                rounds: report.rounds,
+                elapsed: start.elapsed(),
+                per_thread: Vec::new(),
+            });
+        }
+    }
+    let rounds = report.rounds;
+    finish(t, &mem, table.eager(), Vec::new(), budget, start).map(|mut r| {
+        r.rounds = rounds;
+        r
+    })
+}
+
+/// The fuzz target `stress`: the bytes choose the table and the mix (byte 0), the threads
+/// (2 to 4), the operations per thread (up to 4,096) and the seed of one [`shared_tables`] run of at most
+/// 2 s (a hang is 10 s without progress).
+///
+/// # Errors
+///
+/// The run's failure.
+pub fn check_bytes(data: &[u8]) -> Result<(), Failure> {
+    let byte = |i: usize| data.get(i).copied().unwrap_or(0);
+    let table = Table::ALL[usize::from(byte(0)) % Table::ALL.len()];
+    let shapes = Shapes::ALL[usize::from(byte(0) >> 4) % Shapes::ALL.len()];
+    let threads = 2 + u64::from(byte(1)) % 3;
+    let rounds = 1 + (u64::from(byte(2)) << 4 | u64::from(byte(3)) >> 4);
+    let seed = data
+        .iter()
+        .skip(4)
+        .take(8)
+        .fold(0u64, |a, &b| a << 8 | u64::from(b));
+    let budget = crate::races::Budget {
+        time: std::time::Duration::from_secs(2),
+        hang: std::time::Duration::from_secs(10),
+    };
+    shared_tables(table, shapes, threads, rounds, seed, &budget)
+        .map(|_| ())
+        .map_err(|f| {
+            Failure::new(
+                format!(
+                    "stress {table:?}, {threads} threads, {rounds} rounds each, seed {seed:#x}: {f}"
+                ),
+                String::new(),
+            )
+        })
 }

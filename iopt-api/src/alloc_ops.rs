@@ -79,23 +79,19 @@ pub trait TableAlloc: Send + Sync {
         count: usize,
         out: &mut Vec<PhysAddr>,
     ) -> Result<(), AllocError> {
-        let start = out.len();
-        out.reserve(count);
+        let got = Obtained::new(self, out, size);
+        got.out.reserve(count);
         for _ in 0..count {
             match self.alloc(size) {
-                Ok(pa) => out.push(pa),
-                Err(e) => {
-                    let got: Vec<PhysAddr> = out.drain(start..).collect();
-                    self.free_bulk(&got, size);
-                    return Err(match e {
-                        AllocError::OutOfMemory { size, .. } => {
-                            AllocError::OutOfMemory { size, count }
-                        }
-                        other => other,
-                    });
+                Ok(pa) => got.out.push(pa),
+                // The guard's drop gives back what this call got.
+                Err(AllocError::OutOfMemory { size, .. }) => {
+                    return Err(AllocError::OutOfMemory { size, count });
                 }
+                Err(other) => return Err(other),
             }
         }
+        got.keep();
         Ok(())
     }
 
@@ -182,5 +178,42 @@ impl<T: TableAlloc + ?Sized> TableAlloc for alloc::sync::Arc<T> {
     #[inline]
     fn clean(&self, pa: PhysAddr, bytes: u64) {
         (**self).clean(pa, bytes);
+    }
+}
+
+/// The pages one [`TableAlloc::alloc_bulk`] call appended to `out`, given back to the
+/// allocator when the guard drops unless [`keep`](Obtained::keep) was called: on an error and
+/// on a panic unwinding out of [`TableAlloc::alloc`] alike, so neither leaks what the call got
+/// before it. Disarmed on success, its drop is a compare and nothing more.
+struct Obtained<'a, A: TableAlloc + ?Sized> {
+    alloc: &'a A,
+    out: &'a mut Vec<PhysAddr>,
+    start: usize,
+    size: u64,
+}
+
+impl<'a, A: TableAlloc + ?Sized> Obtained<'a, A> {
+    fn new(alloc: &'a A, out: &'a mut Vec<PhysAddr>, size: u64) -> Self {
+        let start = out.len();
+        Self {
+            alloc,
+            out,
+            start,
+            size,
+        }
+    }
+
+    /// Success: the pages stay in `out`, the caller's now.
+    fn keep(mut self) {
+        self.start = self.out.len();
+    }
+}
+
+impl<A: TableAlloc + ?Sized> Drop for Obtained<'_, A> {
+    fn drop(&mut self) {
+        if self.out.len() > self.start {
+            self.alloc.free_bulk(&self.out[self.start..], self.size);
+            self.out.truncate(self.start);
+        }
     }
 }

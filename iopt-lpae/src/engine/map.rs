@@ -475,10 +475,10 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             for r in &runs[..=i] {
                 self.take_back_run(r, at, bits, dead);
             }
-            top.src.give_back(&top.stash.pages);
+            // `top` gives the unused pages back as it drops.
             return Err(e);
         }
-        top.src.give_back(&top.stash.pages);
+        // `top` gives the unused pages back as it drops.
         Ok(())
     }
 
@@ -786,13 +786,18 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         if !K::pin(parent.t.meta, 1, S::PATH_HELD) {
             return Ok(false);
         }
-        let (held, tables) = match self.obtain_chain(need, src) {
-            Ok(chain) => chain,
+        // Gives the chain's pages back unless they are published: on the lost race below,
+        // and on a panic unwinding out of the allocator (`table`, `clean`) before that.
+        let mut fresh = super::Fresh::new(src);
+        let tables = match self.obtain_chain(need, &mut fresh) {
+            Ok(tables) => tables,
             Err(e) => {
+                drop(fresh);
                 self.drop_pins(path.frames(), path.top(), 1, S::PATH_HELD, iova, dead);
                 return Err(e);
             }
         };
+        let held = fresh.pages;
         let pages = &held[..need];
         let chain = &tables[..need];
         for i in 0..need - 1 {
@@ -822,7 +827,8 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             self.sync_installed(parent.t, idx, new);
             self.counters().add_live(need as u64);
             self.cursor_set(target, iova, pages[need - 1], epoch);
-            self.held_published(src, pages, iova, target);
+            fresh.keep();
+            self.held_published(&mut *fresh.src, pages, iova, target);
             return Ok(true);
         }
         self.counters()
@@ -838,48 +844,38 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
         for e in leaves {
             e.store(0, Ordering::Relaxed);
         }
-        src.give_back(pages);
+        // The guard gives the pages back.
+        drop(fresh);
         Ok(false)
     }
 
-    /// Obtains the `need` (1 to 3) pages of a new chain of tables from `src` and resolves
-    /// them, in arrays (no vectors for the common single page). A page the table cannot use
-    /// ([`check_page`]) sends them all back to `src`.
+    /// Obtains the `need` (1 to 3) pages of a new chain of tables from `fresh`'s source into
+    /// `fresh` and resolves them, in arrays (no vectors for the common single page). A page
+    /// the table cannot use ([`check_page`]) is an error; `fresh` then gives them all back.
     pub(crate) fn obtain_chain<S: PageSource>(
         &self,
         need: usize,
-        src: &mut S,
-    ) -> Result<([PhysAddr; 4], [TableRef<'_>; 4]), MapError> {
-        let mut held = [PhysAddr::ZERO; 4];
+        fresh: &mut super::Fresh<'_, S>,
+    ) -> Result<[TableRef<'_>; 4], MapError> {
         if need == 1 {
-            held[0] = src.obtain_one()?;
+            fresh.pages[0] = fresh.src.obtain_one()?;
         } else {
             let mut got = Vec::with_capacity(need);
-            src.obtain(need, &mut got)?;
-            held[..need].copy_from_slice(&got);
+            fresh.src.obtain(need, &mut got)?;
+            fresh.pages[..need].copy_from_slice(&got);
         }
-        let pages = &held[..need];
+        fresh.n = need;
+        let pages = &fresh.pages[..need];
         let resolve = |p: PhysAddr| {
             check_page(&self.cfg, &self.alloc, p, self.fast.granule_size)
                 .map_err(|source| MapError::Alloc { source })
         };
-        let mut tables = match resolve(pages[0]) {
-            Ok(t) => [t; 4],
-            Err(e) => {
-                src.give_back(pages);
-                return Err(e);
-            }
-        };
+        // On an error the caller's guard gives the pages back.
+        let mut tables = [resolve(pages[0])?; 4];
         for (slot, &p) in tables.iter_mut().zip(pages).skip(1) {
-            match resolve(p) {
-                Ok(t) => *slot = t,
-                Err(e) => {
-                    src.give_back(pages);
-                    return Err(e);
-                }
-            }
+            *slot = resolve(p)?;
         }
-        Ok((held, tables))
+        Ok(tables)
     }
 
     /// The leaf-table half of a walk: checks the segment's entries, pins the table for the

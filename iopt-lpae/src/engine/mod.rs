@@ -199,19 +199,23 @@ impl<A: TableAlloc + ?Sized> OnDemand<'_, A> {
 
 impl<A: TableAlloc + ?Sized> PageSource for OnDemand<'_, A> {
     fn obtain(&mut self, count: usize, out: &mut Vec<PhysAddr>) -> Result<(), MapError> {
-        let start = out.len();
-        out.reserve(count);
+        // Gives back what this call got if `alloc` fails or panics.
+        let mut got = Unplaced {
+            src: OnDemand::new(self.alloc, self.counters, self.size),
+            start: out.len(),
+            out,
+        };
+        got.out.reserve(count);
         for k in 0..count as u64 {
             match self.alloc.alloc(self.size) {
-                Ok(pa) => out.push(pa),
+                Ok(pa) => got.out.push(pa),
                 Err(e) => {
                     self.count(k + 1, k);
-                    let got: Vec<PhysAddr> = out.drain(start..).collect();
-                    self.give_back(&got);
                     return Err(e.into());
                 }
             }
         }
+        got.start = got.out.len();
         self.count(count as u64, count as u64);
         Ok(())
     }
@@ -227,6 +231,57 @@ impl<A: TableAlloc + ?Sized> PageSource for OnDemand<'_, A> {
             self.counters.free_calls.fetch_add(1, Ordering::Relaxed);
             self.counters.pages_freed.fetch_add(1, Ordering::Relaxed);
             self.alloc.free(pa, self.size);
+        }
+    }
+}
+
+/// Pages a call appended to `out` from `src` and has not yet placed: given back to `src` when
+/// the guard drops with `out` longer than `start`, so an error or a panic unwinding out of the
+/// allocator leaks none of them. The owner disarms it by moving `start` to the end.
+struct Unplaced<'v, S: PageSource> {
+    src: S,
+    out: &'v mut Vec<PhysAddr>,
+    start: usize,
+}
+
+impl<S: PageSource> Drop for Unplaced<'_, S> {
+    fn drop(&mut self) {
+        if self.out.len() > self.start {
+            self.src.give_back(&self.out[self.start..]);
+            self.out.truncate(self.start);
+        }
+    }
+}
+
+/// The pages of a new chain of tables (at most 4), obtained from `src` and not yet published:
+/// given back to `src` when the guard drops still armed, so a panic unwinding out of the
+/// allocator (its `alloc`, `table` or `clean`) between obtaining and publishing leaks none.
+/// [`keep`](Self::keep) disarms it; the disarmed drop is a compare.
+pub(crate) struct Fresh<'s, S: PageSource> {
+    pub(crate) src: &'s mut S,
+    pub(crate) pages: [PhysAddr; 4],
+    pub(crate) n: usize,
+}
+
+impl<'s, S: PageSource> Fresh<'s, S> {
+    pub(crate) fn new(src: &'s mut S) -> Self {
+        Self {
+            src,
+            pages: [PhysAddr::ZERO; 4],
+            n: 0,
+        }
+    }
+
+    /// The pages are placed (published, or handed back by the caller): nothing to give back.
+    pub(crate) fn keep(&mut self) {
+        self.n = 0;
+    }
+}
+
+impl<S: PageSource> Drop for Fresh<'_, S> {
+    fn drop(&mut self) {
+        if self.n != 0 {
+            self.src.give_back(&self.pages[..self.n]);
         }
     }
 }
@@ -376,6 +431,17 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Drop for OpGuard<'_, A, F, K> {
 pub(crate) struct TopUp<'s, S: PageSource> {
     pub(crate) stash: Stash,
     pub(crate) src: &'s mut S,
+}
+
+/// Gives the stash's unused pages back to `src`: at the end of every planned map, and on a
+/// panic unwinding out of the allocator midway, so that neither leaks them.
+impl<S: PageSource> Drop for TopUp<'_, S> {
+    fn drop(&mut self) {
+        if !self.stash.pages.is_empty() {
+            self.src.give_back(&self.stash.pages);
+            self.stash.pages.clear();
+        }
+    }
 }
 
 impl<S: PageSource> PageSource for TopUp<'_, S> {

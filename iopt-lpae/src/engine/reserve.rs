@@ -49,6 +49,36 @@ struct ReserveSource<'e, A: TableAlloc, F: FlushOps, K: Accounting> {
     engine: &'e Engine<A, F, K>,
     pages: Vec<PhysAddr>,
     extra: usize,
+    /// Pages `build` took for a private chain not yet published or dismantled: only a panic
+    /// unwinding out of the allocator mid-build leaves any here at the drop.
+    building: Vec<PhysAddr>,
+}
+
+/// Gives the allocator back every page the reservation obtained and did not install: the
+/// unused rest at the end of every `reserve_tables`, and, on a panic unwinding out of the
+/// allocator (`alloc`, `table`, `clean`), the pages of the chain being built too.
+impl<A: TableAlloc, F: FlushOps, K: Accounting> Drop for ReserveSource<'_, A, F, K> {
+    fn drop(&mut self) {
+        for &p in &self.building {
+            if let Some(t) = self.engine.allocator().table(p) {
+                for e in t.entries {
+                    e.store(0, Ordering::Relaxed);
+                }
+                t.meta.clear();
+            }
+        }
+        self.pages.append(&mut self.building);
+        if !self.pages.is_empty() {
+            let c = self.engine.counters();
+            let n = self.pages.len() as u64;
+            c.free_bulk_calls.fetch_add(1, Ordering::Relaxed);
+            c.pages_freed.fetch_add(n, Ordering::Relaxed);
+            c.reserved_unused.fetch_add(n, Ordering::Relaxed);
+            self.engine
+                .allocator()
+                .free_bulk(&self.pages, self.engine.config().granule().size());
+        }
+    }
 }
 
 impl<A: TableAlloc, F: FlushOps, K: Accounting> ReserveSource<'_, A, F, K> {
@@ -309,6 +339,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
                             c.pages_consumed
                                 .fetch_add(built.len() as u64, Ordering::Relaxed);
                             taken.extend(built.iter().map(|&(p, _)| p));
+                            src.building.clear();
                             return true;
                         }
                         if pinned {
@@ -338,9 +369,11 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
     ) -> Result<PhysAddr, ReserveError> {
         let cfg = self.config();
         let p = src.take()?;
+        src.building.push(p);
         let t = match super::check_page(cfg, self.allocator(), p, cfg.granule().size()) {
             Ok(t) => t,
             Err(source) => {
+                src.building.pop();
                 src.pages.push(p);
                 return Err(ReserveError::Alloc { source });
             }
@@ -382,6 +415,7 @@ impl<A: TableAlloc, F: FlushOps, K: Accounting> Engine<A, F, K> {
             t.meta.clear();
             src.pages.push(p);
         }
+        src.building.clear();
     }
 
     /// Post-order pass over the tables under `f` that `[a, b)` touches: clears the leaves
@@ -528,6 +562,7 @@ impl<A: TableAlloc, F: FlushOps, K: Reserving> Engine<A, F, K> {
             engine: self,
             pages: Vec::new(),
             extra: 0,
+            building: Vec::new(),
         };
         if need > 0 {
             c.alloc_bulk_calls.fetch_add(1, Ordering::Relaxed);
@@ -547,17 +582,12 @@ impl<A: TableAlloc, F: FlushOps, K: Reserving> Engine<A, F, K> {
             }
             self.collapse(root, w.start, w.end, None, None, false, &mut dead);
         }
-        if !src.pages.is_empty() {
-            let n = src.pages.len() as u64;
-            c.free_bulk_calls.fetch_add(1, Ordering::Relaxed);
-            c.pages_freed.fetch_add(n, Ordering::Relaxed);
-            c.reserved_unused.fetch_add(n, Ordering::Relaxed);
-            self.allocator()
-                .free_bulk(&src.pages, self.config().granule().size());
-        }
+        let extra = src.extra;
+        // Gives back the pages left unused.
+        drop(src);
         self.retire(&dead);
         drop(guard);
-        result.map(|()| need + src.extra)
+        result.map(|()| need + extra)
     }
 
     /// Releases a reservation made by [`reserve_tables`](Self::reserve_tables) with the same
